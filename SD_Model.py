@@ -1,0 +1,1028 @@
+"""Stable Diffusion 1.x/2.x model core: the hand-written UNet, the noise schedule and samplers, the frozen
+VAE and text encoder, and the checkpoint formats users bring and take (ours, diffusers, original).
+
+Reads top to bottom: timestep embedding -> ResBlock -> attention / transformer block -> Down/Upsample ->
+UNet -> named configs -> noise schedule and samplers -> frozen VAE/CLIP -> checkpoint formats -> CLI.
+
+Parameter names mirror diffusers' UNet2DConditionModel (down_blocks.0.resnets.0.conv1, ...), so a
+diffusers folder loads with no renaming and parity with diffusers is a strict load_state_dict away; the
+original CompVis layout (input_blocks.1.0.in_layers.2, ...) is one key map further down.
+"""
+import argparse
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+class UserError(Exception):
+    """A mistake the user can fix (wrong path, unreachable hub id, bad flag); entry scripts print it as
+    one line instead of a traceback."""
+
+
+#################################################################################
+#                               Embedding Layers                                #
+#################################################################################
+
+def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0.0, max_period=10000):
+    """Sinusoidal timestep features as SD / diffusers' get_timestep_embedding: frequencies
+    exp(-ln(max_period) * i / (half - shift)); SD uses [cos, sin] order (flip) and shift 0."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / (half - freq_shift))                           # (half,)
+    args = t.float()[:, None] * freqs[None]                                     # (N, half)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)                 # (N, dim)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP lifting the sinusoidal features to the time-embedding width (4 x model channels)."""
+
+    def __init__(self, in_dim, time_dim):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, time_dim)
+        self.linear_2 = nn.Linear(time_dim, time_dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+#################################################################################
+#                                  Res Blocks                                   #
+#################################################################################
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, plus the projected time embedding, -> GroupNorm -> SiLU -> dropout -> conv,
+    added to a (1x1-conv when channels change) skip."""
+
+    def __init__(self, in_ch, out_ch, time_dim, groups=32, eps=1e-5, dropout=0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(time_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))                                   # (N, out, H, W)
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+#################################################################################
+#                          Attention / Transformer Blocks                       #
+#################################################################################
+
+class Attention(nn.Module):
+    """Multi-head attention through F.scaled_dot_product_attention (flash / memory-efficient kernels on
+    CUDA; entry scripts pick the backends once, see configure_cuda_backends)."""
+
+    def __init__(self, dim, heads, head_dim, context_dim=None):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])  # list: diffusers' key names
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        N, L, _ = x.shape
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)        # (N, L|S, heads*d)
+        q, k, v = (z.unflatten(-1, (self.heads, -1)).transpose(1, 2) for z in (q, k, v))  # (N, h, L|S, d)
+        out = F.scaled_dot_product_attention(q, k, v)                          # (N, h, L, d)
+        out = out.transpose(1, 2).reshape(N, L, -1)                            # (N, L, h*d)
+        return self.to_out[1](self.to_out[0](out))
+
+
+class GEGLU(nn.Module):
+    """Gated GELU feed-forward input (Shazeer 2020): value * gelu(gate), both from one projection."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden * 2)
+
+    def forward(self, x):
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult=4, dropout=0.0):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x):
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm self-attention, cross-attention on the text context, and GEGLU feed-forward."""
+
+    def __init__(self, dim, heads, head_dim, context_dim, dropout=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, dropout=dropout)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))                                      # (N, HW, C)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Image features -> tokens -> transformer blocks -> image features, with a residual around it all.
+    SD1 projects in/out with 1x1 convs, SD2 with linears on the token sequence."""
+
+    def __init__(self, ch, heads, context_dim, depth=1, groups=32, linear_proj=False, dropout=0.0):
+        super().__init__()
+        self.linear_proj = linear_proj
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        proj = (lambda: nn.Linear(ch, ch)) if linear_proj else (lambda: nn.Conv2d(ch, ch, 1))
+        self.proj_in = proj()
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(ch, heads, ch // heads, context_dim, dropout) for _ in range(depth)])
+        self.proj_out = proj()
+
+    def forward(self, x, context, grad_ckpt=False):
+        N, C, H, W = x.shape
+        h = self.norm(x)
+        if self.linear_proj:
+            h = self.proj_in(h.permute(0, 2, 3, 1).reshape(N, H * W, C))       # (N, HW, C)
+        else:
+            h = self.proj_in(h).permute(0, 2, 3, 1).reshape(N, H * W, C)       # (N, HW, C)
+        for block in self.transformer_blocks:
+            h = _maybe_checkpoint(block, grad_ckpt, h, context)
+        if self.linear_proj:
+            h = self.proj_out(h).reshape(N, H, W, C).permute(0, 3, 1, 2)       # (N, C, H, W)
+        else:
+            h = self.proj_out(h.reshape(N, H, W, C).permute(0, 3, 1, 2))       # (N, C, H, W)
+        return x + h
+
+
+def _maybe_checkpoint(module, enabled, *args):
+    """Recompute `module` in backward instead of storing its activations (the seed's ~40% VRAM saving);
+    non-reentrant so it composes with DDP, torch.compile and inputs that need no grad."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
+#################################################################################
+#                              Down / Up Sampling                               #
+#################################################################################
+
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, size):
+        # Upsampling to the skip's size (not always 2x) keeps odd latent sizes working.
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+#################################################################################
+#                                    UNet                                       #
+#################################################################################
+
+@dataclass
+class UNetConfig:
+    """Everything needed to rebuild the UNet; travels inside every checkpoint."""
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_stages: tuple = (True, True, True, False)   # stages with a SpatialTransformer after each ResBlock
+    num_heads: tuple = (8, 8, 8, 8)                   # per stage; the middle block uses the last stage's
+    transformer_depth: tuple = (1, 1, 1, 1)           # transformer blocks per SpatialTransformer, per stage
+    context_dim: int = 768
+    linear_proj: bool = False                        # SD2: linear proj_in/proj_out instead of 1x1 convs
+    norm_groups: int = 32
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for name in ("channel_mult", "attn_stages", "num_heads", "transformer_depth"):
+            setattr(self, name, tuple(getattr(self, name)))
+        n = len(self.channel_mult)
+        if not all(len(getattr(self, k)) == n for k in ("attn_stages", "num_heads", "transformer_depth")):
+            raise UserError(f"UNetConfig: attn_stages, num_heads and transformer_depth need {n} entries")
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"UNetConfig: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+class UNet(nn.Module):
+    """The SD text-conditional UNet: forward(x, t, context) -> eps / v prediction, shaped like x."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.grad_ckpt = False
+        ch0 = cfg.model_channels
+        time_dim = ch0 * 4
+        chans = [ch0 * m for m in cfg.channel_mult]
+        n = len(chans)
+        res = dict(time_dim=time_dim, groups=cfg.norm_groups, dropout=cfg.dropout)
+
+        def attn(ch, stage):
+            return SpatialTransformer(ch, cfg.num_heads[stage], cfg.context_dim, cfg.transformer_depth[stage],
+                                      cfg.norm_groups, cfg.linear_proj, cfg.dropout)
+
+        self.time_embedding = TimestepEmbedding(ch0, time_dim)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
+
+        # Encoder: record every feature map's channels; the decoder consumes them in reverse as skips.
+        skip_chans = [ch0]
+        self.down_blocks = nn.ModuleList()
+        ch = ch0
+        for i, out_ch in enumerate(chans):
+            block = nn.Module()
+            block.resnets = nn.ModuleList()
+            block.attentions = nn.ModuleList() if cfg.attn_stages[i] else None
+            for _ in range(cfg.num_res_blocks):
+                block.resnets.append(ResBlock(ch, out_ch, **res))
+                ch = out_ch
+                if cfg.attn_stages[i]:
+                    block.attentions.append(attn(ch, i))
+                skip_chans.append(ch)
+            block.downsamplers = nn.ModuleList([Downsample(ch)]) if i < n - 1 else None
+            if i < n - 1:
+                skip_chans.append(ch)
+            self.down_blocks.append(block)
+
+        self.mid_block = nn.Module()
+        self.mid_block.resnets = nn.ModuleList([ResBlock(ch, ch, **res), ResBlock(ch, ch, **res)])
+        self.mid_block.attentions = nn.ModuleList([attn(ch, n - 1)])
+
+        # Decoder: one more ResBlock per stage than the encoder, each eating one skip.
+        self.up_blocks = nn.ModuleList()
+        for i, out_ch in reversed(list(enumerate(chans))):
+            block = nn.Module()
+            block.resnets = nn.ModuleList()
+            block.attentions = nn.ModuleList() if cfg.attn_stages[i] else None
+            for _ in range(cfg.num_res_blocks + 1):
+                block.resnets.append(ResBlock(ch + skip_chans.pop(), out_ch, **res))
+                ch = out_ch
+                if cfg.attn_stages[i]:
+                    block.attentions.append(attn(ch, i))
+            block.upsamplers = nn.ModuleList([Upsample(ch)]) if i > 0 else None
+            self.up_blocks.append(block)
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch, eps=1e-5)
+        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+
+    def initialize_weights(self):
+        """From-scratch init: default PyTorch init everywhere, then zero every output projection so each
+        residual branch starts as the identity and the UNet starts by predicting 0 (as the seed)."""
+        zero = [self.conv_out]
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                zero.append(m.conv2)
+            elif isinstance(m, Attention):
+                zero.append(m.to_out[0])
+            elif isinstance(m, FeedForward):
+                zero.append(m.net[2])
+            elif isinstance(m, SpatialTransformer):
+                zero.append(m.proj_out)
+        for m in zero:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+        return self
+
+    def set_grad_checkpointing(self, enabled=True):
+        self.grad_ckpt = enabled
+        return self
+
+    def forward(self, x, t, context):
+        ckpt = self.grad_ckpt and self.training
+        t = t.expand(x.shape[0]) if t.dim() == 1 and t.shape[0] == 1 else t.reshape(-1).expand(x.shape[0])
+        temb = timestep_embedding(t, self.cfg.model_channels, self.cfg.flip_sin_to_cos, self.cfg.freq_shift)
+        temb = self.time_embedding(temb.to(x.dtype))                           # (N, 4*C0)
+
+        h = self.conv_in(x)                                                    # (N, C0, H, W)
+        skips = [h]
+        for block in self.down_blocks:
+            for j, resnet in enumerate(block.resnets):
+                h = _maybe_checkpoint(resnet, ckpt, h, temb)
+                if block.attentions is not None:
+                    h = block.attentions[j](h, context, ckpt)
+                skips.append(h)
+            if block.downsamplers is not None:
+                h = block.downsamplers[0](h)                                   # (N, C, H/2, W/2)
+                skips.append(h)
+
+        h = _maybe_checkpoint(self.mid_block.resnets[0], ckpt, h, temb)
+        h = self.mid_block.attentions[0](h, context, ckpt)
+        h = _maybe_checkpoint(self.mid_block.resnets[1], ckpt, h, temb)
+
+        for block in self.up_blocks:
+            for j, resnet in enumerate(block.resnets):
+                h = torch.cat([h, skips.pop()], dim=1)                         # (N, C + C_skip, H, W)
+                h = _maybe_checkpoint(resnet, ckpt, h, temb)
+                if block.attentions is not None:
+                    h = block.attentions[j](h, context, ckpt)
+            if block.upsamplers is not None:
+                h = block.upsamplers[0](h, skips[-1].shape[-2:])               # (N, C, 2H, 2W)
+
+        return self.conv_out(F.silu(self.conv_norm_out(h)))                   # (N, out, H, W)
+
+
+#################################################################################
+#                                Named Configs                                  #
+#################################################################################
+
+def _sd1(**kw):
+    return UNetConfig(**kw)
+
+
+def _sd2(**kw):
+    # SD2 fixes the head *width* at 64, so heads grow with channels: 5, 10, 20, 20.
+    return UNetConfig(num_heads=(5, 10, 20, 20), context_dim=1024, linear_proj=True, **kw)
+
+
+def _small(**kw):
+    """Test-sized SD1 topology: every block kind, tiny widths (groups of 8)."""
+    return UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attn_stages=(True, True, False),
+                      num_heads=(2, 2, 2), transformer_depth=(1, 1, 1), context_dim=32, norm_groups=8, **kw)
+
+
+def _small_sd2(**kw):
+    return UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attn_stages=(True, True, False),
+                      num_heads=(1, 2, 2), transformer_depth=(1, 1, 1), context_dim=48, norm_groups=8,
+                      linear_proj=True, **kw)
+
+
+def _demo(**kw):
+    """The `make demo` model: big enough to learn colored shapes on 2 CPU cores in minutes."""
+    return UNetConfig(model_channels=64, channel_mult=(1, 2, 2), attn_stages=(False, True, True),
+                      num_heads=(4, 4, 4), transformer_depth=(1, 1, 1), context_dim=64, **kw)
+
+
+UNET_CONFIGS = {"sd1": _sd1, "sd2": _sd2, "small": _small, "small_sd2": _small_sd2, "demo": _demo}
+
+
+def unet_config(name_or_dict):
+    """A UNetConfig from a preset name or a dict (a checkpoint's stored config)."""
+    if isinstance(name_or_dict, UNetConfig):
+        return name_or_dict
+    if isinstance(name_or_dict, dict):
+        return UNetConfig.from_dict(name_or_dict)
+    if name_or_dict not in UNET_CONFIGS:
+        raise UserError(f"unknown UNet config '{name_or_dict}'; choose one of {sorted(UNET_CONFIGS)}")
+    return UNET_CONFIGS[name_or_dict]()
+
+
+#################################################################################
+#                          Noise Schedule and Samplers                          #
+#################################################################################
+
+@dataclass
+class NoiseSchedule:
+    """The DDPM forward process (Ho et al. 2020) in one place: training, validation and sampling all read
+    alphas_cumprod from here. Arithmetic follows diffusers' DDPMScheduler in float32, step for step."""
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"              # scaled_linear | linear | squaredcos_cap_v2
+    prediction_type: str = "epsilon"                  # epsilon | v_prediction
+    zero_terminal_snr: bool = False                  # Lin et al. 2023, "Common Diffusion Noise Schedules..."
+    alphas_cumprod: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        T = self.num_train_timesteps
+        if self.beta_schedule == "scaled_linear":
+            betas = torch.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, T, dtype=torch.float32) ** 2
+        elif self.beta_schedule == "linear":
+            betas = torch.linspace(self.beta_start, self.beta_end, T, dtype=torch.float32)
+        elif self.beta_schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, cosine alpha_bar
+            abar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+            betas = torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)],
+                                 dtype=torch.float32)
+        else:
+            raise UserError(f"unknown beta_schedule '{self.beta_schedule}'")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise UserError(f"unknown prediction_type '{self.prediction_type}'")
+        if self.zero_terminal_snr:
+            betas = _rescale_zero_terminal_snr(betas)
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+
+    def _at(self, t, like):
+        """alpha_bar_t gathered for a batch of timesteps, shaped to broadcast against `like`."""
+        a = self.alphas_cumprod.to(like.device)[t.to(like.device)].float()
+        return a.reshape(-1, *([1] * (like.dim() - 1)))
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+        a = self._at(t, x0)
+        return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
+
+    def target(self, x0, t, noise):
+        """What the UNet learns to predict: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)."""
+        if self.prediction_type == "epsilon":
+            return noise
+        a = self._at(t, x0)
+        return (a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()).to(x0.dtype)
+
+    def snr(self, t):
+        a = self.alphas_cumprod.to(t.device)[t]
+        return a / (1 - a)
+
+    def min_snr_weight(self, t, gamma):
+        """Min-SNR-gamma loss weight (Hang et al. 2023) per sample: min(SNR, gamma) / SNR for eps targets,
+        min(SNR, gamma) / (SNR + 1) for v targets (the v loss already carries a factor SNR + 1)."""
+        snr = self.snr(t)
+        clipped = torch.clamp(snr, max=gamma)
+        return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
+
+    def predict_x0_eps(self, model_out, x, t):
+        """(x0, eps) implied by the model output at timestep t (a python int or 0-dim tensor)."""
+        a = self.alphas_cumprod[t].to(x.device)
+        b = 1 - a
+        if self.prediction_type == "epsilon":
+            return (x - b ** 0.5 * model_out) / a ** 0.5, model_out
+        return a ** 0.5 * x - b ** 0.5 * model_out, a ** 0.5 * model_out + b ** 0.5 * x
+
+
+def _rescale_zero_terminal_snr(betas):
+    """Shift and scale sqrt(alpha_bar) so the last step is pure noise (Lin et al. 2023, Algorithm 1)."""
+    abar_sqrt = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
+    abar_sqrt = (abar_sqrt - last) * first / (first - last)
+    abar = abar_sqrt ** 2
+    alphas = torch.cat([abar[0:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
+
+
+def sampling_timesteps(schedule, steps, spacing="leading", steps_offset=1):
+    """The descending timesteps a sampler visits, as diffusers' set_timesteps. SD's own configs use
+    `leading` with steps_offset=1 (t = 981, 961, ..., 1 for 50 steps); `trailing` reaches t = T-1."""
+    T = schedule.num_train_timesteps
+    if spacing == "leading":
+        ts = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64) + steps_offset
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+    elif spacing == "linspace":
+        ts = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
+    else:
+        raise UserError(f"unknown timestep spacing '{spacing}'; choose leading, trailing or linspace")
+    return [int(t) for t in ts]
+
+
+# Every sampler is a pure function with one signature:
+#   sample_X(model_fn, x, schedule, steps, *, eta, spacing, steps_offset, generator, clip_x0, callback)
+# where model_fn(x, t) -> model output. The initial noise x is the caller's, so seeds are the caller's too.
+
+@torch.no_grad()
+def sample_ddim(model_fn, x, schedule, steps=50, *, eta=0.0, spacing="leading", steps_offset=1,
+                generator=None, clip_x0=None, final_alpha_one=False, callback=None):
+    """Implements DDIM (Song et al. 2021, Eq. 12), equal step for step to diffusers' DDIMScheduler.
+    No x0 clamp unless `clip_x0` is given: SD latents have std ~1 after scaling but reach |x| > 1 often,
+    and the seed's pred_x0.clamp(-1, 1) in its training-time validation was a bug."""
+    T = schedule.num_train_timesteps
+    ac = schedule.alphas_cumprod
+    final = torch.tensor(1.0) if final_alpha_one else ac[0]
+    for i, t in enumerate(sampling_timesteps(schedule, steps, spacing, steps_offset)):
+        out = model_fn(x, t)
+        x0, eps = schedule.predict_x0_eps(out, x, t)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        prev = t - T // steps
+        a_t, a_prev = ac[t], (ac[prev] if prev >= 0 else final)
+        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        std = eta * var ** 0.5
+        x = a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
+        if eta > 0:
+            x = x + std * torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                                      device=generator.device if generator is not None else x.device).to(x.device)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(model_fn, x, schedule, steps=50, *, eta=1.0, spacing="leading", steps_offset=1,
+                generator=None, clip_x0=None, callback=None):
+    """Implements ancestral sampling (Ho et al. 2020, Algorithm 2) with the posterior mean and the
+    'fixed_small' variance, equal step for step to diffusers' DDPMScheduler; eta scales the noise."""
+    ac = schedule.alphas_cumprod
+    ts = sampling_timesteps(schedule, steps, spacing, steps_offset)
+    for i, t in enumerate(ts):
+        out = model_fn(x, t)
+        x0, _ = schedule.predict_x0_eps(out, x, t)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        prev = ts[i + 1] if i + 1 < len(ts) else -1
+        a_t, a_prev = ac[t], (ac[prev] if prev >= 0 else torch.tensor(1.0))
+        alpha_t = a_t / a_prev
+        beta_t = 1 - alpha_t
+        x = (a_prev ** 0.5 * beta_t / (1 - a_t)) * x0 + (alpha_t ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
+        if t > 0 and eta > 0:
+            var = torch.clamp((1 - a_prev) / (1 - a_t) * beta_t, min=1e-20)
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                                device=generator.device if generator is not None else x.device).to(x.device)
+            x = x + eta * var ** 0.5 * noise
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm}
+
+
+def cfg_model_fn(unet, cond, uncond, scale):
+    """Classifier-free guidance (Ho & Salimans 2022) as one wrapper: the unconditional branch runs on
+    `uncond`, which is the empty prompt's or the negative prompt's embedding. Both branches share one
+    batched forward."""
+    context = torch.cat([uncond, cond])
+
+    def model_fn(x, t):
+        tt = torch.full((2 * x.shape[0],), t, device=x.device, dtype=torch.long)
+        out_u, out_c = unet(torch.cat([x, x]).to(context.dtype), tt, context).float().chunk(2)
+        return out_u + scale * (out_c - out_u)
+
+    if scale == 1.0:
+        return lambda x, t: unet(x.to(cond.dtype), torch.full((x.shape[0],), t, device=x.device,
+                                                              dtype=torch.long), cond).float()
+    return model_fn
+
+
+#################################################################################
+#                         Frozen VAE and Text Encoder                           #
+#################################################################################
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+DEFAULT_TEXT_ENCODER = {"sd1": "openai/clip-vit-large-patch14",
+                        "sd2": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
+
+
+def _from_pretrained(cls, name, what, flag, subfolder):
+    """cls.from_pretrained(name) for a hub id, a model folder, or a diffusers pipeline folder (which keeps
+    the part in `subfolder`), turning the library's long offline traceback into one line."""
+    path = Path(name)
+    kwargs = {}
+    if path.is_dir() and (path / subfolder).is_dir() and not (path / "config.json").exists():
+        kwargs["subfolder"] = subfolder
+    elif not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise UserError(f"{what} folder '{name}' does not exist; pass an existing folder or a hub id with {flag}")
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"could not load {what} '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}). "
+            f"Offline? Download it where there is network (`hf download {name} --local-dir DIR`) "
+            f"and pass {flag} DIR") from None
+
+
+class FrozenVAE:
+    """diffusers' AutoencoderKL, frozen. encode = posterior mean x scaling factor (the seed uses the mean,
+    not a sample); decode divides it back. The scaling factor is read from the VAE's own config."""
+
+    def __init__(self, name_or_path=DEFAULT_VAE, device="cpu", dtype=None):
+        from diffusers import AutoencoderKL
+        self.name = str(name_or_path)
+        self.vae = _from_pretrained(AutoencoderKL, self.name, "VAE", "--vae", "vae")
+        self.dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        self.vae.to(device=device, dtype=self.dtype).eval().requires_grad_(False)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def encode(self, images):
+        """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) scaled latents, float32."""
+        posterior = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        return posterior.mean.float() * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """(N, 4, h, w) scaled latents -> (N, 3, 8h, 8w) images in [-1, 1], float32."""
+        return self.vae.decode(latents.to(self.device, self.dtype) / self.scaling_factor).sample.float()
+
+
+def load_tokenizer(name_or_path):
+    from transformers import CLIPTokenizer
+    return _from_pretrained(CLIPTokenizer, str(name_or_path), "tokenizer", "--text_encoder", "tokenizer")
+
+
+def tokenize(tokenizer, texts):
+    """Prompts -> (N, 77) token ids, padded and truncated as SD (model_max_length, the tokenizer's pad)."""
+    ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return ids
+
+
+class FrozenTextEncoder:
+    """transformers' CLIPTextModel + CLIPTokenizer, frozen. layer='last' is SD1's last_hidden_state;
+    layer='penultimate' is SD2's OpenCLIP-H context (the second-to-last block, then the final LayerNorm).
+    HF conversions of SD2's encoder already dropped the last block and use 'last'."""
+
+    def __init__(self, name_or_path=DEFAULT_TEXT_ENCODER["sd1"], device="cpu", dtype=None, layer="last"):
+        from transformers import CLIPTextModel
+        self.name = str(name_or_path)
+        self.layer = layer
+        self.tokenizer = load_tokenizer(self.name)
+        self.model = _from_pretrained(CLIPTextModel, self.name, "text encoder", "--text_encoder", "text_encoder")
+        self.dtype = dtype or torch.float32
+        self.model.to(device=device, dtype=self.dtype).eval().requires_grad_(False)
+        self.device = torch.device(device)
+        if layer not in ("last", "penultimate"):
+            raise UserError(f"text encoder layer must be 'last' or 'penultimate', not '{layer}'")
+
+    @property
+    def context_dim(self):
+        return self.model.config.hidden_size
+
+    def tokenize(self, texts):
+        return tokenize(self.tokenizer, texts)
+
+    @torch.no_grad()
+    def encode_ids(self, ids):
+        """(N, 77) token ids -> (N, 77, D) context."""
+        out = self.model(ids.to(self.device), output_hidden_states=self.layer == "penultimate")
+        if self.layer == "last":
+            return out.last_hidden_state
+        return self.model.text_model.final_layer_norm(out.hidden_states[-2])
+
+    def encode(self, texts):
+        return self.encode_ids(self.tokenize(texts))
+
+
+def configure_cuda_backends():
+    """Performance switches for entry scripts, set once at their top: TF32 matmuls/convs (bf16 training
+    loses nothing to them), and SDPA limited to the flash and memory-efficient kernels, so a shape they
+    cannot take fails loudly instead of silently falling back to the O(L^2)-memory math kernel."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.enable_flash_sdp(True)
+        torch.backends.cuda.enable_mem_efficient_sdp(True)
+        torch.backends.cuda.enable_math_sdp(False)
+
+
+#################################################################################
+#                             Checkpoint Formats                                #
+#################################################################################
+# Three ways UNet weights travel:
+#   ours      - a training checkpoint (.pt: {"unet", "ema", "meta", ...}) or a slim export (.safetensors whose
+#               metadata holds "meta" as JSON). "meta" always carries model_config, and the run's VAE and text
+#               encoder ids, scaling factor and schedule when a training run wrote it.
+#   diffusers - a UNet folder (config.json + diffusion_pytorch_model.safetensors|.bin) or a pipeline folder.
+#   original  - CompVis/Stability single files (.ckpt/.safetensors) with model.diffusion_model.* keys.
+
+_DIFFUSERS_UNSUPPORTED = {  # UNet2DConditionModel options outside the SD 1.x/2.x family, with their SD value
+    "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
+    "time_embedding_type": "positional", "resnet_time_scale_shift": "default", "act_fn": "silu",
+    "dual_cross_attention": False, "only_cross_attention": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "time_cond_proj_dim": None, "encoder_hid_dim": None, "norm_eps": 1e-5, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "center_input_sample": False, "time_embedding_dim": None,
+    "timestep_post_act": None, "attention_type": "default", "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None, "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
+}
+
+
+def config_from_diffusers(d):
+    """Map a diffusers UNet2DConditionModel config of the SD family onto a UNetConfig; anything outside the
+    family (SDXL add-embeddings, class labels, ...) is refused by name rather than silently dropped."""
+    for key, sd_value in _DIFFUSERS_UNSUPPORTED.items():
+        value = d.get(key, sd_value)
+        if isinstance(value, list) and key == "only_cross_attention":
+            value = any(value)
+        if value != sd_value:
+            raise UserError(f"diffusers UNet option {key}={value!r} is outside the SD 1.x/2.x family this UNet implements")
+    down, up = list(d["down_block_types"]), list(d["up_block_types"])
+    if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down):
+        raise UserError(f"unsupported down_block_types {down}")
+    attn = tuple(t == "CrossAttnDownBlock2D" for t in down)
+    if up != ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]:
+        raise UserError(f"up_block_types {up} do not mirror down_block_types {down}")
+    if d.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        raise UserError(f"unsupported mid_block_type {d.get('mid_block_type')}")
+    n = len(down)
+    per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
+    chans = list(d["block_out_channels"])
+    if any(c % chans[0] for c in chans) or not isinstance(d.get("layers_per_block", 2), int):
+        raise UserError(f"unsupported block_out_channels {chans} / layers_per_block {d.get('layers_per_block')}")
+    if isinstance(d.get("cross_attention_dim", 1280), (list, tuple)):
+        raise UserError("per-stage cross_attention_dim is outside the SD family")
+    return UNetConfig(
+        in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
+        model_channels=chans[0], channel_mult=tuple(c // chans[0] for c in chans),
+        num_res_blocks=d.get("layers_per_block", 2), attn_stages=attn,
+        # diffusers' historical naming: attention_head_dim holds the number of heads when num_attention_heads is unset
+        num_heads=per_stage(d.get("num_attention_heads") or d.get("attention_head_dim", 8)),
+        transformer_depth=per_stage(d.get("transformer_layers_per_block", 1)),
+        context_dim=d.get("cross_attention_dim", 1280), linear_proj=d.get("use_linear_projection", False),
+        norm_groups=d.get("norm_num_groups", 32), flip_sin_to_cos=d.get("flip_sin_to_cos", True),
+        freq_shift=d.get("freq_shift", 0), dropout=d.get("dropout", 0.0))
+
+
+def diffusers_config(cfg, sample_size=64):
+    """Our UNetConfig as a diffusers UNet2DConditionModel config.json."""
+    return {
+        "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.30.0",
+        "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "sample_size": sample_size,
+        "block_out_channels": [cfg.model_channels * m for m in cfg.channel_mult],
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attn_stages],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attn_stages)],
+        "mid_block_type": "UNetMidBlock2DCrossAttn", "layers_per_block": cfg.num_res_blocks,
+        "attention_head_dim": list(cfg.num_heads), "transformer_layers_per_block": list(cfg.transformer_depth),
+        "cross_attention_dim": cfg.context_dim, "use_linear_projection": cfg.linear_proj,
+        "norm_num_groups": cfg.norm_groups, "norm_eps": 1e-5, "flip_sin_to_cos": cfg.flip_sin_to_cos,
+        "freq_shift": cfg.freq_shift, "act_fn": "silu", "downsample_padding": 1, "dropout": cfg.dropout,
+    }
+
+
+_RESNET_TO_ORIGINAL = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                       "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def original_key_map(cfg):
+    """{our key: original CompVis key} for every UNet parameter. The original UNet numbers its blocks flat:
+    input_blocks = [conv_in, (res, attn) x L per stage, downsample per stage], output_blocks = (res, attn,
+    upsample) x (L+1) per stage, middle_block = [res, attn, res]."""
+    with torch.device("meta"):
+        keys = list(UNet(cfg).state_dict())
+    L = cfg.num_res_blocks
+    top = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+           "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+           "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
+           "mid_block.resnets.1": "middle_block.2"}
+    n = len(cfg.channel_mult)
+    for i in range(n):
+        for j in range(L):
+            top[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{i * (L + 1) + j + 1}.0"
+            top[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{i * (L + 1) + j + 1}.1"
+        top[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(i + 1) * (L + 1)}.0.op"
+        for j in range(L + 1):
+            top[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{i * (L + 1) + j}.0"
+            top[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{i * (L + 1) + j}.1"
+        has_attn = cfg.attn_stages[n - 1 - i]
+        top[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{i * (L + 1) + L}.{2 if has_attn else 1}.conv"
+    out = {}
+    for k in keys:
+        prefix = max((p for p in top if k.startswith(p + ".")), key=len)
+        rest = k[len(prefix) + 1:]
+        if ".resnets." in prefix or prefix.startswith("mid_block.resnets"):
+            name, _, param = rest.partition(".")
+            rest = f"{_RESNET_TO_ORIGINAL[name]}.{param}"
+        out[k] = f"{top[prefix]}.{rest}"
+    return out
+
+
+ORIGINAL_PREFIX = "model.diffusion_model."
+
+
+def infer_config_from_original(sd):
+    """Rebuild a UNetConfig from original-layout weights (no prefix). Widths, depths, attention stages and
+    context size are read off tensor shapes; head counts are not stored in weights, so they follow SD's
+    convention: 8 heads for conv-projection (SD1) models, heads of width 64 for linear-projection (SD2) ones."""
+    blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.")})
+    downs = [b for b in blocks if f"input_blocks.{b}.0.op.weight" in sd]
+    n = len(downs) + 1
+    L = (len(blocks) - 1 - len(downs)) // n
+    ch0, in_ch = sd["input_blocks.0.0.weight"].shape[:2]
+    stage_first = [i * (L + 1) + 1 for i in range(n)]
+    chans = [sd[f"input_blocks.{b}.0.out_layers.3.weight"].shape[0] for b in stage_first]
+    attn = tuple(f"input_blocks.{b}.1.proj_in.weight" in sd for b in stage_first)
+    a_key = next(k for k in sd if k.endswith("attn2.to_k.weight"))
+    linear = sd[next(k for k in sd if k.endswith(".1.proj_in.weight"))].dim() == 2
+    depth = tuple(len({k.split("transformer_blocks.")[1].split(".")[0] for k in sd
+                       if k.startswith(f"input_blocks.{b}.1.transformer_blocks.")}) or 1 for b in stage_first)
+    return UNetConfig(in_channels=in_ch, out_channels=sd["out.2.weight"].shape[0], model_channels=ch0,
+                      channel_mult=tuple(c // ch0 for c in chans), num_res_blocks=L, attn_stages=attn,
+                      num_heads=tuple(max(c // 64, 1) if linear else 8 for c in chans), transformer_depth=depth,
+                      context_dim=sd[a_key].shape[1], linear_proj=linear)
+
+
+_WRAPPER_PARTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_state_dict(sd):
+    """Strip what DDP (module.), a parent module (unet.), torch.compile (_orig_mod.) and FSDP wrappers add."""
+    out = {}
+    for k, v in sd.items():
+        for part in _WRAPPER_PARTS:
+            k = k.replace(part, "")
+        while k.startswith(("module.", "unet.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def _read_tensors(path):
+    """{name: tensor} and safetensors metadata from a weights file; pickles only with weights_only=True."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise UserError(f"'{path}' is not a readable weights file ({type(e).__name__}: {str(e)[:120]})") from None
+    return obj, {}
+
+
+def read_unet_state(path, prefer_ema=True):
+    """(state_dict in our key names, UNetConfig, meta) from any supported format (see the banner above)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint '{path}' does not exist")
+    if path.is_dir():
+        if (path / "unet").is_dir():               # a diffusers pipeline folder
+            path = path / "unet"
+        cfg_file = path / "config.json"
+        if not cfg_file.exists():
+            raise UserError(f"'{path}' is not a diffusers UNet or pipeline folder (no config.json or unet/)")
+        files = [path / f"diffusion_pytorch_model{v}.{ext}" for ext in ("safetensors", "bin") for v in ("", ".fp16")]
+        index = path / "diffusion_pytorch_model.safetensors.index.json"
+        if index.exists():
+            files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = [next((f for f in files if f.exists()), None)]
+            if files[0] is None:
+                raise UserError(f"no diffusion_pytorch_model.safetensors/.bin in '{path}'")
+        sd = {}
+        for f in files:
+            sd.update(_read_tensors(f)[0])
+        cfg = config_from_diffusers(json.loads(cfg_file.read_text()))
+        return sd, cfg, {"model_config": asdict(cfg), "source": "diffusers"}
+
+    obj, metadata = _read_tensors(path)
+    is_original = isinstance(obj, dict) and any(k.startswith(ORIGINAL_PREFIX) for k in obj.get("state_dict", obj))
+    if "meta" in metadata and not is_original:     # our slim export
+        meta = json.loads(metadata["meta"])
+        return obj, unet_config(meta["model_config"]), meta
+    if isinstance(obj, dict) and "meta" in obj and ("unet" in obj or "ema" in obj):  # our training checkpoint
+        meta = obj["meta"]
+        sd = obj["ema"] if prefer_ema and obj.get("ema") is not None else obj["unet"]
+        return clean_state_dict(sd), unet_config(meta["model_config"]), meta
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if isinstance(sd, dict) and any(k.startswith(ORIGINAL_PREFIX) for k in sd):  # original single file
+        flat_ema = {k: v for k, v in sd.items() if k.startswith("model_ema.")}
+        orig = {k[len(ORIGINAL_PREFIX):]: v for k, v in sd.items() if k.startswith(ORIGINAL_PREFIX)}
+        if prefer_ema and len(flat_ema) > 100:     # EMA copy stored with dots removed: model_ema.diffusion_modelX
+            orig = {k: flat_ema.get("model_ema.diffusion_model" + k.replace(".", ""), v) for k, v in orig.items()}
+        # Our own original-layout exports keep their exact config (head counts included) in the metadata.
+        cfg = unet_config(json.loads(metadata["meta"])["model_config"]) if "meta" in metadata \
+            else infer_config_from_original(orig)
+        inverse = {v: k for k, v in original_key_map(cfg).items()}
+        unexpected = sorted(set(orig) - set(inverse))
+        if unexpected:
+            raise UserError(f"'{path}': original-layout keys this UNet config does not have: {unexpected[:8]}")
+        return {inverse[k]: v for k, v in orig.items()}, cfg, {"model_config": asdict(cfg), "source": "original"}
+    raise UserError(f"'{path}' is not a UNet checkpoint this project knows (ours, a diffusers folder, or an "
+                    "original single file with model.diffusion_model.* keys)")
+
+
+def build_unet(cfg, state_dict=None, source="checkpoint"):
+    """A UNet on CPU in fp32; with a state dict, loaded strictly with a readable list of key mismatches."""
+    unet = UNet(unet_config(cfg))
+    if state_dict is None:
+        return unet.initialize_weights()
+    missing, unexpected = _key_diff(unet.state_dict(), state_dict)
+    if missing or unexpected:
+        raise UserError(f"{source} does not fit UNet config: {len(missing)} missing keys {missing[:6]}, "
+                        f"{len(unexpected)} unexpected keys {unexpected[:6]}")
+    unet.load_state_dict({k: v.float() for k, v in state_dict.items()})
+    return unet
+
+
+def _key_diff(expected, got):
+    return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+
+
+def load_unet(path, prefer_ema=True):
+    """Our UNet from any supported checkpoint format, EMA weights preferred when the file has them."""
+    sd, cfg, _ = read_unet_state(path, prefer_ema)
+    return build_unet(cfg, sd, source=f"'{path}'")
+
+
+def _atomic(dst, write):
+    """Write through a temp name + fsync + os.replace, so a crash never leaves a half-written checkpoint."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+
+
+def save_unet(state_dict, cfg, dst, fmt="ours", meta=None):
+    """Write UNet weights as `fmt`: ours (.safetensors + meta), diffusers (UNet folder) or original (single
+    .safetensors with model.diffusion_model.* keys, our config kept in its metadata for exact round trips)."""
+    from safetensors.torch import save_file
+    cfg = unet_config(cfg)
+    meta = dict(meta or {}, model_config=asdict(cfg))
+    sd = {k: v.contiguous() for k, v in clean_state_dict(state_dict).items()}
+    missing, unexpected = _key_diff(original_key_map(cfg), sd)
+    if missing or unexpected:
+        raise UserError(f"weights do not fit the UNet config: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    if fmt == "ours":
+        _atomic(dst, lambda p: save_file(sd, str(p), metadata={"meta": json.dumps(meta)}))
+    elif fmt == "diffusers":
+        dst = Path(dst)
+        dst.mkdir(parents=True, exist_ok=True)
+        (dst / "config.json").write_text(json.dumps(diffusers_config(cfg), indent=2))
+        _atomic(dst / "diffusion_pytorch_model.safetensors", lambda p: save_file(sd, str(p)))
+    elif fmt == "original":
+        key_map = original_key_map(cfg)
+        orig = {ORIGINAL_PREFIX + key_map[k]: v for k, v in sd.items()}
+        _atomic(dst, lambda p: save_file(orig, str(p), metadata={"meta": json.dumps(meta)}))
+    else:
+        raise UserError(f"unknown format '{fmt}'; choose ours, diffusers or original")
+
+
+#################################################################################
+#                                     CLI                                       #
+#################################################################################
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def info(args):
+    cfg = unet_config(args.config)
+    with torch.device("meta"):
+        unet = UNet(cfg)
+    print(f"UNet config '{args.config}': {count_params(unet):,} parameters")
+    print(json.dumps(asdict(cfg)))
+    print(f"{'block':<14}{'channels':>10}{'attention':>11}{'heads x dim':>13}{'params':>15}")
+    blocks = [(f"down {i}", b) for i, b in enumerate(unet.down_blocks)] + [("mid", unet.mid_block)] + \
+             [(f"up {i}", b) for i, b in enumerate(unet.up_blocks)]
+    for name, block in blocks:
+        ch = block.resnets[-1].conv2.out_channels
+        has_attn = block.attentions is not None
+        heads = block.attentions[0].transformer_blocks[0].attn1.heads if has_attn else 0
+        hd = f"{heads} x {ch // heads}" if has_attn else "-"
+        print(f"{name:<14}{ch:>10}{str(has_attn):>11}{hd:>13}{count_params(block):>15,}")
+
+
+def convert(args):
+    sd, cfg, meta = read_unet_state(args.src, prefer_ema=not args.live)
+    save_unet(sd, cfg, args.dst, args.format, meta)
+    print(f"wrote {args.dst} ({args.format}, {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} parameters)")
+
+
+def main(args):
+    try:
+        {"info": info, "convert": convert}[args.command](args)
+    except UserError as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="SD UNet tools: parameter layout and checkpoint conversion.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="print parameter count and per-stage layout of a named config",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="sd1", choices=sorted(UNET_CONFIGS), help="named UNet config")
+    p = sub.add_parser("convert", help="convert UNet weights between formats (lossless)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("src", help="our checkpoint (.pt/.safetensors), a diffusers folder, or an original single file")
+    p.add_argument("dst", help="output file (ours, original) or folder (diffusers)")
+    p.add_argument("--format", required=True, choices=["ours", "diffusers", "original"], help="output format")
+    p.add_argument("--live", action="store_true", help="take live weights instead of EMA when the source has both")
+    main(parser.parse_args())

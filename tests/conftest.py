@@ -1,0 +1,6 @@
+"""Tests import the flat top-level modules (SD_Model, sd_data, ...) from the repo root."""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
