@@ -487,7 +487,7 @@ def _rescale_zero_terminal_snr(betas):
     """Shift and scale sqrt(alpha_bar) so the last step is pure noise (Lin et al. 2023, Algorithm 1)."""
     abar_sqrt = torch.cumprod(1 - betas, dim=0).sqrt()
     first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
-    abar_sqrt = (abar_sqrt - last) * first / (first - last)
+    abar_sqrt = (abar_sqrt - last) * (first / (first - last))
     abar = abar_sqrt ** 2
     alphas = torch.cat([abar[0:1], abar[1:] / abar[:-1]])
     return 1 - alphas
@@ -680,7 +680,8 @@ class FrozenTextEncoder:
         out = self.model(ids.to(self.device), output_hidden_states=self.layer == "penultimate")
         if self.layer == "last":
             return out.last_hidden_state
-        return self.model.text_model.final_layer_norm(out.hidden_states[-2])
+        text_model = getattr(self.model, "text_model", self.model)  # transformers < 5 nests it
+        return text_model.final_layer_norm(out.hidden_states[-2])
 
     def encode(self, texts):
         return self.encode_ids(self.tokenize(texts))

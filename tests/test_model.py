@@ -1,0 +1,382 @@
+"""SD_Model.py against independent references: diffusers' UNet2DConditionModel, DDIM/DDPM schedulers and
+single-file converter; the formulas; and exact counts."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from safetensors.torch import load_file, save_file
+
+import SD_Model as M
+from conftest import ROOT
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+def diffusers_unet(sd2=False, chans=(32, 64, 64), heads=None, groups=8, seed=0):
+    """A small random diffusers UNet of SD1 topology (conv proj, fixed heads) or SD2 (linear proj, ctx 48)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=chans, layers_per_block=2, norm_num_groups=groups,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=48 if sd2 else 32, use_linear_projection=sd2,
+        attention_head_dim=heads or ((1, 2, 2) if sd2 else 2))
+    for p in unet.parameters():  # diffusers zero-inits some outputs too; random weights test every path
+        torch.nn.init.normal_(p, std=0.05)
+    return unet.eval()
+
+
+def unet_inputs(unet, n=2, size=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, size, size, generator=g)
+    ctx = torch.randn(n, 7, unet.config.cross_attention_dim, generator=g)
+    return x, torch.tensor([10, 900][:n]), ctx
+
+
+# --- parameter counts and layout -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,count", [("sd1", 859_520_964), ("sd2", 865_910_724)])
+def test_parameter_counts(name, count):
+    with torch.device("meta"):
+        assert M.count_params(M.UNet(M.unet_config(name))) == count
+
+
+def test_info_cli_prints_count():
+    out = subprocess.run([sys.executable, "SD_Model.py", "info", "--config", "sd1"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "859,520,964 parameters" in out and "8 x 160" in out
+
+
+# --- parity with diffusers -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sd2", [False, True], ids=["sd1-topology", "sd2-topology"])
+def test_parity_from_diffusers_folder(tmp_path, sd2):
+    ref = diffusers_unet(sd2)
+    ref.save_pretrained(tmp_path / "unet")
+    ours = M.load_unet(tmp_path / "unet").eval()
+    assert M.count_params(ours) == sum(p.numel() for p in ref.parameters())
+    x, t, ctx = unet_inputs(ref)
+    with torch.no_grad():
+        assert rel_err(ref(x, t, ctx).sample, ours(x, t, ctx)) <= 1e-4
+
+
+@pytest.mark.parametrize("sd2", [False, True], ids=["sd1-topology", "sd2-topology"])
+def test_original_export_matches_diffusers_converter(tmp_path, sd2):
+    """Our original-layout export, read by diffusers' own ldm converter, gives diffusers' exact weights."""
+    ref = diffusers_unet(sd2)
+    ref.save_pretrained(tmp_path / "unet")
+    M.main(_args("convert", str(tmp_path / "unet"), str(tmp_path / "orig.safetensors"), format="original"))
+    converted = convert_ldm_unet_checkpoint(load_file(tmp_path / "orig.safetensors"), dict(ref.config))
+    expected = ref.state_dict()
+    assert set(converted) == set(expected)
+    assert all(torch.equal(converted[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("sd2", [False, True], ids=["sd1-topology", "sd2-topology"])
+def test_parity_from_foreign_original_single_file(tmp_path, sd2):
+    """A single file without our metadata (as CompVis/Stability ship them): the config is inferred from the
+    tensor shapes with SD's conventions (8 heads for SD1, 64-wide heads for SD2, GroupNorm of 32)."""
+    ref = diffusers_unet(sd2, chans=(64, 128, 128), heads=(1, 2, 2) if sd2 else 8, groups=32)
+    sd, cfg, _ = M.read_unet_state(_saved_diffusers(ref, tmp_path))
+    key_map = M.original_key_map(cfg)
+    orig = {M.ORIGINAL_PREFIX + key_map[k]: v for k, v in sd.items()}
+    orig["cond_stage_model.transformer.dummy"] = torch.zeros(1)  # a full file carries other parts too
+    save_file(orig, str(tmp_path / "sd.safetensors"))
+    torch.save({"state_dict": orig}, tmp_path / "sd.ckpt")
+    x, t, ctx = unet_inputs(ref)
+    with torch.no_grad():
+        expected = ref(x, t, ctx).sample
+        for f in ("sd.safetensors", "sd.ckpt"):
+            ours = M.load_unet(tmp_path / f).eval()
+            assert ours.cfg == cfg
+            assert rel_err(expected, ours(x, t, ctx)) <= 1e-4
+
+
+def test_parity_full_size_sd1():
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8).eval()  # diffusers' SD1 defaults
+    ours = M.build_unet(M.config_from_diffusers(dict(ref.config)), ref.state_dict()).eval()
+    assert ours.cfg == M.unet_config("sd1")
+    x = torch.randn(1, 4, 32, 32)
+    ctx = torch.randn(1, 77, 768)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        assert rel_err(ref(x, t, ctx).sample, ours(x, t, ctx)) <= 1e-4
+
+
+def _saved_diffusers(ref, tmp_path):
+    ref.save_pretrained(tmp_path / "ref_unet")
+    return tmp_path / "ref_unet"
+
+
+def _args(command, src=None, dst=None, format=None, live=False, config=None):
+    import argparse
+    return argparse.Namespace(command=command, src=src, dst=dst, format=format, live=live, config=config)
+
+
+# --- checkpoint formats ----------------------------------------------------------------------------------
+
+def test_convert_round_trip_is_bit_exact(tmp_path):
+    ref = diffusers_unet(sd2=True)
+    src = _saved_diffusers(ref, tmp_path)
+    steps = [("ours", "a.safetensors"), ("original", "b.safetensors"), ("diffusers", "c"), ("ours", "d.safetensors")]
+    prev = src
+    for fmt, name in steps:
+        cmd = [sys.executable, "SD_Model.py", "convert", str(prev), str(tmp_path / name), "--format", fmt]
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+        prev = tmp_path / name
+    final, cfg, _ = M.read_unet_state(prev)
+    start = ref.state_dict()
+    assert cfg == M.config_from_diffusers(dict(ref.config))
+    assert set(final) == set(start) and all(torch.equal(final[k], start[k]) for k in start)
+
+
+def test_training_checkpoint_prefers_ema_and_strips_wrappers(tmp_path):
+    cfg = M.unet_config("small")
+    live = M.UNet(cfg).state_dict()
+    ema = {k: v + 1 for k, v in live.items()}
+    torch.save({"unet": {"module._orig_mod." + k: v for k, v in live.items()},
+                "ema": {"_fsdp_wrapped_module." + k: v for k, v in ema.items()},
+                "meta": {"model_config": json.loads(json.dumps(M.asdict(cfg)))}}, tmp_path / "ckpt.pt")
+    got = M.load_unet(tmp_path / "ckpt.pt").state_dict()
+    assert all(torch.equal(got[k], ema[k]) for k in ema)
+    sd, _, _ = M.read_unet_state(tmp_path / "ckpt.pt", prefer_ema=False)
+    assert all(torch.equal(sd[k], live[k]) for k in live)
+
+
+def test_mismatched_keys_give_clear_error(tmp_path):
+    ref = diffusers_unet()
+    sd = ref.state_dict()
+    sd.pop("conv_in.weight")
+    sd["extra.weight"] = torch.zeros(1)
+    save_file(sd, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(dict(ref.config)))
+    with pytest.raises(M.UserError, match=r"1 missing keys \['conv_in.weight'\].*1 unexpected keys \['extra.weight'\]"):
+        M.load_unet(tmp_path)
+
+
+def test_bad_paths_give_clear_errors(tmp_path):
+    with pytest.raises(M.UserError, match="does not exist"):
+        M.load_unet(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(M.UserError, match="not a readable weights file"):
+        M.load_unet(tmp_path / "junk.pt")
+    torch.save({"something": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(M.UserError, match="not a UNet checkpoint"):
+        M.load_unet(tmp_path / "other.pt")
+    with pytest.raises(M.UserError, match="outside the SD 1.x/2.x family"):
+        M.config_from_diffusers({**dict(diffusers_unet().config), "addition_embed_type": "text_time"})
+
+
+def test_weights_only_refuses_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"state_dict": Evil()}, tmp_path / "evil.ckpt")
+    with pytest.raises(M.UserError, match="not a readable weights file"):
+        M.load_unet(tmp_path / "evil.ckpt")
+
+
+# --- model behaviour -------------------------------------------------------------------------------------
+
+def test_zero_init_predicts_zero_and_zeroes_output_projections():
+    unet = M.build_unet("small")
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([1, 999]), torch.randn(2, 7, 32)
+    assert torch.count_nonzero(unet(x, t, ctx)) == 0
+    zeroed = [n for n, p in unet.named_parameters() if n.endswith("weight") and not p.any()]
+    n_res = sum(isinstance(m, M.ResBlock) for m in unet.modules())
+    n_attn = sum(isinstance(m, M.Attention) for m in unet.modules())
+    n_st = sum(isinstance(m, M.SpatialTransformer) for m in unet.modules())
+    n_ff = sum(isinstance(m, M.FeedForward) for m in unet.modules())
+    assert len(zeroed) == n_res + n_attn + n_st + n_ff + 1   # + conv_out
+    assert any("to_out.0" in n for n in zeroed) and any("ff.net.2" in n for n in zeroed)
+
+
+def _random_small(name="small"):
+    torch.manual_seed(0)
+    unet = M.UNet(M.unet_config(name))
+    for p in unet.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return unet
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    unet = _random_small().train()
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.randn(2, 7, 32)
+    grads = []
+    for ckpt in (False, True):
+        unet.zero_grad()
+        unet.set_grad_checkpointing(ckpt)
+        unet(x, t, ctx).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in unet.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7) for n in grads[0])
+
+
+def test_channels_last_and_compile_match_eager():
+    unet = _random_small("small_sd2").eval()
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.randn(2, 7, 48)
+    with torch.no_grad():
+        ref = unet(x, t, ctx)
+        cl = unet.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last), t, ctx)
+        assert rel_err(ref, cl) <= 1e-5
+    unet.train().set_grad_checkpointing(True)   # compile must trace through non-reentrant checkpointing
+    compiled = torch.compile(unet, backend="aot_eager")
+    torch._dynamo.reset()
+    out = compiled(x, t, ctx)
+    out.square().mean().backward()
+    assert rel_err(ref, out.detach()) <= 1e-5
+
+
+def test_odd_latent_sizes_upsample_to_skip_size():
+    unet = _random_small().eval()
+    with torch.no_grad():
+        assert unet(torch.randn(1, 4, 20, 12), torch.tensor([5]), torch.randn(1, 3, 32)).shape == (1, 4, 20, 12)
+
+
+# --- noise schedule --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["scaled_linear", "linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_schedule_matches_diffusers(schedule, zero_snr):
+    ours = M.NoiseSchedule(beta_schedule=schedule, zero_terminal_snr=zero_snr, prediction_type="v_prediction")
+    ref = DDPMScheduler(beta_schedule=schedule, beta_start=0.00085, beta_end=0.012,
+                        rescale_betas_zero_snr=zero_snr, prediction_type="v_prediction")
+    assert torch.allclose(ours.alphas_cumprod, ref.alphas_cumprod, rtol=1e-6, atol=1e-9)
+    x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([0, 250, 600, 999])
+    assert torch.allclose(ours.q_sample(x0, t, noise), ref.add_noise(x0, noise, t), atol=1e-6)
+    assert torch.allclose(ours.target(x0, t, noise), ref.get_velocity(x0, noise, t), atol=1e-6)
+
+
+def test_min_snr_weight_formula():
+    s = M.NoiseSchedule()
+    t = torch.tensor([0, 100, 500, 999])
+    abar = s.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    assert torch.allclose(s.min_snr_weight(t, 5.0), torch.minimum(snr, torch.tensor(5.0)) / snr)
+    s.prediction_type = "v_prediction"
+    assert torch.allclose(s.min_snr_weight(t, 5.0), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+
+
+# --- samplers --------------------------------------------------------------------------------------------
+
+def fake_model(x, t):
+    """A fixed nonlinear stand-in for the UNet."""
+    t = float(t)
+    return 0.3 * torch.tanh(x) * torch.cos(torch.tensor(t / 300.0)) + 0.1 * torch.sin(torch.tensor(t / 97.0))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing,eta", [("leading", 0.0), ("trailing", 0.0), ("leading", 0.7)])
+def test_ddim_matches_diffusers_step_for_step(prediction, spacing, eta):
+    ref = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                        set_alpha_to_one=False, steps_offset=1, timestep_spacing=spacing, prediction_type=prediction)
+    ref.set_timesteps(50)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref_traj, g = [], torch.Generator().manual_seed(42)
+    xr = x.clone()
+    for t in ref.timesteps:
+        xr = ref.step(fake_model(xr, t), t, xr, eta=eta, generator=g).prev_sample
+        ref_traj.append(xr)
+    ours_traj = []
+    M.sample_ddim(fake_model, x.clone(), M.NoiseSchedule(prediction_type=prediction), 50, eta=eta,
+                  spacing=spacing, generator=torch.Generator().manual_seed(42),
+                  callback=lambda i, t, xi, x0: ours_traj.append(xi))
+    assert len(ours_traj) == 50
+    assert max((a - b).abs().max().item() for a, b in zip(ref_traj, ours_traj)) <= 1e-5
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_ddpm_matches_diffusers_step_for_step(prediction):
+    ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                        steps_offset=1, prediction_type=prediction, variance_type="fixed_small")
+    ref.set_timesteps(50)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    g, xr = torch.Generator().manual_seed(7), x.clone()
+    ref_traj = []
+    for t in ref.timesteps:
+        xr = ref.step(fake_model(xr, t), t, xr, generator=g).prev_sample
+        ref_traj.append(xr)
+    ours_traj = []
+    M.sample_ddpm(fake_model, x.clone(), M.NoiseSchedule(prediction_type=prediction), 50,
+                  generator=torch.Generator().manual_seed(7), callback=lambda i, t, xi, x0: ours_traj.append(xi))
+    assert max((a - b).abs().max().item() for a, b in zip(ref_traj, ours_traj)) <= 1e-5
+
+
+def test_sampling_timesteps_match_diffusers():
+    for spacing in ("leading", "trailing", "linspace"):
+        ref = DDIMScheduler(steps_offset=1, timestep_spacing=spacing)
+        ref.set_timesteps(30)
+        assert M.sampling_timesteps(M.NoiseSchedule(), 30, spacing) == ref.timesteps.tolist()
+    assert M.sampling_timesteps(M.NoiseSchedule(), 50)[:2] == [981, 961]
+
+
+def test_ddim_does_not_clamp_x0_by_default():
+    """The seed's bug: pred_x0.clamp(-1, 1). SD latents routinely exceed 1; the default must keep them."""
+    x = torch.full((1, 4, 2, 2), 3.0)
+    seen = []
+    M.sample_ddim(lambda x, t: torch.zeros_like(x), x, M.NoiseSchedule(), 5, callback=lambda i, t, xi, x0: seen.append(x0))
+    assert seen[0].max() > 1.5
+    clamped = []
+    M.sample_ddim(lambda x, t: torch.zeros_like(x), x, M.NoiseSchedule(), 5, clip_x0=1.0,
+                  callback=lambda i, t, xi, x0: clamped.append(x0))
+    assert clamped[0].max() <= 1.0
+
+
+def test_cfg_wrapper_formula_and_negative_prompt():
+    unet = _random_small().eval()
+    x = torch.randn(2, 4, 8, 8)
+    cond, empty, negative = torch.randn(2, 7, 32), torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    t = torch.tensor([400, 400])
+    with torch.no_grad():
+        c, u = unet(x, t, cond), unet(x, t, empty)
+        got = M.cfg_model_fn(unet, cond, empty, 7.5)(x, 400)
+        assert torch.allclose(got, u + 7.5 * (c - u), atol=1e-5)
+        assert not torch.allclose(got, M.cfg_model_fn(unet, cond, negative, 7.5)(x, 400), atol=1e-3)
+        assert torch.allclose(M.cfg_model_fn(unet, cond, empty, 1.0)(x, 400), c, atol=1e-6)
+
+
+# --- frozen VAE and text encoder -------------------------------------------------------------------------
+
+def test_frozen_parts_load_locally_and_match_libraries(tmp_path):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+    from tiny_models import save_tiny_clip, save_tiny_vae
+    clip_dir, vae_dir = save_tiny_clip(tmp_path / "clip"), save_tiny_vae(tmp_path / "vae")
+    te = M.FrozenTextEncoder(clip_dir)
+    ids = te.tokenize(["a red circle on a gray background", ""])
+    assert ids.shape == (2, 77) and ids[1, 0] == te.tokenizer.bos_token_id
+    ref = CLIPTextModel.from_pretrained(clip_dir).eval()
+    with torch.no_grad():
+        out = ref(ids, output_hidden_states=True)
+    assert torch.equal(te.encode_ids(ids), out.last_hidden_state)
+    pen = M.FrozenTextEncoder(clip_dir, layer="penultimate").encode_ids(ids)
+    assert torch.allclose(pen, ref.final_layer_norm(out.hidden_states[-2]))
+    vae = M.FrozenVAE(vae_dir)
+    img = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        mean = AutoencoderKL.from_pretrained(vae_dir).encode(img).latent_dist.mean
+    assert vae.scaling_factor == 0.18215
+    assert torch.allclose(vae.encode(img), mean * 0.18215, atol=1e-6)
+    assert vae.decode(vae.encode(img)).shape == img.shape
+
+
+def test_unreachable_hub_id_gives_one_clear_error(tmp_path):
+    """Run offline with an empty cache (huggingface_hub reads HF_HUB_OFFLINE at import, hence a subprocess)."""
+    code = ("import SD_Model as M\n"
+            "for make in (lambda: M.FrozenVAE('stabilityai/sd-vae-ft-mse'), lambda: M.FrozenTextEncoder('./missing')):\n"
+            "    try: make()\n"
+            "    except M.UserError as e: print('ERROR', e)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True).stdout
+    lines = out.splitlines()
+    assert len(lines) == 2, out
+    assert "'stabilityai/sd-vae-ft-mse'" in lines[0] and "--vae DIR" in lines[0]
+    assert "text encoder folder './missing' does not exist" in lines[1] or "tokenizer folder './missing'" in lines[1]

@@ -1,0 +1,70 @@
+"""Tiny frozen parts built and saved locally, so tests load them through the same from_pretrained code paths
+as the real hub ids (no network): a CLIP tokenizer whose BPE covers a given word list, a small random
+CLIPTextModel, and a small random AutoencoderKL."""
+import json
+from pathlib import Path
+
+import torch
+
+WORDS = ("a photo of the red green blue yellow circle square triangle on gray white black background cat dog "
+         "in an with and forest city at night portrait man woman car").split()
+
+
+def _bytes_to_unicode():
+    """CLIP's reversible byte -> printable-unicode table (same as GPT-2's)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def save_tiny_tokenizer(out_dir, words=WORDS):
+    """A CLIPTokenizer with every byte, plus merges that make each word in `words` a single token."""
+    from transformers import CLIPTokenizer
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars]
+    merges = []
+    for w in dict.fromkeys(words):
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            if " ".join(pair) not in merges:
+                merges.append(" ".join(pair))
+                vocab.append(pair[0] + pair[1])
+            parts = [pair[0] + pair[1]] + parts[2:]
+    vocab = list(dict.fromkeys(vocab + ["<|startoftext|>", "<|endoftext|>"]))
+    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(str(out_dir / "vocab.json"), str(out_dir / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def save_tiny_clip(out_dir, hidden=32, layers=2, heads=2, words=WORDS, seed=0):
+    """Tokenizer + random CLIPTextModel in one folder, as `openai/clip-vit-large-patch14` is laid out."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    tok = save_tiny_tokenizer(out_dir, words)
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    CLIPTextModel(cfg).eval().save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def save_tiny_vae(out_dir, seed=0, scaling_factor=0.18215):
+    """A random 2-level AutoencoderKL (downsamples by 2 per level; use 4 levels for SD's factor 8)."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=scaling_factor)
+    vae.eval().save_pretrained(out_dir)
+    return Path(out_dir)
