@@ -175,11 +175,14 @@ class SpatialTransformer(nn.Module):
             h = self.proj_in(h).permute(0, 2, 3, 1).reshape(N, H * W, C)       # (N, HW, C)
         for block in self.transformer_blocks:
             h = _maybe_checkpoint(block, grad_ckpt, h, context)
+        # Back to x's memory format: a permuted (N, H, W, C) view is channels_last in disguise, and feeding
+        # one to the convs of a contiguous model makes oneDNN/cuDNN convert layouts at every layer.
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         if self.linear_proj:
             h = self.proj_out(h).reshape(N, H, W, C).permute(0, 3, 1, 2)       # (N, C, H, W)
         else:
-            h = self.proj_out(h.reshape(N, H, W, C).permute(0, 3, 1, 2))       # (N, C, H, W)
-        return x + h
+            h = self.proj_out(h.reshape(N, H, W, C).permute(0, 3, 1, 2).contiguous(memory_format=fmt))
+        return x + h.contiguous(memory_format=fmt)
 
 
 def _maybe_checkpoint(module, enabled, *args):

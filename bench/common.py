@@ -1,0 +1,70 @@
+"""What every benchmark shares: the device's name and peak FLOP/s, timing that waits for the GPU, and the
+results file `bench/results/<device>.md` that each run appends a table to."""
+import datetime
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Dense bf16 tensor-core peaks (vendor datasheets), for MFU. Unknown GPUs report no MFU rather than a guess.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12,
+                   "RTX 5090": 210e12}
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns, steps, warmup, device):
+    """Median seconds per call of each fn, alternating fn A and fn B call by call so that clock drift and
+    a busy neighbour on a shared CPU hit all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(steps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def append_results(device, title, settings, header, rows):
+    """Print a markdown table and append it, dated, to bench/results/<device>.md."""
+    lines = [f"### {title} — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
+             f"device `{device_name(device)}`, torch {torch.__version__}, " +
+             ", ".join(f"{k}={v}" for k, v in settings.items()), "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    text = "\n".join(lines) + "\n\n"
+    print(text)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name(device)).strip("_")
+    out = ROOT / "bench" / "results" / f"{slug}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(text)
+    return out

@@ -1,0 +1,124 @@
+"""Benchmark one UNet training step, ours vs diffusers' UNet2DConditionModel, same weights, same settings.
+
+Times forward + backward (and with --optimizer, fused AdamW + EMA as SD_Train.py does) in one process,
+alternating the two models step by step, and prints img/s for both, the ratio, and MFU on GPU with the
+forward+backward FLOPs counted by torch's FlopCounterMode.
+
+  CPU, small:  python bench/unet_step.py --config small --res 256 --batch 4
+  GPU, full:   python bench/unet_step.py --config sd1 --res 512 --batch 32 --dtype bf16 --channels_last --compile --optimizer
+"""
+import argparse
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import append_results, device_name, peak_flops, time_interleaved  # noqa: I001 (sets sys.path)
+import SD_Model as M
+
+
+def build_models(args, device):
+    """Our UNet and diffusers' with identical weights (ours' from-scratch init, then random outputs so that
+    no branch is trivially zero)."""
+    from diffusers import UNet2DConditionModel
+    cfg = M.unet_config(args.config)
+    torch.manual_seed(0)
+    ours = M.UNet(cfg).initialize_weights()
+    for p in ours.parameters():
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.02)
+    theirs = UNet2DConditionModel.from_config(M.diffusers_config(cfg, args.res // 8))
+    theirs.load_state_dict(ours.state_dict())
+    models = {"ours": ours, "diffusers": theirs}
+    for name, m in models.items():
+        m.to(device).train()
+        if args.channels_last:
+            m.to(memory_format=torch.channels_last)
+        if args.grad_ckpt:
+            m.set_grad_checkpointing(True) if name == "ours" else m.enable_gradient_checkpointing()
+    return cfg, models
+
+
+def make_step(model, is_ours, args, device, batch):
+    x, t, ctx, target = batch
+    forward = torch.compile(model) if args.compile else model
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    opt = ema = None
+    if args.optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2, fused=device.type == "cuda")
+        ema = [p.detach().clone() for p in params]
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = forward(x, t, ctx) if is_ours else forward(x, t, ctx).sample
+            loss = F.mse_loss(out.float(), target)
+        loss.backward()
+        if opt is not None:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - 0.9999)
+        for p in model.parameters():
+            p.grad = None
+
+    return step
+
+
+def count_flops(model, batch):
+    """FLOPs of one forward + backward per sample (matmuls and convolutions; what MFU conventionally counts)."""
+    x, t, ctx, target = batch
+    m = copy.deepcopy(model).float().set_grad_checkpointing(False)  # count the model, not the recompute
+    with FlopCounterMode(display=False) as counter:
+        F.mse_loss(m(x[:1].float(), t[:1], ctx[:1].float()), target[:1]).backward()
+    return counter.get_total_flops()
+
+
+def main(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    M.configure_cuda_backends()
+    cfg, models = build_models(args, device)
+    h = args.res // 8
+    g = torch.Generator().manual_seed(1)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    batch = (torch.randn(args.batch, cfg.in_channels, h, h, generator=g).to(device, memory_format=fmt),
+             torch.randint(0, 1000, (args.batch,), generator=g).to(device),
+             torch.randn(args.batch, 77, cfg.context_dim, generator=g).to(device),
+             torch.randn(args.batch, cfg.out_channels, h, h, generator=g).to(device))
+    flops = count_flops(models["ours"], batch)
+    steps = {k: make_step(m, k == "ours", args, device, batch) for k, m in models.items()}
+    sec = time_interleaved(steps, args.steps, args.warmup, device)
+
+    peak = peak_flops(device)
+    rows = []
+    for k in steps:
+        ips = args.batch / sec[k]
+        mfu = f"{flops * ips / peak:.1%}" if peak else "n/a"
+        mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "n/a"
+        rows.append([k, f"{sec[k] * 1e3:.1f}", f"{ips:.2f}", mfu, mem])
+    ratio = sec["diffusers"] / sec["ours"]
+    rows.append(["ours / diffusers", "", f"{ratio:.3f}x", "", ""])
+    settings = dict(config=args.config, res=args.res, batch=args.batch, dtype=args.dtype,
+                    channels_last=args.channels_last, grad_ckpt=args.grad_ckpt, compile=args.compile,
+                    optimizer_ema=args.optimizer, steps=args.steps, fwd_bwd_gflop_per_img=f"{flops / 1e9:.1f}")
+    append_results(device, "UNet training step (bench/unet_step.py)", settings,
+                   ["impl", "ms/step", "img/s", "MFU", "peak GiB"], rows)
+    print(f"{device_name(device)}: ours {args.batch / sec['ours']:.2f} img/s, diffusers "
+          f"{args.batch / sec['diffusers']:.2f} img/s, ratio {ratio:.3f}x")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="small", choices=sorted(M.UNET_CONFIGS), help="named UNet config")
+    p.add_argument("--res", type=int, default=256, help="image resolution (latents are res/8)")
+    p.add_argument("--batch", type=int, default=4, help="batch size")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
+    p.add_argument("--channels_last", action="store_true", help="channels_last memory format")
+    p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in both models")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--optimizer", action="store_true", help="include clip + AdamW + EMA update in the step")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per model")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    main(p.parse_args())
