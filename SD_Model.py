@@ -9,6 +9,7 @@ diffusers folder loads with no renaming and parity with diffusers is a strict lo
 original CompVis layout (input_blocks.1.0.in_layers.2, ...) is one key map further down.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -598,11 +599,10 @@ DEFAULT_TEXT_ENCODER = {"sd1": "openai/clip-vit-large-patch14",
                         "sd2": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
 
 
-def _from_pretrained(cls, name, what, flag, subfolder):
+def _from_pretrained(cls, name, what, flag, subfolder, **kwargs):
     """cls.from_pretrained(name) for a hub id, a model folder, or a diffusers pipeline folder (which keeps
     the part in `subfolder`), turning the library's long offline traceback into one line."""
     path = Path(name)
-    kwargs = {}
     if path.is_dir() and (path / subfolder).is_dir() and not (path / "config.json").exists():
         kwargs["subfolder"] = subfolder
     elif not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -623,9 +623,9 @@ class FrozenVAE:
     def __init__(self, name_or_path=DEFAULT_VAE, device="cpu", dtype=None):
         from diffusers import AutoencoderKL
         self.name = str(name_or_path)
-        self.vae = _from_pretrained(AutoencoderKL, self.name, "VAE", "--vae", "vae")
         self.dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-        self.vae.to(device=device, dtype=self.dtype).eval().requires_grad_(False)
+        self.vae = _from_pretrained(AutoencoderKL, self.name, "VAE", "--vae", "vae", torch_dtype=self.dtype)
+        self.vae.to(device=device).eval().requires_grad_(False)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.device = torch.device(device)
 
@@ -953,7 +953,7 @@ def _atomic(dst, write):
     os.replace(tmp, dst)
 
 
-def save_unet(state_dict, cfg, dst, fmt="ours", meta=None):
+def save_unet(state_dict, cfg, dst, fmt="ours", meta=None, sample_size=64):
     """Write UNet weights as `fmt`: ours (.safetensors + meta), diffusers (UNet folder) or original (single
     .safetensors with model.diffusion_model.* keys, our config kept in its metadata for exact round trips)."""
     from safetensors.torch import save_file
@@ -968,7 +968,7 @@ def save_unet(state_dict, cfg, dst, fmt="ours", meta=None):
     elif fmt == "diffusers":
         dst = Path(dst)
         dst.mkdir(parents=True, exist_ok=True)
-        (dst / "config.json").write_text(json.dumps(diffusers_config(cfg), indent=2))
+        (dst / "config.json").write_text(json.dumps(diffusers_config(cfg, sample_size), indent=2))
         _atomic(dst / "diffusion_pytorch_model.safetensors", lambda p: save_file(sd, str(p)))
     elif fmt == "original":
         key_map = original_key_map(cfg)
@@ -976,6 +976,181 @@ def save_unet(state_dict, cfg, dst, fmt="ours", meta=None):
         _atomic(dst, lambda p: save_file(orig, str(p), metadata={"meta": json.dumps(meta)}))
     else:
         raise UserError(f"unknown format '{fmt}'; choose ours, diffusers or original")
+
+
+#################################################################################
+#                     Whole-Pipeline Export (diffusers, single file)            #
+#################################################################################
+
+def _vae_original_key_map(vae_cfg):
+    """{diffusers AutoencoderKL key prefix: original first_stage_model key prefix} (the inverse of diffusers'
+    convert_ldm_vae_checkpoint), for any number of levels and layers."""
+    n, L = len(vae_cfg["block_out_channels"]), vae_cfg["layers_per_block"]
+    m = {"encoder.conv_norm_out.": "encoder.norm_out.", "decoder.conv_norm_out.": "decoder.norm_out."}
+    for side in ("encoder", "decoder"):
+        m[f"{side}.mid_block.attentions.0."] = f"{side}.mid.attn_1."
+        for j in range(2):
+            m[f"{side}.mid_block.resnets.{j}."] = f"{side}.mid.block_{j + 1}."
+    for i in range(n):
+        for j in range(L):
+            m[f"encoder.down_blocks.{i}.resnets.{j}."] = f"encoder.down.{i}.block.{j}."
+        for j in range(L + 1):
+            m[f"decoder.up_blocks.{i}.resnets.{j}."] = f"decoder.up.{n - 1 - i}.block.{j}."
+        m[f"encoder.down_blocks.{i}.downsamplers.0."] = f"encoder.down.{i}.downsample."
+        m[f"decoder.up_blocks.{i}.upsamplers.0."] = f"decoder.up.{n - 1 - i}.upsample."
+    return m
+
+
+_VAE_ATTN_TO_ORIGINAL = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
+
+
+def vae_to_original(vae_sd, vae_cfg):
+    """diffusers AutoencoderKL weights -> original `first_stage_model.*` keys (attention linears as 1x1 convs)."""
+    prefixes = _vae_original_key_map(vae_cfg)
+    out = {}
+    for k, v in vae_sd.items():
+        p = max((p for p in prefixes if k.startswith(p)), key=len, default="")
+        new = prefixes.get(p, "") + k[len(p):]
+        if ".mid.attn_1." in new:
+            head, rest = new.split(".mid.attn_1.")
+            rest = next((o + rest[len(d):] for d, o in _VAE_ATTN_TO_ORIGINAL.items() if rest.startswith(d)), rest)
+            new = f"{head}.mid.attn_1.{rest}"
+            if v.dim() == 2:
+                v = v[:, :, None, None]
+        new = new.replace("conv_shortcut", "nin_shortcut")
+        out["first_stage_model." + new] = v
+    return out
+
+
+def export_pipeline(dst, fmt, unet_sd, unet_cfg, vae, text_encoder, schedule, sample_size=64, dtype=torch.float16):
+    """Write a whole text-to-image model: `diffusers` = a StableDiffusionPipeline folder (model_index.json,
+    unet/, vae/, text_encoder/, tokenizer/, scheduler/); `single-file` = the original layout in one
+    .safetensors (model.diffusion_model / first_stage_model / cond_stage_model.transformer) that diffusers'
+    from_single_file and the common UIs read."""
+    unet_sd = {k: v.to(dtype) for k, v in clean_state_dict(unet_sd).items()}
+    if fmt == "diffusers":
+        dst = Path(dst)
+        save_unet(unet_sd, unet_cfg, dst / "unet", "diffusers", sample_size=sample_size)
+        copy.deepcopy(vae.vae).to(dtype).save_pretrained(dst / "vae")   # copies: the live parts keep their dtype
+        copy.deepcopy(text_encoder.model).to(dtype).save_pretrained(dst / "text_encoder")
+        text_encoder.tokenizer.save_pretrained(dst / "tokenizer")
+        (dst / "scheduler").mkdir(parents=True, exist_ok=True)
+        (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(diffusers_scheduler_config(schedule), indent=2))
+        (dst / "model_index.json").write_text(json.dumps({
+            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+            "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
+    elif fmt == "single-file":
+        from safetensors.torch import save_file
+        if text_encoder.layer != "last":
+            raise UserError("single-file export of a penultimate-layer (OpenCLIP) text encoder is not supported; "
+                            "use --export diffusers")
+        key_map = original_key_map(unet_cfg)
+        sd = {ORIGINAL_PREFIX + key_map[k]: v for k, v in unet_sd.items()}
+        sd.update({k: v.to(dtype) for k, v in vae_to_original(vae.vae.state_dict(), vae.vae.config).items()})
+        for k, v in text_encoder.model.state_dict().items():  # transformers >= 5 dropped the text_model. level
+            k = k if k.startswith("text_model.") else "text_model." + k
+            sd["cond_stage_model.transformer." + k] = v.to(dtype)
+        meta = {"model_config": asdict(unet_cfg), "scaling_factor": vae.scaling_factor,
+                "schedule": schedule_config(schedule)}
+        _atomic(dst, lambda p: save_file({k: v.contiguous() for k, v in sd.items()}, str(p),
+                                         metadata={"meta": json.dumps(meta)}))
+    else:
+        raise UserError(f"unknown export format '{fmt}'; choose diffusers or single-file")
+
+
+def schedule_config(schedule):
+    return {f.name: getattr(schedule, f.name) for f in fields(schedule) if f.init}
+
+
+def diffusers_scheduler_config(schedule, spacing="leading", steps_offset=1):
+    """The DDIMScheduler config that samples as our sample_ddim does (no clip, alpha_prev(0) = abar_0)."""
+    return {"_class_name": "DDIMScheduler", "_diffusers_version": "0.30.0",
+            "num_train_timesteps": schedule.num_train_timesteps, "beta_start": schedule.beta_start,
+            "beta_end": schedule.beta_end, "beta_schedule": schedule.beta_schedule,
+            "prediction_type": schedule.prediction_type, "rescale_betas_zero_snr": schedule.zero_terminal_snr,
+            "clip_sample": False, "set_alpha_to_one": False, "steps_offset": steps_offset,
+            "timestep_spacing": spacing}
+
+
+#################################################################################
+#                            Text-to-Image Sampling                             #
+#################################################################################
+
+@dataclass
+class Pipeline:
+    """Everything sampling needs; built by load_pipeline from a checkpoint, or by SD_Train from live parts."""
+    unet: nn.Module
+    text_encoder: FrozenTextEncoder
+    vae: FrozenVAE
+    schedule: NoiseSchedule
+    spacing: str = "leading"
+    steps_offset: int = 1
+    meta: dict = field(default_factory=dict)
+
+
+def load_pipeline(ckpt, device="cpu", dtype=torch.float32, weights="ema", vae=None, text_encoder=None,
+                  text_layer=None):
+    """A Pipeline from anything load_unet reads. A diffusers pipeline folder brings its own VAE, text encoder,
+    tokenizer and scheduler settings; our checkpoints name the VAE / text encoder they were trained with
+    (the arguments override either)."""
+    ckpt = Path(ckpt)
+    sd, cfg, meta = read_unet_state(ckpt, prefer_ema=weights == "ema")
+    spacing, offset = "leading", 1
+    sched_kw = meta.get("schedule", {})
+    if ckpt.is_dir() and (ckpt / "model_index.json").exists():
+        vae, text_encoder = vae or str(ckpt), text_encoder or str(ckpt)
+        sc = json.loads((ckpt / "scheduler" / "scheduler_config.json").read_text())
+        sched_kw = {k: sc[d] for k, d in [("num_train_timesteps", "num_train_timesteps"), ("beta_start", "beta_start"),
+                    ("beta_end", "beta_end"), ("beta_schedule", "beta_schedule"), ("prediction_type", "prediction_type"),
+                    ("zero_terminal_snr", "rescale_betas_zero_snr")] if d in sc}
+        spacing, offset = sc.get("timestep_spacing", "leading"), sc.get("steps_offset", 1)
+        meta = dict(meta, resolution=json.loads((ckpt / "unet" / "config.json").read_text())["sample_size"] * 8)
+    vae = vae or meta.get("vae")
+    text_encoder = text_encoder or meta.get("text_encoder")
+    if not vae or not text_encoder:
+        raise UserError(f"'{ckpt}' does not say which VAE / text encoder it was trained with; pass --vae and --text_encoder")
+    unet = build_unet(cfg, sd, source=f"'{ckpt}'").to(device=device, dtype=dtype).eval()
+    te = FrozenTextEncoder(text_encoder, device, dtype, layer=text_layer or meta.get("text_layer", "last"))
+    return Pipeline(unet, te, FrozenVAE(vae, device, dtype), NoiseSchedule(**sched_kw), spacing, offset, meta)
+
+
+def initial_latents(n, channels, height, width, seed, device):
+    """diffusers' convention, so a seed draws the same image as StableDiffusionPipeline: one CPU randn of
+    the whole batch, then moved to the device."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn((n, channels, height // 8, width // 8), generator=g).to(device), g
+
+
+def check_sampling_args(height, width, sampler):
+    if height % 8 or width % 8:
+        raise UserError(f"height and width must be multiples of 8, got {height}x{width}")
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler '{sampler}'; choose one of {sorted(SAMPLERS)}")
+
+
+@torch.no_grad()
+def generate(pipe, prompts, negative="", steps=50, cfg=7.5, sampler="ddim", eta=None, seed=0, height=512,
+             width=512, images_per_prompt=1, clip_x0=None):
+    """Prompts -> uint8 images (N, H, W, 3). The negative prompt (or "") is the unconditional CFG branch."""
+    check_sampling_args(height, width, sampler)
+    prompts = [p for p in prompts for _ in range(images_per_prompt)]
+    te, device = pipe.text_encoder, pipe.vae.device
+    for p in set(prompts) | {negative}:
+        if len(te.tokenizer(p).input_ids) > te.tokenizer.model_max_length:
+            print(f"warning: prompt truncated to {te.tokenizer.model_max_length} tokens: {p[:60]!r}...")
+    dtype = next(pipe.unet.parameters()).dtype
+    cond = te.encode(prompts).to(device, dtype)
+    uncond = te.encode([negative] * len(prompts)).to(device, dtype)
+    x, g = initial_latents(len(prompts), pipe.unet.cfg.in_channels, height, width, seed, device)
+    kw = dict(spacing=pipe.spacing, steps_offset=pipe.steps_offset, generator=g, clip_x0=clip_x0)
+    if eta is not None:   # else each sampler's own default: DDIM deterministic, DDPM full ancestral noise
+        kw["eta"] = eta
+    latents = SAMPLERS[sampler](cfg_model_fn(pipe.unet, cond, uncond, cfg), x, pipe.schedule, steps, **kw)
+    images = (pipe.vae.decode(latents) / 2 + 0.5).clamp(0, 1)
+    return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
 #################################################################################

@@ -1,0 +1,128 @@
+"""Sample images from a trained checkpoint (EMA weights, DDIM/DDPM, CFG with a real negative prompt), or export
+it as a diffusers pipeline folder or an original-layout single file."""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import SD_Model as M
+
+
+def save_png(image, path, info):
+    """One uint8 (H, W, 3) image as PNG, with the generation settings in its text chunks."""
+    from PIL import Image, PngImagePlugin
+    meta = PngImagePlugin.PngInfo()
+    for k, v in info.items():
+        meta.add_text(k, str(v))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, pnginfo=meta)
+
+
+def make_grid(images, cols):
+    """(N, H, W, 3) -> one contact sheet, row-major, padded with black."""
+    n, h, w, c = images.shape
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), dtype=images.dtype)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+    return grid
+
+
+def default_dtype(device, name):
+    if name:
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return torch.float16 if device.type == "cuda" else torch.float32   # CPU kernels are fp32-only in practice
+
+
+def read_prompts(args):
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise M.UserError(f"prompt file '{path}' does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        prompts = [args.prompt] if args.prompt is not None else []
+    if not prompts:
+        raise M.UserError("no prompt: pass --prompt TEXT or --prompts FILE (one prompt per line)")
+    return prompts
+
+
+def run(args, device):
+    """Load, sample, write; returns the written paths."""
+    dtype = default_dtype(device, args.dtype)
+    if args.export:
+        # Export keeps full precision for loading, then casts the weights it writes.
+        pipe = M.load_pipeline(args.ckpt, "cpu", torch.float32, args.weights, args.vae, args.text_encoder)
+        fmt, dst = args.export
+        res = args.height or pipe.meta.get("resolution", 512)
+        M.export_pipeline(dst, fmt, pipe.unet.state_dict(), pipe.unet.cfg, pipe.vae, pipe.text_encoder,
+                          pipe.schedule, sample_size=res // 8, dtype=default_dtype(device, args.export_dtype))
+        print(f"exported {args.weights} weights of {args.ckpt} as {fmt} to {dst}")
+        return [Path(dst)]
+
+    prompts = read_prompts(args)
+    M.check_sampling_args(args.height or 8, args.width or 8, args.sampler)   # fail before loading anything
+    pipe = M.load_pipeline(args.ckpt, device, dtype, args.weights, args.vae, args.text_encoder)
+    res = pipe.meta.get("resolution", 512)
+    height, width = args.height or res, args.width or res
+    images = M.generate(pipe, prompts, args.negative, args.steps, args.cfg, args.sampler, args.eta, args.seed,
+                        height, width, args.n)
+    info = dict(prompt=" | ".join(prompts), negative=args.negative, seed=args.seed, steps=args.steps, cfg=args.cfg,
+                sampler=args.sampler, eta=args.eta, weights=args.weights, checkpoint=args.ckpt, size=f"{width}x{height}")
+    out = Path(args.out)
+    if args.grid or len(images) == 1:
+        image = make_grid(images, args.n if len(prompts) > 1 else math.ceil(math.sqrt(len(images)))) \
+            if len(images) > 1 else images[0]
+        save_png(image, out, info)
+        paths = [out]
+    else:
+        paths = []
+        for i, image in enumerate(images):
+            p = out.with_name(f"{out.stem}_{i:03d}{out.suffix}")
+            save_png(image, p, dict(info, prompt=prompts[i // args.n], index=i))
+            paths.append(p)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return paths
+
+
+def main(args):
+    M.configure_cuda_backends()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        run(args, device)
+    except M.UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True,
+                   help="our checkpoint (.pt/.safetensors), a diffusers UNet or pipeline folder, or an original single file")
+    p.add_argument("--prompt", default=None, help="the prompt")
+    p.add_argument("--prompts", default=None, help="a file with one prompt per line (instead of --prompt)")
+    p.add_argument("--negative", default="", help="negative prompt: replaces the empty prompt in the CFG branch")
+    p.add_argument("--steps", type=int, default=100, help="sampling steps (the seed found 50 too few for faces)")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (diffusers' convention)")
+    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--height", type=int, default=None, help="image height, multiple of 8 (default: the training resolution)")
+    p.add_argument("--width", type=int, default=None, help="image width, multiple of 8 (default: the training resolution)")
+    p.add_argument("--sampler", default="ddim", help=f"one of {sorted(M.SAMPLERS)}")
+    p.add_argument("--eta", type=float, default=None, help="sampler noise (default: 0 for ddim, 1 for ddpm)")
+    p.add_argument("--weights", default="ema", choices=["ema", "live"], help="which weights of a training checkpoint")
+    p.add_argument("--vae", default=None, help="VAE hub id or folder (default: the one the checkpoint names)")
+    p.add_argument("--text_encoder", default=None, help="text encoder + tokenizer hub id or folder (default: the checkpoint's)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default=None, help="cuda / cpu / mps (default: cuda if available)")
+    p.add_argument("--out", default="outputs/sample.png", help="output PNG (several images get _000, _001, ...)")
+    p.add_argument("--grid", action="store_true", help="write all images as one contact sheet (a row per prompt)")
+    p.add_argument("--export", nargs=2, metavar=("FORMAT", "DST"), default=None,
+                   help="instead of sampling, export: 'diffusers DIR' or 'single-file FILE.safetensors'")
+    p.add_argument("--export_dtype", default="fp16", choices=["fp32", "fp16", "bf16"], help="dtype of exported weights")
+    main(p.parse_args())

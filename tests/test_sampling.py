@@ -1,0 +1,128 @@
+"""SD_ImageGen.py / inference.py against diffusers' StableDiffusionPipeline on a tiny random pipeline saved in
+the diffusers layout, and the export formats round-tripped through diffusers."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import SD_Model as M
+from conftest import ROOT
+from tiny_models import save_tiny_clip, save_tiny_vae
+
+PROMPT, NEGATIVE, SEED, STEPS, CFG = "a red circle on a gray background", "blue", 3, 10, 7.5
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    """A random StableDiffusionPipeline (SD1 topology) saved with save_pretrained."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    root = tmp_path_factory.mktemp("pipe")
+    clip, vae = save_tiny_clip(root / "clip"), save_tiny_vae(root / "vae")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(M.diffusers_config(M.unet_config("small"), sample_size=8))
+    for name, p in unet.named_parameters():   # strong cross-attention so that prompts visibly matter
+        torch.nn.init.normal_(p, std=1.0 if "attn2" in name else 0.1)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(vae), text_encoder=CLIPTextModel.from_pretrained(clip),
+        tokenizer=CLIPTokenizer.from_pretrained(clip), unet=unet,
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "sd")
+    return root / "sd"
+
+
+def diffusers_image(folder, prompt=PROMPT, negative=NEGATIVE, seed=SEED, single_file=None):
+    from diffusers import StableDiffusionPipeline
+    if single_file:
+        pipe = StableDiffusionPipeline.from_single_file(single_file, config=str(folder), local_files_only=True,
+                                                        safety_checker=None, requires_safety_checker=False)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=CFG, height=64,
+               width=64, generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+    return (out.images[0] * 255).round().astype(np.float64)
+
+
+def imagegen(tmp_path, ckpt, *extra, out="img.png"):
+    cmd = [sys.executable, "SD_ImageGen.py", "--ckpt", str(ckpt), "--steps", str(STEPS), "--cfg", str(CFG),
+           "--seed", str(SEED), "--height", "64", "--width", "64", "--out", str(tmp_path / out), *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+
+def test_imagegen_draws_diffusers_image(tiny_pipeline, tmp_path):
+    r = imagegen(tmp_path, tiny_pipeline, "--prompt", PROMPT, "--negative", NEGATIVE)
+    assert r.returncode == 0, r.stderr
+    ours = np.asarray(Image.open(tmp_path / "img.png"), dtype=np.float64)
+    ref = diffusers_image(tiny_pipeline)
+    assert np.abs(ours - ref).mean() <= 0.5
+    no_negative = diffusers_image(tiny_pipeline, negative="")
+    assert np.abs(no_negative - ref).mean() > 2.0           # the negative prompt really changes the image
+    info = Image.open(tmp_path / "img.png").text
+    assert info["prompt"] == PROMPT and info["negative"] == NEGATIVE and info["seed"] == str(SEED)
+    assert info["steps"] == str(STEPS) and info["cfg"] == str(CFG) and info["checkpoint"] == str(tiny_pipeline)
+
+
+def test_our_checkpoint_exports_to_diffusers_and_single_file(tiny_pipeline, tmp_path):
+    """Our slim checkpoint (as SD_Train writes it) -> --export diffusers -> StableDiffusionPipeline draws our
+    image; --export single-file -> diffusers' from_single_file and our load_unet read the same weights."""
+    sd, cfg, _ = M.read_unet_state(tiny_pipeline)
+    meta = {"vae": str(tiny_pipeline / "vae"), "text_encoder": str(tiny_pipeline),
+            "schedule": M.schedule_config(M.NoiseSchedule()), "resolution": 64}
+    M.save_unet({k: v.half() for k, v in sd.items()}, cfg, tmp_path / "ours.safetensors", "ours", meta)
+    r = imagegen(tmp_path, tmp_path / "ours.safetensors", "--prompt", PROMPT, "--negative", NEGATIVE)
+    assert r.returncode == 0, r.stderr
+    ours = np.asarray(Image.open(tmp_path / "img.png"), dtype=np.float64)
+
+    for fmt, dst in [("diffusers", tmp_path / "exp"), ("single-file", tmp_path / "exp.safetensors")]:
+        r = imagegen(tmp_path, tmp_path / "ours.safetensors", "--export", fmt, str(dst), "--export_dtype", "fp32")
+        assert r.returncode == 0, r.stderr
+    assert np.abs(diffusers_image(tmp_path / "exp") - ours).mean() <= 0.5
+    assert np.abs(diffusers_image(tmp_path / "exp", single_file=tmp_path / "exp.safetensors") - ours).mean() <= 0.5
+    back = M.load_unet(tmp_path / "exp.safetensors").state_dict()
+    assert all(torch.equal(back[k], sd[k].half().float()) for k in sd)
+
+
+def test_grid_prompts_file_and_inference_front_end(tiny_pipeline, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")
+    r = imagegen(tmp_path, tiny_pipeline, "--prompts", str(tmp_path / "prompts.txt"), "--n", "3", "--grid")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "img.png").size == (3 * 64, 2 * 64)
+    r = imagegen(tmp_path, tiny_pipeline, "--prompt", "a cat", "--n", "2", "--sampler", "ddpm")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "img_000.png").exists() and (tmp_path / "img_001.png").exists()
+    cmd = [sys.executable, "inference.py", "--ckpt", str(tiny_pipeline), "--prompt", PROMPT, "--negative", NEGATIVE,
+           "--steps", str(STEPS), "--seed", str(SEED), "--size", "64", "--out", str(tmp_path / "inf.png")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "(cpu)" in r.stdout, r.stderr
+    same = np.asarray(Image.open(tmp_path / "inf.png"), dtype=np.float64)
+    assert np.abs(same - diffusers_image(tiny_pipeline)).mean() <= 0.5   # negative prompt wired (the seed's bug)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--prompt", "x", "--height", "60"], "multiples of 8"),
+    (["--prompt", "x", "--sampler", "euler"], "unknown sampler 'euler'"),
+    ([], "no prompt"),
+])
+def test_bad_input_gives_one_clear_error(tiny_pipeline, tmp_path, extra, message):
+    r = imagegen(tmp_path, tiny_pipeline, *extra)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and message in r.stderr
+
+
+def test_missing_or_wrong_checkpoint(tmp_path):
+    r = imagegen(tmp_path, tmp_path / "nope.pt", "--prompt", "x")
+    assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "wrong.pt").write_bytes(b"garbage")
+    r = imagegen(tmp_path, tmp_path / "wrong.pt", "--prompt", "x")
+    assert r.returncode != 0 and "not a readable weights file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_long_prompt_is_truncated_with_warning(tiny_pipeline, tmp_path):
+    r = imagegen(tmp_path, tiny_pipeline, "--prompt", " ".join(["red"] * 100), "--steps", "2")
+    assert r.returncode == 0 and "truncated to 77 tokens" in r.stdout
