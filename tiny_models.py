@@ -1,5 +1,5 @@
-"""Tiny frozen parts built and saved locally, so tests load them through the same from_pretrained code paths
-as the real hub ids (no network): a CLIP tokenizer whose BPE covers a given word list, a small random
+"""Small frozen parts built and saved locally, so tests, benchmarks and the demo load them through the same
+from_pretrained code paths as the real hub ids (no network): a CLIP tokenizer whose BPE covers a given word list, a small random
 CLIPTextModel, and a small random AutoencoderKL."""
 import json
 from pathlib import Path
@@ -59,12 +59,13 @@ def save_tiny_clip(out_dir, hidden=32, layers=2, heads=2, words=WORDS, seed=0):
     return Path(out_dir)
 
 
-def save_tiny_vae(out_dir, seed=0, scaling_factor=0.18215):
-    """A random 2-level AutoencoderKL (downsamples by 2 per level; use 4 levels for SD's factor 8)."""
+def save_tiny_vae(out_dir, seed=0, scaling_factor=0.18215, channels=(8, 16, 16, 16), layers=1, groups=8):
+    """A random 4-level AutoencoderKL: SD's factor-8 downsampling at a fraction of the width. SD's own VAE is
+    channels=(128, 256, 512, 512), layers=2, groups=32."""
     from diffusers import AutoencoderKL
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=channels,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=scaling_factor)
+                        layers_per_block=layers, norm_num_groups=groups, sample_size=32, scaling_factor=scaling_factor)
     vae.eval().save_pretrained(out_dir)
     return Path(out_dir)
