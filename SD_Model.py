@@ -339,7 +339,7 @@ class UNet(nn.Module):
 
     def forward(self, x, t, context):
         ckpt = self.grad_ckpt and self.training
-        t = t.expand(x.shape[0]) if t.dim() == 1 and t.shape[0] == 1 else t.reshape(-1).expand(x.shape[0])
+        t = t.reshape(-1).expand(x.shape[0])                                   # scalar or (N,) -> (N,)
         temb = timestep_embedding(t, self.cfg.model_channels, self.cfg.flip_sin_to_cos, self.cfg.freq_shift)
         temb = self.time_embedding(temb.to(x.dtype))                           # (N, 4*C0)
 
@@ -475,8 +475,9 @@ class NoiseSchedule:
         """Min-SNR-gamma loss weight (Hang et al. 2023) per sample: min(SNR, gamma) / SNR for eps targets,
         min(SNR, gamma) / (SNR + 1) for v targets (the v loss already carries a factor SNR + 1)."""
         snr = self.snr(t)
-        clipped = torch.clamp(snr, max=gamma)
-        return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
+        if self.prediction_type == "v_prediction":
+            return torch.clamp(snr, max=gamma) / (snr + 1)
+        return torch.clamp(gamma / snr, max=1.0)   # = min(SNR, gamma) / SNR, and 1 (not 0/0) at zero terminal SNR
 
     def predict_x0_eps(self, model_out, x, t):
         """(x0, eps) implied by the model output at timestep t (a python int or 0-dim tensor)."""
@@ -577,16 +578,16 @@ def cfg_model_fn(unet, cond, uncond, scale):
     """Classifier-free guidance (Ho & Salimans 2022) as one wrapper: the unconditional branch runs on
     `uncond`, which is the empty prompt's or the negative prompt's embedding. Both branches share one
     batched forward."""
-    context = torch.cat([uncond, cond])
+    context = cond if scale == 1.0 else torch.cat([uncond, cond])   # scale 1 is plain conditional sampling
 
     def model_fn(x, t):
-        tt = torch.full((2 * x.shape[0],), t, device=x.device, dtype=torch.long)
-        out_u, out_c = unet(torch.cat([x, x]).to(context.dtype), tt, context).float().chunk(2)
+        xx = x if scale == 1.0 else torch.cat([x, x])
+        out = unet(xx.to(context.dtype), torch.full((xx.shape[0],), t, device=x.device), context).float()
+        if scale == 1.0:
+            return out
+        out_u, out_c = out.chunk(2)
         return out_u + scale * (out_c - out_u)
 
-    if scale == 1.0:
-        return lambda x, t: unet(x.to(cond.dtype), torch.full((x.shape[0],), t, device=x.device,
-                                                              dtype=torch.long), cond).float()
     return model_fn
 
 
