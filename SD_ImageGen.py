@@ -1,12 +1,10 @@
 """Sample images from a trained checkpoint (EMA weights, DDIM/DDPM, CFG with a real negative prompt), or export
 it as a diffusers pipeline folder or an original-layout single file."""
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import SD_Model as M
@@ -20,17 +18,6 @@ def save_png(image, path, info):
         meta.add_text(k, str(v))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path, pnginfo=meta)
-
-
-def make_grid(images, cols):
-    """(N, H, W, 3) -> one contact sheet, row-major, padded with black."""
-    n, h, w, c = images.shape
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, c), dtype=images.dtype)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
-    return grid
 
 
 def default_dtype(device, name):
@@ -76,7 +63,7 @@ def run(args, device):
                 sampler=args.sampler, eta=args.eta, weights=args.weights, checkpoint=args.ckpt, size=f"{width}x{height}")
     out = Path(args.out)
     if args.grid or len(images) == 1:
-        image = make_grid(images, args.n if len(prompts) > 1 else math.ceil(math.sqrt(len(images)))) \
+        image = M.make_grid(images, args.n if len(prompts) > 1 else math.ceil(math.sqrt(len(images)))) \
             if len(images) > 1 else images[0]
         save_png(image, out, info)
         paths = [out]

@@ -1154,6 +1154,18 @@ def generate(pipe, prompts, negative="", steps=50, cfg=7.5, sampler="ddim", eta=
     return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
+def make_grid(images, cols):
+    """(N, H, W, 3) -> one contact sheet, row-major, padded with black."""
+    n, h, w, c = images.shape
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), dtype=images.dtype)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+    return grid
+
+
+
 #################################################################################
 #                                     CLI                                       #
 #################################################################################

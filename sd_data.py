@@ -1,0 +1,489 @@
+"""Data helpers shared by the pipeline scripts (01-05, encode_latents) and their tests: LAION column
+normalisation, image probe/decode/resize, the webdataset tar reader, atomic writes, the latent-dataset
+contract that SD_Train.py reads, and the summary table every script prints at the end.
+
+Reads top to bottom: summary table -> LAION metadata -> captions and keys -> images -> tar shards ->
+fetching sources -> latent dataset contract.
+"""
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; str(e) is the reason counted in a script's summary table."""
+
+
+def user_error(msg):
+    """The project's one-line user-facing error (SD_Model.UserError), imported lazily so the data scripts
+    that never touch a model do not import torch."""
+    from SD_Model import UserError
+    return UserError(msg)
+
+
+def run_main(main, args):
+    """Run an entry script's main(args), printing a UserError as one line instead of a traceback."""
+    from SD_Model import UserError
+    try:
+        main(args)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+#################################################################################
+#                                Summary Table                                  #
+#################################################################################
+
+def print_summary(title, rows):
+    """Print `rows` [(label, value), ...] as a two-column table; every script ends with one."""
+    rows = [(str(k), f"{v:,}" if isinstance(v, int) else str(v)) for k, v in rows]
+    width = max([len(k) for k, _ in rows] + [len(title)])
+    vwidth = max([len(v) for _, v in rows] + [5])
+    line = "-" * (width + vwidth + 3)
+    print(f"\n{title}\n{line}")
+    for k, v in rows:
+        print(f"{k:<{width}} | {v:>{vwidth}}")
+    print(line, flush=True)
+
+
+#################################################################################
+#                                LAION Metadata                                 #
+#################################################################################
+
+# Canonical column -> spellings seen across LAION releases (laion2B-en, laion2B-en-aesthetic,
+# laion-high-resolution, LAION-Aesthetics v2 "improved_aesthetics_*"), matched case-insensitively.
+LAION_COLUMNS = {
+    "url": ["url", "image_url"],
+    "caption": ["text", "caption", "top_caption"],
+    "width": ["width", "original_width"],
+    "height": ["height", "original_height"],
+    "similarity": ["similarity", "clip_similarity", "clip_sim"],
+    "punsafe": ["punsafe", "prob_unsafe"],
+    "pwatermark": ["pwatermark", "watermark"],
+    "aesthetic": ["aesthetic", "aesthetic_score", "prediction"],
+    "hash": ["hash", "sample_id"],
+}
+LAION_TYPES = {"url": "string", "caption": "string", "width": "int64", "height": "int64",
+               "similarity": "float64", "punsafe": "float64", "pwatermark": "float64",
+               "aesthetic": "float64", "hash": "string"}
+
+
+def normalize_laion_columns(table):
+    """Rename a LAION pyarrow table's columns to the canonical names above and cast them to one type
+    (hash is int64 in some releases, string in others; string keeps both). Other columns pass through."""
+    import pyarrow as pa
+    names = list(table.column_names)
+    lower = {n.lower(): n for n in names}
+    renames = {}
+    for canon, variants in LAION_COLUMNS.items():
+        for v in variants:
+            if v in lower and lower[v] not in renames and canon not in renames.values():
+                renames[lower[v]] = canon
+                break
+    table = table.rename_columns([renames.get(n, n) for n in names])
+    for canon, typ in LAION_TYPES.items():
+        if canon in table.column_names:
+            i = table.column_names.index(canon)
+            table = table.set_column(i, canon, table.column(canon).cast(pa.type_for_alias(typ), safe=False))
+    if "url" not in table.column_names:
+        raise user_error(f"no URL column among {names}; expected one of {LAION_COLUMNS['url']}")
+    return table
+
+
+def list_files(folder, suffixes, what):
+    """Sorted files in `folder` ending with one of `suffixes`; a clear error when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise user_error(f"{what} folder '{folder}' does not exist")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(tuple(suffixes)))
+    if not files:
+        raise user_error(f"no {'/'.join(suffixes)} files in {what} folder '{folder}'")
+    return files
+
+
+#################################################################################
+#                               Captions and Keys                               #
+#################################################################################
+
+_FILENAME_CAPTION = re.compile(r"^\S+\.(jpe?g|png|gif|webp|bmp|tiff?)$", re.IGNORECASE)
+
+
+def caption_problem(caption, min_chars=5, max_chars=1000):
+    """Why a caption is unusable (None if it is fine): missing, too short/long, no letters, or a bare
+    file name ("IMG_0042.JPG") as LAION alt-texts often are."""
+    if caption is None:
+        return "no caption"
+    text = caption.strip()
+    if not text:
+        return "no caption"
+    if len(text) < min_chars:
+        return "caption too short"
+    if len(text) > max_chars:
+        return "caption too long"
+    if not any(c.isalpha() for c in text):
+        return "caption has no letters"
+    if _FILENAME_CAPTION.match(text):
+        return "caption is a file name"
+    return None
+
+
+def key_fraction(key):
+    """A stable number in [0, 1) from a sample key (md5, not Python's salted hash), for splits."""
+    return int(hashlib.md5(key.encode()).hexdigest()[:12], 16) / 16 ** 12
+
+
+def is_validation_key(key, val_fraction):
+    """Deterministic train/validation assignment: the same key lands in the same split on every machine."""
+    return key_fraction(key) < val_fraction
+
+
+#################################################################################
+#                                    Images                                     #
+#################################################################################
+
+# PIL's own decompression-bomb limit (89.5 MP); larger images are skipped, not decoded.
+MAX_PIXELS = 89_478_485
+JPEG_EOI = b"\xff\xd9"
+
+
+def probe_image(data, min_size=64, max_pixels=MAX_PIXELS):
+    """Check an encoded image from its header alone (no pixel decode): returns (format, width, height) or
+    raises BadSample. Catches empty files, HTML saved as .jpg, truncated JPEGs, tiny and huge images."""
+    from PIL import Image
+    if not data:
+        raise BadSample("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, (w, h) = im.format, im.size
+    except Exception:
+        raise BadSample("not an image") from None
+    if fmt == "JPEG" and data.rfind(JPEG_EOI, max(0, len(data) - 4096)) < 0:
+        # A JPEG ends with an EOI marker; 0xFFD9 cannot occur inside entropy-coded data (0xFF is
+        # byte-stuffed), so its absence at the tail means the file was cut off. cv2 would otherwise fill
+        # the missing rows with grey and return an image silently.
+        raise BadSample("truncated image")
+    if min(w, h) < min_size:
+        raise BadSample("image too small")
+    if w * h > max_pixels:
+        raise BadSample("image too large")
+    return fmt, w, h
+
+
+def decode_image(data, min_size=64, max_pixels=MAX_PIXELS):
+    """Encoded bytes -> (H, W, 3) uint8 RGB with cv2 (~3x PIL on JPEG). Grey, 16-bit, CMYK and palette
+    images are converted; alpha is composited on white (as img2dataset does). Raises BadSample."""
+    import cv2
+    probe_image(data, min_size, max_pixels)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:  # formats cv2 lacks (GIF, palette quirks): PIL decodes them
+        img = _decode_pil(data)
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise BadSample("unsupported pixel type")
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    elif img.shape[2] == 4:
+        alpha = img[:, :, 3:4].astype(np.float32) / 255.0
+        img = np.rint(img[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    else:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
+
+
+def _decode_pil(data):
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except Exception:
+        raise BadSample("decode error") from None
+    return np.ascontiguousarray(rgb[:, :, ::-1])  # BGR, like cv2, for the shared conversion below
+
+
+def resize_center_crop(img, size):
+    """(H, W, 3) uint8 -> (size, size, 3): shorter side to `size` (INTER_AREA when shrinking, which
+    avoids aliasing; bicubic when enlarging), then the centre square."""
+    import cv2
+    h, w = img.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+        img = cv2.resize(img, (nw, nh), interpolation=interp)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.ascontiguousarray(img[top:top + size, left:left + size])
+
+
+def load_image_square(data, size, min_size=64, max_pixels=MAX_PIXELS):
+    """Encoded bytes -> (size, size, 3) uint8 RGB, the one preprocessing used before the VAE."""
+    return resize_center_crop(decode_image(data, min_size, max_pixels), size)
+
+
+def encode_jpeg(img, quality=95):
+    """(H, W, 3) uint8 RGB -> JPEG bytes."""
+    import cv2
+    ok, buf = cv2.imencode(".jpg", img[:, :, ::-1], [int(cv2.IMWRITE_JPEG_QUALITY), quality])
+    if not ok:
+        raise BadSample("encode error")
+    return buf.tobytes()
+
+
+def write_square_shard(samples, dst, size, quality=95, min_size=64, counts=None):
+    """[(key, image bytes, caption, meta)] -> one webdataset tar of size x size JPEGs with .txt captions
+    (01b/01c). Unusable samples are counted by reason in `counts`, never raised. Returns samples written."""
+    counts = counts if counts is not None else {}
+    writer = TarShardWriter(dst)
+    try:
+        for key, data, caption, meta in samples:
+            try:
+                if caption is None or not str(caption).strip():
+                    raise BadSample("no caption")
+                jpeg = encode_jpeg(load_image_square(data, size, min_size), quality)
+            except BadSample as e:
+                counts[f"skipped: {e}"] = counts.get(f"skipped: {e}", 0) + 1
+                continue
+            writer.write(key, jpeg, str(caption).strip(), meta)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return writer.count
+
+
+def images_to_tensor(batch):
+    """(N, H, W, 3) uint8 tensor -> (N, 3, H, W) float in [-1, 1], the VAE's input range."""
+    return batch.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+#################################################################################
+#                                  Tar Shards                                   #
+#################################################################################
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def iter_tar_samples(source, counts=None):
+    """Yield (key, {ext: bytes}) samples from a webdataset tar (path or bytes), grouped by webdataset.
+    A truncated or corrupt tar yields the complete samples before the damage and adds 1 to
+    counts['truncated tar'] instead of raising."""
+    from webdataset.tariterators import group_by_keys
+    fileobj = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+    damage = {}
+    try:
+        pending = None
+        for sample in group_by_keys(_tar_members(fileobj, damage)):
+            if pending is not None:
+                yield pending
+            pending = (sample["__key__"].split("/")[-1], {k: v for k, v in sample.items() if not k.startswith("__")})
+        # group_by_keys yields a sample once the next one starts, so only the last one can be incomplete:
+        # it is when the damaged member was its own, or when a header broke (whose member is unknown)
+        if pending is not None and not (damage and damage["key"] in (None, pending[0])):
+            yield pending
+    finally:
+        fileobj.close()
+    if damage and counts is not None:
+        counts["truncated tar"] = counts.get("truncated tar", 0) + 1
+
+
+def _tar_members(fileobj, damage):
+    """{fname, data} dicts of the regular files of a tar stream, as webdataset's group_by_keys takes them;
+    stops at the first unreadable header or member, noting its sample key (None for a header) in `damage`."""
+    from webdataset.tariterators import base_plus_ext
+    url = getattr(fileobj, "name", "<bytes>")
+    compressed = fileobj.read(4).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zX"))
+    fileobj.seek(0)
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as stream:
+            for info in stream:
+                if not info.isreg():
+                    continue
+                try:
+                    data = stream.extractfile(info).read()
+                except (tarfile.TarError, EOFError, OSError):
+                    damage["key"] = base_plus_ext(info.name)[0]
+                    return
+                yield {"fname": info.name, "data": data, "__url__": url}
+            # tarfile ends quietly at a missing or cut header; an intact tar ends in a zero block there
+            if not compressed:
+                fileobj.seek(stream.offset)
+                if fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+                    damage.setdefault("key", None)
+    except (tarfile.TarError, EOFError, OSError):
+        damage.setdefault("key", None)
+
+
+def sample_image(sample):
+    """The image bytes of a grouped sample (first of jpg/jpeg/png/webp), or raise BadSample."""
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise BadSample("no image in sample")
+
+
+def sample_caption(sample):
+    """The caption of a grouped sample (.txt), or None."""
+    data = sample.get("txt")
+    return data.decode("utf-8", errors="replace") if data is not None else None
+
+
+def write_atomic(path, data):
+    """Write bytes to `path` through a temporary name and os.replace, so an interrupted run never leaves
+    a half-written file that a resume would take as done."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class TarShardWriter:
+    """Write samples into a webdataset tar under a temporary name; `close()` renames it into place, so
+    a shard either exists complete or not at all (the resume test of 01b/01c relies on it)."""
+
+    def __init__(self, path):
+        import webdataset as wds
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self.writer = wds.TarWriter(str(self.tmp))
+        self.count = 0
+
+    def write(self, key, jpeg, caption, meta=None):
+        sample = {"__key__": key, "jpg": jpeg, "txt": caption}
+        if meta is not None:
+            sample["json"] = json.dumps(meta).encode()
+        self.writer.write(sample)
+        self.count += 1
+
+    def close(self):
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self):
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+#################################################################################
+#                                Fetching Sources                               #
+#################################################################################
+
+def is_url(source):
+    return str(source).startswith(("http://", "https://"))
+
+
+def fetch(source, rel, cache_dir, timeout=60, retries=3):
+    """Path of `rel` under `source`, a local folder or a base URL. URLs are downloaded once into
+    `cache_dir` (via a .part file renamed when complete, so a re-run skips finished files and redoes
+    interrupted ones). Returns None for a 404 (a part that does not exist)."""
+    if not is_url(source):
+        path = Path(source) / rel
+        return path if path.exists() else None
+    dest = Path(cache_dir) / rel
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    url = f"{str(source).rstrip('/')}/{rel}"
+    part = dest.with_name(dest.name + ".part")
+    for attempt in range(retries + 1):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+            os.replace(part, dest)
+            return dest
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return None
+            if attempt == retries:
+                raise user_error(f"download of {url} failed: HTTP {e.code}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            if attempt == retries:
+                raise user_error(f"download of {url} failed: {e}") from None
+    return None
+
+
+def parse_ranges(spec):
+    """'0-3,7' -> [0, 1, 2, 3, 7]."""
+    out = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        elif part:
+            out.append(int(part))
+    return out
+
+
+#################################################################################
+#                            Latent Dataset Contract                            #
+#################################################################################
+# encode_latents.py writes, SD_Train.py reads:
+#   OUT/latent_info.json                    {"vae", "scaling_factor", "resolution", "latent_shape",
+#                                            "dtype": "float16", "count"}
+#   OUT/latents/<key[:5]>/<key>.npy          float16 (4, res/8, res/8), already x scaling_factor
+# 05_build_hf_dataset.py writes the captions: a DatasetDict ("train", "validation") of
+# (image_key, caption, input_ids[77]) saved with save_to_disk.
+
+LATENT_INFO = "latent_info.json"
+
+
+def latent_path(root, key):
+    """Where the latent of `key` lives: sharded by the key's first 5 characters so no folder holds
+    millions of files."""
+    return Path(root) / "latents" / key[:5] / f"{key}.npy"
+
+
+def write_latent(root, key, latent):
+    """Save one fp16 latent atomically (temp name, then os.replace)."""
+    path = latent_path(root, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(latent, dtype=np.float16))
+    write_atomic(path, buf.getvalue())
+
+
+def read_latent(root, key):
+    """(4, h, w) float16 array of `key`."""
+    return np.load(latent_path(root, key))
+
+
+def existing_latent_keys(root):
+    """Keys whose latent file is already written (one scandir per shard folder, not a stat per key)."""
+    base = Path(root) / "latents"
+    if not base.is_dir():
+        return set()
+    return {e.name[:-4] for d in os.scandir(base) if d.is_dir()
+            for e in os.scandir(d.path) if e.name.endswith(".npy")}
+
+
+def load_latent_info(root):
+    """latent_info.json of a latent folder, with a clear error when it is not one."""
+    path = Path(root) / LATENT_INFO
+    if not path.exists():
+        raise user_error(f"'{root}' is not a latent folder (no {LATENT_INFO}); run encode_latents.py first")
+    return json.loads(path.read_text())
+
+
+def write_latent_info(root, info):
+    write_atomic(Path(root) / LATENT_INFO, (json.dumps(info, indent=2) + "\n").encode())
+
+
+def open_captions(root, split):
+    """The (image_key, caption, input_ids) split written by 05_build_hf_dataset.py."""
+    import datasets
+    if not (Path(root) / "dataset_dict.json").exists():
+        raise user_error(f"'{root}' is not a caption dataset; run 05_build_hf_dataset.py first")
+    dd = datasets.load_from_disk(str(root))
+    if split not in dd:
+        raise user_error(f"caption dataset '{root}' has no split '{split}' (has {list(dd)})")
+    return dd[split]

@@ -1,0 +1,539 @@
+"""SD_Train.py: its pure pieces against independent references (formulas, diffusers' DDPM alphas, a hand EMA),
+then the real script end to end on the `small` UNet, a tiny local CLIP and VAE and tiny latent datasets in the
+encode_latents / 05 contract: overfitting, grad accumulation and DDP equivalence, SIGKILL + resume bitwise, a kill
+in the middle of a checkpoint write, FSDP2 checkpoint/resume, NaN stop, --init, and every bad input's error."""
+import importlib.util
+import math
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import SD_Model
+import SD_Train
+import sd_data
+from tiny_models import save_tiny_clip, save_tiny_vae
+
+REPO = Path(__file__).resolve().parents[1]
+RES, LATENT = 64, (4, 8, 8)                           # the `tiny` phase: 64 px images, 8x8 latents
+
+#################################################################################
+#                  Shared fixture: tiny models and latent datasets              #
+#################################################################################
+
+
+def write_dataset(root, name, n_train, n_val, tokenizer, seed, scaling_factor, vae, ids_len=77, latents_for=None):
+    """A latent folder (latent_info.json + latents/<key[:5]>/<key>.npy, fp16) and its caption DatasetDict, as
+    encode_latents.py and 05_build_hf_dataset.py write them. Returns (latents dir, captions dir)."""
+    import datasets
+    lat, cap = root / name / "latents", root / name / "captions"
+    rng = np.random.default_rng(seed)
+    keys = [f"{name}{i:05d}" for i in range(n_train + n_val)]
+    lat.mkdir(parents=True)
+    for k in (keys if latents_for is None else latents_for):
+        sd_data.write_latent(lat, k, rng.standard_normal(LATENT).astype(np.float16))
+    sd_data.write_latent_info(lat, {"vae": str(vae), "scaling_factor": scaling_factor, "resolution": RES,
+                                    "latent_shape": list(LATENT), "dtype": "float16", "count": len(keys)})
+    words = ["red circle", "blue square", "green triangle", "yellow circle"]
+    caps = [f"a photo of a {words[i % 4]}" for i in range(len(keys))]
+    ids = [row[:ids_len] + [row[-1]] * (ids_len - 77) for row in SD_Model.tokenize(tokenizer, caps).tolist()]
+
+    def split(sl):
+        return datasets.Dataset.from_dict({"image_key": keys[sl], "caption": caps[sl], "input_ids": ids[sl]})
+    splits = {"train": split(slice(0, n_train)), "validation": split(slice(n_train, None))}
+    datasets.DatasetDict(splits).save_to_disk(str(cap))
+    return lat, cap
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Tiny CLIP (32-d, as the `small` UNet), tiny VAE, and datasets: `a` (32 train + 4 validation), `four` (4
+    samples to overfit), and broken ones for the error tests."""
+    root = tmp_path_factory.mktemp("train")
+    clip, vae = save_tiny_clip(root / "clip"), save_tiny_vae(root / "vae")
+    sf = float(SD_Model.FrozenVAE(vae).scaling_factor)          # read from the VAE, as encode_latents does
+    tok = SD_Model.load_tokenizer(clip)
+    d = SimpleNamespace(root=root, clip=clip, vae=vae, scaling_factor=sf)
+    d.a = write_dataset(root, "a", 32, 4, tok, 0, sf, vae)
+    d.four = write_dataset(root, "four", 4, 2, tok, 1, sf, vae)
+    d.other_vae = write_dataset(root, "othervae", 8, 1, tok, 2, 0.5, vae)
+    d.short_ids = write_dataset(root, "shortids", 8, 1, tok, 3, sf, vae, ids_len=76)
+    d.no_latents = write_dataset(root, "nolat", 8, 1, tok, 4, sf, vae, latents_for=[])
+    return d
+
+
+def spec(pair, ratio=None):
+    return f"{pair[0]}:{pair[1]}" + (f":{ratio}" if ratio else "")
+
+
+def base_args(tiny, out, data=None):
+    """Flags of a `tiny` run on dataset `a` without the validation grid (the VAE decode is tested once)."""
+    return ["--phase", "tiny", "--datasets", spec(data or tiny.a), "--text_encoder", str(tiny.clip),
+            "--out_dir", str(out), "--val_prompts", ""]
+
+
+def script_cmd(args, nproc):
+    if nproc == 1:
+        return [sys.executable, str(REPO / "SD_Train.py"), *map(str, args)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(REPO / "SD_Train.py"), *map(str, args)]
+
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled",
+           TOKENIZERS_PARALLELISM="false")
+
+
+def run_train(args, nproc=1, check=True, timeout=400):
+    """Run the real script as a user would (torchrun for nproc > 1) and return the CompletedProcess."""
+    proc = subprocess.run(script_cmd(args, nproc), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"SD_Train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def start_train(args, nproc, output):
+    """Start the real script in its own process group (so one SIGKILL takes torchrun and every rank), its
+    output going to a file (a pipe nobody reads would fill up and stall it)."""
+    with open(output, "w") as f:
+        return subprocess.Popen(script_cmd(args, nproc), cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def descendants(pid):
+    """Every process below `pid` (torchrun starts its workers in their own sessions, so a process-group kill
+    would miss them)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def kill_tree(proc):
+    """SIGKILL the run: torchrun and every worker at once, as a node failure would."""
+    for pid in [proc.pid] + descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_trees_equal(a, b, where="ckpt"):
+    """Bitwise equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_trees_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_trees_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def assert_same_state(path_a, path_b):
+    """UNet, EMA, optimizer, LR schedule and progress bitwise equal (meta differs only in resume flags)."""
+    a, b = load_ckpt(path_a), load_ckpt(path_b)
+    for key in ("unet", "ema", "optimizer", "lr_scheduler", "scaler", "progress"):
+        assert_trees_equal(a[key], b[key], key)
+
+
+def max_diff(path_a, path_b, key="unet"):
+    a, b = load_ckpt(path_a)[key], load_ckpt(path_b)[key]
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def logged(out, name):
+    """Values of `name` (e.g. 'mse', 'lr') per logged step from a run's train.log: {step: value}."""
+    vals = {}
+    for line in (Path(out) / "train.log").read_text().splitlines():
+        m = re.match(r"step (\d+)/\d+ .*\| " + name + r" ([-+.\deE]+|nan)", line)
+        if m:
+            vals[int(m.group(1))] = float(m.group(2))
+    return vals
+
+
+#################################################################################
+#                           Config: phases and flags                            #
+#################################################################################
+
+def resolve(*argv):
+    return SD_Train.resolve_config(SD_Train.parse_args(list(argv)))
+
+
+def test_every_phase_resolves_with_the_seed_and_nemo_values():
+    import yaml
+    phases = yaml.safe_load(SD_Train.PHASES_FILE.read_text())
+    seed = [f"phase{i}" for i in range(1, 8)]
+    nemo = ["nemo_pretrain_256", "sd11", "sd12", "sd15", "sd2_pretrain_256", "sd2_base_512"]
+    assert set(seed + nemo + ["tiny", "demo"]) <= set(phases)
+    cfg = {name: resolve("--phase", name) for name in phases}
+    assert [cfg[p]["lr"] for p in seed] == [1e-5, 1e-5, 1e-5, 2e-6, 1.5e-6, 1e-6, 1e-6]
+    assert [cfg[p]["warmup_steps"] for p in seed] == [500, 500, 500, 200, 150, 100, 150]
+    assert [cfg[p]["cfg_dropout"] for p in seed] == [0.05, 0.05, 0.05, 0.15, 0.15, 0.15, 0.15]
+    assert [d["ratio"] for d in cfg["phase6"]["datasets"]] == [0.6, 0.2, 0.2]
+    assert [d["ratio"] for d in cfg["phase7"]["datasets"]] == [0.37, 0.44, 0.09, 0.10]
+    assert cfg["phase1"]["batch_size"] * cfg["phase1"]["grad_accum"] * 2 == 96
+    assert [cfg[p]["resolution"] for p in nemo] == [256, 512, 512, 512, 256, 512]
+    assert all(cfg[p]["global_batch"] == 8192 and cfg[p]["precision"] == "fp16" for p in nemo)
+    assert cfg["sd2_base_512"]["text_layer"] == "penultimate" and cfg["sd2_base_512"]["model"] == "sd2"
+    assert cfg["sd11"]["init"] == "runs/nemo_pretrain_256/ema_final.safetensors"
+
+
+def test_flags_override_phases_with_type_checks(tmp_path):
+    cfg = resolve("--phase", "phase4", "--lr", "3e-4", "--fsdp", "true", "--val_prompts", "a cat|a dog, at night",
+                  "--datasets", "x/lat:x/cap:0.7,y/lat:y/cap")
+    assert cfg["lr"] == 3e-4 and cfg["fsdp"] is True and cfg["cfg_dropout"] == 0.15   # phase4 value kept
+    assert cfg["val_prompts"] == ["a cat", "a dog, at night"]
+    assert cfg["datasets"] == [{"latents": "x/lat", "captions": "x/cap", "ratio": 0.7},
+                               {"latents": "y/lat", "captions": "y/cap", "ratio": 1.0}]
+    assert cfg["out_dir"] == "runs/phase4"
+    with pytest.raises(SD_Model.UserError, match=r"--lr: .*'abc'"):
+        resolve("--phase", "phase1", "--lr", "abc")
+    with pytest.raises(SD_Model.UserError, match=r"--batch_size: expected an integer"):
+        resolve("--phase", "phase1", "--batch_size", "2.5")
+    with pytest.raises(SD_Model.UserError, match=r"unknown option 'lrr' \(did you mean 'lr'\?\)"):
+        resolve("--phase", "phase1", "--lrr", "1e-4")
+    with pytest.raises(SD_Model.UserError, match=r"'bf32' is not one of"):
+        resolve("--phase", "phase1", "--precision", "bf32")
+    with pytest.raises(SD_Model.UserError, match="unknown phase 'phase9'"):
+        resolve("--phase", "phase9")
+    bad = tmp_path / "phases.yaml"
+    bad.write_text("p:\n  learning_rate: 1.0e-4\n  datasets: [{latents: a, captions: b}]\n")
+    with pytest.raises(SD_Model.UserError, match="phase 'p': unknown option 'learning_rate'"):
+        resolve("--phase", "p", "--phases_file", str(bad))
+    with pytest.raises(SD_Model.UserError, match="zero_terminal_snr needs prediction_type v_prediction"):
+        resolve("--phase", "tiny", "--synthetic", "8", "--zero_terminal_snr", "true")
+
+
+#################################################################################
+#                 Pure pieces against formulas and references                   #
+#################################################################################
+
+def test_lr_schedule_matches_the_formula():
+    lr, warmup, total = 1e-3, 10, 50
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = SD_Train.build_lr_scheduler(opt, lr, warmup, total)
+    used = []
+    for _ in range(total):
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+
+    def formula(s):                                  # LR used at step s (from 0)
+        if s < warmup:
+            return lr * (1e-2 + (1 - 1e-2) * s / warmup)
+        return lr * 1e-2 + (lr - lr * 1e-2) * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) / 2
+    for s in (0, warmup // 2, warmup, (warmup + total) // 2, total - 1):
+        assert used[s] == pytest.approx(formula(s), rel=1e-9, abs=1e-15), s
+    assert used[warmup] == pytest.approx(lr) and used[0] == pytest.approx(lr * 1e-2)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_and_targets_match_the_formula(prediction_type):
+    from diffusers import DDPMScheduler
+    ref = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod.double()
+    schedule = SD_Model.NoiseSchedule(prediction_type=prediction_type)
+    gamma = 5.0
+    t = torch.tensor([0, 1, 50, 200, 500, 999])
+    x0, noise = torch.randn(6, *LATENT), torch.randn(6, *LATENT)
+    zero_model = lambda x, tt, c: torch.zeros_like(x)  # noqa: E731 - the loss is then the target's square
+    per_sample, weight = SD_Train.diffusion_loss(zero_model, schedule, x0, None, t, noise, gamma)
+    a = ref[t]
+    snr = a / (1 - a)
+    expected_w = torch.clamp(snr, max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+    torch.testing.assert_close(weight.double(), expected_w, rtol=1e-5, atol=0)
+    target = noise.double() if prediction_type == "epsilon" else \
+        a.sqrt()[:, None, None, None] * noise.double() - (1 - a).sqrt()[:, None, None, None] * x0.double()
+    torch.testing.assert_close(per_sample.double(), target.square().mean((1, 2, 3)), rtol=1e-5, atol=1e-7)
+    _, ones = SD_Train.diffusion_loss(lambda x, tt, c: x, schedule, x0, None, t, noise, 0.0)
+    assert torch.equal(ones, torch.ones(6))
+
+
+def test_ema_matches_a_hand_computation():
+    assert SD_Train.ema_decay_at(0, 0.9999) == pytest.approx(0.1)
+    assert SD_Train.ema_decay_at(90, 0.9999) == pytest.approx(91 / 100)
+    assert SD_Train.ema_decay_at(10 ** 7, 0.9999) == 0.9999
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    ema = [p.clone() for p in params]
+    hand = [p.double().clone() for p in params]
+    for s in range(20):
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g))
+        d = SD_Train.ema_decay_at(s, 0.9999)
+        SD_Train.ema_update_(ema, params, d)
+        hand = [d * h + (1 - d) * p.double() for h, p in zip(hand, params)]
+    for e, h in zip(ema, hand):
+        torch.testing.assert_close(e.double(), h, rtol=1e-6, atol=1e-6)
+
+
+def test_cfg_dropout_rate_and_substitution():
+    p, n = 0.15, 4000
+    _, drop, _ = SD_Train.sample_randomness(0, 0, range(n), (1, 1, 1), 1000, p)
+    tolerance = 4 * math.sqrt(p * (1 - p) / n)                                  # 4 sigma
+    assert abs(drop.float().mean().item() - p) < tolerance
+    _, none, _ = SD_Train.sample_randomness(0, 0, range(100), (1, 1, 1), 1000, 0.0)
+    assert not none.any()
+    context, uncond = torch.randn(6, 77, 32), torch.randn(1, 77, 32)
+    drop = torch.tensor([True, False, False, True, False, False])
+    out = SD_Train.apply_cfg_dropout(context, uncond, drop)
+    assert torch.equal(out[drop], uncond.expand(2, -1, -1)) and torch.equal(out[~drop], context[~drop])
+
+
+def test_sample_randomness_is_a_function_of_the_sample_position_only():
+    whole = SD_Train.sample_randomness(3, 2, range(8), LATENT, 1000, 0.5)
+    halves = [SD_Train.sample_randomness(3, 2, r, LATENT, 1000, 0.5) for r in (range(0, 4), range(4, 8))]
+    for i in range(3):
+        assert torch.equal(whole[i], torch.cat([h[i] for h in halves]))
+    other_epoch = SD_Train.sample_randomness(3, 3, range(8), LATENT, 1000, 0.5)
+    assert not torch.equal(whole[2], other_epoch[2])
+
+
+def test_epoch_order_mixes_by_ratio_and_shards_consistently():
+    sizes, ratios = [10, 30], [0.5, 0.5]
+    order = SD_Train.epoch_order(sizes, ratios, 40, seed=1, epoch=0)
+    assert len(order) == 40 and (order[:, 0] == 0).sum() == 20 and (order[:, 0] == 1).sum() == 20
+    small = np.sort(order[order[:, 0] == 0, 1])
+    assert np.array_equal(small, np.repeat(np.arange(10), 2))                    # two full passes over source 0
+    assert np.array_equal(order, SD_Train.epoch_order(sizes, ratios, 40, seed=1, epoch=0))
+    assert not np.array_equal(order, SD_Train.epoch_order(sizes, ratios, 40, seed=1, epoch=1))
+    assert list(SD_Train.mix_counts([213, 250, 51, 58], [0.37, 0.44, 0.09, 0.10], 572)) == [212, 252, 51, 57]
+    # (batch 2, 2 ranks, accum 2) covers exactly the positions of (batch 8, 1 rank, accum 1), step by step
+    for step in range(3):
+        many = [i for a in range(2) for r in range(2) for i in SD_Train.micro_slice(step, a, r, 2, 2, 2)]
+        assert sorted(many) == list(SD_Train.micro_slice(step, 0, 0, 8, 1, 1))
+
+
+#################################################################################
+#                      Bad inputs: clear errors before compute                  #
+#################################################################################
+
+def run_main(*argv):
+    SD_Train.main(SD_Train.parse_args([str(a) for a in argv]))
+
+
+def test_each_bad_input_gets_its_clear_error(tiny, ref_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "run"
+    cases = [
+        (base_args(tiny, out) + ["--resolution", "128"], r"encoded at 64 px but this phase trains at 128 px"),
+        (base_args(tiny, out, tiny.short_ids), r"8 captions .* have token id lists of length \[76\], not 77"),
+        (base_args(tiny, out, tiny.no_latents), r"none of the 8 'train' captions .* has a latent"),
+        (base_args(tiny, out, (tmp_path / "nowhere", tiny.a[1])), r"is not a latent folder"),
+        (base_args(tiny, out) + ["--datasets", f"{spec(tiny.a)},{spec(tiny.other_vae)}"],
+         r"encoded by different VAEs / scaling factors"),
+        (base_args(tiny, out) + ["--model", "small_sd2"], r"gives 32-d context but the UNet cross-attends to 48-d"),
+        (base_args(tiny, out) + ["--batch_size", "64"], r"epoch of 32 samples is less than one optimizer step of 64"),
+        (base_args(tiny, out) + ["--resume", tmp_path / "missing.pt"], r"checkpoint '.*missing.pt' does not exist"),
+        (base_args(tiny, out) + ["--init", tmp_path / "missing.pt"], r"checkpoint '.*missing.pt' does not exist"),
+        (["--phase", "tiny", "--out_dir", out], r"names no datasets"),
+        (ref_args(tiny, out, "--resume", ckpt(ref_run, 4), "--seed", 1), r"that run used different \['seed'\]"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SD_Model.UserError, match=message):
+            run_main(*argv)
+    assert not (out / "checkpoints").exists()                                   # nothing ran
+
+
+#################################################################################
+#                     End to end: the real script, CPU, gloo                    #
+#################################################################################
+
+REF_STEPS, REF_SAVE = 10, 4               # 32 samples / global batch 4 = 8 steps per epoch: saves at 4, 8, 10
+
+
+def ref_args(tiny, out, *extra):
+    """Two datasets mixed 3:1, half of the latents in RAM and half read from disk per batch."""
+    return base_args(tiny, out) + ["--datasets", f"{spec(tiny.a, 0.75)},{spec(tiny.four, 0.25)}", "--epoch_samples",
+                                   32, "--latent_fraction", 0.5, "--batch_size", 2, "--epochs", 2, "--max_steps",
+                                   REF_STEPS, "--save_steps", REF_SAVE, *extra]
+
+
+@pytest.fixture(scope="session")
+def ref_run(tiny):
+    """The uninterrupted reference: 2 gloo processes x batch 2, 10 steps across an epoch boundary."""
+    out = tiny.root / "ref"
+    run_train(ref_args(tiny, out), nproc=2)
+    return out
+
+
+def ckpt(out, step):
+    return SD_Train.checkpoint_path(out, step)
+
+
+def test_sigkill_between_saves_then_resume_auto_is_bitwise_exact(tiny, ref_run):
+    out = tiny.root / "killed"
+    output = tiny.root / "killed.out"
+    proc = start_train(ref_args(tiny, out), 2, output)
+    deadline = time.time() + 300
+    while not re.search(r"\bstep 5/", output.read_text()):   # SIGKILL the whole torchrun group once step 5 is logged
+        assert proc.poll() is None and time.time() < deadline, output.read_text()[-3000:]
+        time.sleep(0.05)
+    kill_tree(proc)
+    assert [s for s, _ in SD_Train.list_checkpoints(out)] == [4]                 # killed between saves 4 and 8
+    proc = run_train(ref_args(tiny, out, "--resume", "auto"), nproc=2)
+    assert "resumed from" in proc.stdout and "at step 4 (epoch 0, batch 4)" in proc.stdout
+    assert [s for s, _ in SD_Train.list_checkpoints(out)] == [4, 8, 10]
+    for step in (8, 10):
+        assert_same_state(ckpt(ref_run, step), ckpt(out, step))
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one_and_resume_picks_it(tiny, ref_run):
+    """Deterministic kill mid-write, no hook in the loop: the temp name that SD_Model._atomic writes through is
+    made a FIFO before the run starts. The save of step 8 opens it and streams the checkpoint into it; the test
+    reads the first 64 KiB (so the write has provably started), stops reading (the writer blocks with the
+    checkpoint half written) and SIGKILLs every process. The FIFO is then replaced by the bytes it received: the
+    on-disk state a kill at any instant of a write leaves (a partial temp file, the final name absent, older
+    checkpoints untouched). Resume must drop the partial file, pick step 4 and finish bitwise equal."""
+    out = tiny.root / "killed_mid_write"
+    fifo = ckpt(out, 8).with_name(ckpt(out, 8).name + ".tmp")
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    output = tiny.root / "killed_mid_write.out"
+    proc = start_train(ref_args(tiny, out), 2, output)
+    received, deadline = b"", time.time() + 300
+    while len(received) < 1 << 16:
+        assert proc.poll() is None and time.time() < deadline, output.read_text()[-3000:]
+        if select.select([reader], [], [], 1.0)[0]:
+            received += os.read(reader, 1 << 16)
+    kill_tree(proc)
+    os.close(reader)
+    assert [s for s, _ in SD_Train.list_checkpoints(out)] == [4] and not ckpt(out, 8).exists()
+    assert load_ckpt(ckpt(out, 4))["progress"]["step"] == 4                      # the previous one is intact
+    fifo.unlink()                                 # what a kill mid-write leaves on a disk: the bytes written so far
+    fifo.write_bytes(received)
+    proc = run_train(ref_args(tiny, out, "--resume", "auto"), nproc=2)
+    assert "at step 4 (epoch 0, batch 4)" in proc.stdout and not fifo.exists()
+    assert_same_state(ckpt(ref_run, 10), ckpt(out, 10))
+
+
+@pytest.fixture(scope="session")
+def single_run(tiny):
+    """One process, batch 4 (the reference's global batch), a checkpoint after every step."""
+    out = tiny.root / "single"
+    run_train(ref_args(tiny, out, "--batch_size", 4, "--save_steps", 1))
+    return out
+
+
+def test_ddp_two_processes_equal_one_process_at_the_same_global_batch(ref_run, single_run):
+    # Same samples, timesteps and noise per step (sample_randomness); only the float summation order differs.
+    for key in ("unet", "ema"):
+        assert max_diff(ckpt(ref_run, REF_STEPS), ckpt(single_run, REF_STEPS), key) < 5e-6, key
+
+
+def test_grad_accumulation_equals_a_bigger_batch(tiny, single_run):
+    out = tiny.root / "accum"
+    run_train(ref_args(tiny, out, "--grad_accum", 2))
+    assert max_diff(ckpt(single_run, REF_STEPS), ckpt(out, REF_STEPS)) < 5e-6
+    # Total steps come from the loader and accumulation: 32 samples / (2 x 2) = 8 per epoch, 16 in 2 epochs,
+    # so the logged LR follows a 16-step cosine (the seed computed it from the dataset length).
+    lr = logged(out, "lr")
+    lr0, warm, total = 1e-3, 2, 16
+    for s in (3, 6, 10):                          # step s logs the LR of its update, index s - 1
+        expected = lr0 * 1e-2 + lr0 * (1 - 1e-2) * (1 + math.cos(math.pi * (s - 1 - warm) / (total - warm))) / 2
+        assert lr[s] == pytest.approx(expected, rel=1e-3)
+
+
+def test_ema_in_the_run_matches_a_hand_computation(single_run):
+    for step in (1, 5, 9):                        # ema_s = d * ema_{s-1} + (1 - d) * params_s, d = decay_at(s - 1)
+        prev, cur = load_ckpt(ckpt(single_run, step)), load_ckpt(ckpt(single_run, step + 1))
+        d = SD_Train.ema_decay_at(step, 0.9999)
+        for k, e in cur["ema"].items():
+            torch.testing.assert_close(e, d * prev["ema"][k] + (1 - d) * cur["unet"][k], rtol=1e-6, atol=1e-7)
+
+
+def test_fsdp2_runs_validates_checkpoints_and_resumes(tiny):
+    def fsdp_args(out, *extra):
+        return base_args(tiny, out) + ["--fsdp", "true", "--batch_size", 2, "--max_steps", 6, "--save_steps", 3,
+                                       *extra]
+    out = tiny.root / "fsdp"
+    run_train(fsdp_args(out, "--val_steps", 3, "--val_prompts", "a red circle|a blue square", "--vae", tiny.vae),
+              nproc=2)
+    assert [s for s, _ in SD_Train.list_checkpoints(out)] == [3, 6]
+    from PIL import Image
+    grid = Image.open(out / "samples" / "step_00000003.png")
+    assert grid.size == (2 * RES, RES)                                           # two prompts, one row
+    assert "val/loss_t500" in (out / "train.log").read_text()
+    state, cfg, meta = SD_Model.read_unet_state(out / "ema_final.safetensors")   # the phase-end slim export
+    assert cfg == SD_Model.unet_config("small") and meta["scaling_factor"] == tiny.scaling_factor
+    assert meta["text_encoder"] == str(tiny.clip) and meta["schedule"]["prediction_type"] == "epsilon"
+    full = load_ckpt(ckpt(out, 6))
+    assert all(torch.equal(state[k], v.half()) for k, v in full["ema"].items())
+    resumed = tiny.root / "fsdp_resumed"                                         # resume the step-3 checkpoint
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt(out, 3), ckpt(resumed, 3))
+    proc = run_train(fsdp_args(resumed, "--resume", "auto"), nproc=2)
+    assert "at step 3" in proc.stdout
+    assert_same_state(ckpt(out, 6), ckpt(resumed, 6))
+
+
+def test_tiny_config_overfits_a_small_fixed_set(tiny):
+    """--synthetic 4: four fixed random latents and captions, seen 200 times; also logs to wandb offline (when
+    wandb, an optional package, is installed)."""
+    out = tiny.root / "overfit"
+    use_wandb = importlib.util.find_spec("wandb") is not None
+    run_train(["--phase", "tiny", "--synthetic", 4, "--text_encoder", tiny.clip, "--out_dir", out, "--val_prompts",
+               "", "--epoch_samples", 400, "--epochs", 2, "--cfg_dropout", 0, "--min_snr_gamma", 0, "--lr", "2e-3",
+               "--warmup_steps", 10, "--log_every", 20, "--wandb", "offline" if use_wandb else "disabled"])
+    mse = logged(out, "mse")
+    first, last = mse[20], mse[200]
+    assert last < first / 3, mse
+    if use_wandb:
+        assert list((out / "wandb").glob("offline-run-*")) and (out / "wandb_id.txt").exists()
+
+
+def test_init_loads_unet_weights_only(tiny, ref_run):
+    out = tiny.root / "init"
+    export = ref_run / "ema_final.safetensors"
+    run_train(base_args(tiny, out) + ["--init", export, "--lr", 0, "--max_steps", 1, "--seed", 7])
+    state = load_ckpt(ckpt(out, 1))
+    weights, _, _ = SD_Model.read_unet_state(export)
+    assert all(torch.equal(state["unet"][k], v.float()) for k, v in weights.items())   # lr 0: still the init
+    assert state["progress"]["step"] == 1 and state["optimizer"]["state"]  # fresh optimizer, one step old
+    assert next(iter(state["optimizer"]["state"].values()))["step"].item() == 1
+
+
+def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tiny):
+    out = tiny.root / "diverged"
+    proc = run_train(base_args(tiny, out) + ["--lr", "1e30", "--warmup_steps", 0, "--max_bad_steps", 2,
+                                             "--save_steps", 1, "--max_steps", 8], check=False)
+    assert proc.returncode == 1
+    m = re.search(r"error: 2 non-finite losses in a row \(steps (\d+)-(\d+)\); stopped without saving\. Last good "
+                  r"checkpoint: (\S+)\. Lower --lr", proc.stderr)
+    assert m, proc.stderr[-2000:]
+    first_bad, last_bad = int(m.group(1)), int(m.group(2))
+    assert last_bad == first_bad + 1 and first_bad >= 2                        # step 1 (at init) was finite
+    assert Path(m.group(3)) == ckpt(out, first_bad - 1)
+    assert [s for s, _ in SD_Train.list_checkpoints(out)] == list(range(1, first_bad))
+    assert load_ckpt(ckpt(out, first_bad - 1))["progress"]["step"] == first_bad - 1
