@@ -628,17 +628,19 @@ class FrozenVAE:
         self.vae = _from_pretrained(AutoencoderKL, self.name, "VAE", "--vae", "vae", torch_dtype=self.dtype)
         self.vae.to(device=device).eval().requires_grad_(False)
         self.scaling_factor = float(self.vae.config.scaling_factor)
+        # One 2x downsample per level but the last: 8 for SD's 4-level VAE, 4 for the demo's 3-level one.
+        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.device = torch.device(device)
 
     @torch.no_grad()
     def encode(self, images):
-        """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) scaled latents, float32."""
+        """(N, 3, H, W) in [-1, 1] -> (N, 4, H/f, W/f) scaled latents (f = self.factor), float32."""
         posterior = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
         return posterior.mean.float() * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents):
-        """(N, 4, h, w) scaled latents -> (N, 3, 8h, 8w) images in [-1, 1], float32."""
+        """(N, 4, h, w) scaled latents -> (N, 3, f*h, f*w) images in [-1, 1], float32."""
         return self.vae.decode(latents.to(self.device, self.dtype) / self.scaling_factor).sample.float()
 
 
@@ -689,6 +691,19 @@ class FrozenTextEncoder:
 
     def encode(self, texts):
         return self.encode_ids(self.tokenize(texts))
+
+
+# Dense bf16 tensor-core peaks in TFLOP/s (vendor datasheets), by device-name substring, for MFU.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 5090": 209.5,
+                    "RTX 4090": 165.2, "A10G": 70.0, "L4": 121.0}
+
+
+def peak_tflops(device):
+    """The GPU's dense bf16 peak, or 0.0 when unknown (then no MFU is reported rather than a guess)."""
+    if torch.device(device).type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
 
 
 def configure_cuda_backends():
@@ -1118,11 +1133,11 @@ def load_pipeline(ckpt, device="cpu", dtype=torch.float32, weights="ema", vae=No
     return Pipeline(unet, te, FrozenVAE(vae, device, dtype), NoiseSchedule(**sched_kw), spacing, offset, meta)
 
 
-def initial_latents(n, channels, height, width, seed, device):
+def initial_latents(n, channels, height, width, seed, device, factor=8):
     """diffusers' convention, so a seed draws the same image as StableDiffusionPipeline: one CPU randn of
-    the whole batch, then moved to the device."""
+    the whole batch, then moved to the device. `factor` is the VAE's downsampling (FrozenVAE.factor)."""
     g = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn((n, channels, height // 8, width // 8), generator=g).to(device), g
+    return torch.randn((n, channels, height // factor, width // factor), generator=g).to(device), g
 
 
 def check_sampling_args(height, width, sampler):
@@ -1145,7 +1160,7 @@ def generate(pipe, prompts, negative="", steps=50, cfg=7.5, sampler="ddim", eta=
     dtype = next(pipe.unet.parameters()).dtype
     cond = te.encode(prompts).to(device, dtype)
     uncond = te.encode([negative] * len(prompts)).to(device, dtype)
-    x, g = initial_latents(len(prompts), pipe.unet.cfg.in_channels, height, width, seed, device)
+    x, g = initial_latents(len(prompts), pipe.unet.cfg.in_channels, height, width, seed, device, pipe.vae.factor)
     kw = dict(spacing=pipe.spacing, steps_offset=pipe.steps_offset, generator=g, clip_x0=clip_x0)
     if eta is not None:   # else each sampler's own default: DDIM deterministic, DDPM full ancestral noise
         kw["eta"] = eta

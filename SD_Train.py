@@ -41,8 +41,8 @@ from tqdm import tqdm
 from PIL import Image
 
 from SD_Model import (DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FrozenTextEncoder, FrozenVAE, NoiseSchedule, Pipeline,
-                      UserError, _atomic, build_unet, configure_cuda_backends, generate, make_grid, read_unet_state,
-                      save_unet, unet_config)
+                      UserError, _atomic, build_unet, configure_cuda_backends, generate, make_grid, peak_tflops,
+                      read_unet_state, save_unet, unet_config)
 from sd_data import existing_latent_keys, latent_path, load_latent_info, open_captions
 
 REPO = Path(__file__).resolve().parent
@@ -308,9 +308,11 @@ def open_source(spec, split, resolution, in_channels):
         raise UserError(f"latents in '{root}' were encoded at {info.get('resolution')} px but this phase trains at "
                         f"{resolution} px; encode them at {resolution} or set --resolution")
     shape = list(info.get("latent_shape", []))
-    if shape != [in_channels, resolution // 8, resolution // 8] or info.get("dtype") != "float16":
+    # square latents of in_channels whose side divides the resolution (by the VAE's factor: SD's 8, the demo's 4)
+    if len(shape) != 3 or shape[0] != in_channels or shape[1] != shape[2] or resolution % shape[1] or \
+            info.get("dtype") != "float16":
         raise UserError(f"latent_info.json of '{root}' says {info.get('dtype')}{shape}; this UNet trains on "
-                        f"float16{[in_channels, resolution // 8, resolution // 8]}")
+                        f"float16[{in_channels}, {resolution}/f, {resolution}/f] (f: the VAE's downsampling)")
     ds = open_captions(captions, split)
     missing = {"image_key", "input_ids"} - set(ds.column_names)
     if missing:
@@ -649,11 +651,6 @@ def validate(ema_unet, schedule, text, vae, val_mix, cfg, device, amp, step, out
 #                                    Logging                                    #
 #################################################################################
 
-# Dense bf16 tensor-core peak (TFLOP/s) by device-name substring, for MFU; --peak_tflops overrides.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 5090": 209.5,
-               "RTX 4090": 165.2, "A10G": 70.0, "L4": 121.0}
-
-
 def flops_per_sample(unet, shape, context_shape, device, amp):
     """Training FLOPs of one sample (forward + backward, no recompute), counted once with FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -776,7 +773,7 @@ def train(cfg, rank, world, device):
     if text.context_dim != model_cfg.context_dim:
         raise UserError(f"text encoder '{cfg['text_encoder']}' gives {text.context_dim}-d context but the UNet "
                         f"cross-attends to {model_cfg.context_dim}-d; pick the matching --text_encoder or --model")
-    shape = (model_cfg.in_channels, cfg["resolution"] // 8, cfg["resolution"] // 8)
+    shape = (model_cfg.in_channels, cfg["resolution"] // 8, cfg["resolution"] // 8)   # SD's VAE; datasets set theirs
     pool = ThreadPoolExecutor(cfg["loader_threads"])
     if cfg["synthetic"]:
         sources = [synthetic_source(cfg["synthetic"], shape, text, cfg["seed"], "synthetic")]
@@ -803,6 +800,7 @@ def train(cfg, rank, world, device):
                             "one model trains in one latent space")
         vae_id, scaling_factor = latent_spaces.pop()
         vae_id = cfg["vae"] or vae_id
+        shape = sources[0].latent_shape              # one VAE and one resolution: one latent shape
     for s in sources:
         if s.ids.max() >= text.model.config.vocab_size:
             raise UserError(f"token ids in '{s.name}' reach {s.ids.max()} but '{cfg['text_encoder']}' has "
@@ -981,8 +979,7 @@ def train(cfg, rank, world, device):
                         f"{values['train/mse']:.4f} (t quartiles {' '.join(f'{v:.3f}' for v in q)}) | lr "
                         f"{values['train/lr']:.3e} | grad {grad_norm:.3f} | {img_s:.1f} img/s")
                 if device.type == "cuda":
-                    peak = cfg["peak_tflops"] or next((v for k, v in PEAK_TFLOPS.items()
-                                                       if k in torch.cuda.get_device_name(device)), 0.0)
+                    peak = cfg["peak_tflops"] or peak_tflops(device)
                     values["train/peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
                     if peak and amp_dtype is not None:
                         values["train/mfu"] = flops * img_s / world / (peak * 1e12)

@@ -1,16 +1,20 @@
 """Data helpers shared by the pipeline scripts (01-05, encode_latents) and their tests: LAION column
 normalisation, image probe/decode/resize, the webdataset tar reader, atomic writes, the latent-dataset
-contract that SD_Train.py reads, and the summary table every script prints at the end.
+contract that SD_Train.py reads, the summary table every script prints at the end, and the loopback HTTP
+server through which the demo and the tests hand local images to img2dataset.
 
 Reads top to bottom: summary table -> LAION metadata -> captions and keys -> images -> tar shards ->
-fetching sources -> latent dataset contract.
+fetching sources and the loopback server -> latent dataset contract.
 """
+import functools
 import hashlib
+import http.server
 import io
 import json
 import os
 import re
 import tarfile
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -51,6 +55,20 @@ def print_summary(title, rows):
     for k, v in rows:
         print(f"{k:<{width}} | {v:>{vwidth}}")
     print(line, flush=True)
+
+
+def run_jobs(fn, jobs, workers, desc, unit, totals):
+    """fn(*job) for each job in `workers` processes, adding the Counter each returns into `totals`, with a
+    progress bar that shows the running 'kept' count. A shard, part or archive is one job."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from tqdm import tqdm
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(fn, *job) for job in jobs]
+        bar = tqdm(as_completed(futures), total=len(futures), desc=desc, unit=unit)
+        for fut in bar:
+            totals.update(fut.result())
+            bar.set_postfix(kept=totals["kept"])
+    return totals
 
 
 #################################################################################
@@ -411,6 +429,38 @@ def fetch(source, rel, cache_dir, timeout=60, retries=3):
     return None
 
 
+class QuietFileHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder without a log line per request."""
+
+    def log_message(self, *args):
+        pass
+
+
+class LoopbackServer:
+    """A threaded HTTP server on 127.0.0.1 serving `folder` (port 0: any free one; `.url` says which), used as a
+    context manager: how the demo hands its generated images to img2dataset, and the tests their awkward ones
+    (`handler`: a QuietFileHandler subclass with extra routes). Clients that hang up mid-reply are not errors."""
+
+    def __init__(self, folder, port=0, handler=QuietFileHandler):
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass
+
+        self.httpd = Server(("127.0.0.1", port), functools.partial(handler, directory=str(folder)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 def parse_ranges(spec):
     """'0-3,7' -> [0, 1, 2, 3, 7]."""
     out = []
@@ -430,7 +480,8 @@ def parse_ranges(spec):
 # encode_latents.py writes, SD_Train.py reads:
 #   OUT/latent_info.json                    {"vae", "scaling_factor", "resolution", "latent_shape",
 #                                            "dtype": "float16", "count"}
-#   OUT/latents/<key[:5]>/<key>.npy          float16 (4, res/8, res/8), already x scaling_factor
+#   OUT/latents/<key[:5]>/<key>.npy          float16 latent_shape (4, res/f, res/f for a VAE downsampling f),
+#                                            already x scaling_factor
 # 05_build_hf_dataset.py writes the captions: a DatasetDict ("train", "validation") of
 # (image_key, caption, input_ids[77]) saved with save_to_disk.
 

@@ -47,12 +47,13 @@ def save_tiny_tokenizer(out_dir, words=WORDS):
     return tok
 
 
-def save_tiny_clip(out_dir, hidden=32, layers=2, heads=2, words=WORDS, seed=0):
-    """Tokenizer + random CLIPTextModel in one folder, as `openai/clip-vit-large-patch14` is laid out."""
+def save_tiny_clip(out_dir, hidden=32, layers=2, heads=2, words=WORDS, seed=0, mlp_ratio=2):
+    """Tokenizer + random CLIPTextModel in one folder, as `openai/clip-vit-large-patch14` is laid out
+    (hidden=768, layers=12, heads=12, mlp_ratio=4 is CLIP-L's text tower at full cost)."""
     from transformers import CLIPTextConfig, CLIPTextModel
     tok = save_tiny_tokenizer(out_dir, words)
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * mlp_ratio,
                          num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     CLIPTextModel(cfg).eval().save_pretrained(out_dir)

@@ -13,11 +13,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Dense bf16 tensor-core peaks (vendor datasheets), for MFU. Unknown GPUs report no MFU rather than a guess.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12,
-                   "RTX 5090": 210e12}
-
-
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -25,10 +20,9 @@ def device_name(device):
 
 
 def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    """Dense bf16 peak FLOP/s of the GPU (SD_Model's table), or None: no MFU rather than a guess."""
+    import SD_Model
+    return SD_Model.peak_tflops(device) * 1e12 or None
 
 
 def sync(device):

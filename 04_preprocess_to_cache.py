@@ -1,0 +1,75 @@
+"""Read webdataset tar shards into parquet batches of (image_key, caption, 77 CLIP token ids)."""
+import argparse
+import os
+from collections import Counter
+from pathlib import Path
+
+import SD_Model
+import sd_data
+
+_tokenizer = None
+
+
+def process_shard(tar, dst, tokenizer_name, min_size, batch):
+    """One tar -> one parquet of its usable samples (via a temp file: a shard's parquet exists only when
+    complete, which is what the resume check looks at). Returns the shard's counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    global _tokenizer
+    if _tokenizer is None:  # once per worker process
+        _tokenizer = SD_Model.load_tokenizer(tokenizer_name)
+    counts = Counter()
+    keys, captions = [], []
+    for key, sample in sd_data.iter_tar_samples(tar, counts):
+        counts["samples in"] += 1
+        caption = sd_data.sample_caption(sample)
+        try:
+            # header-only check (no pixel decode): the same probe encode_latents runs before decoding,
+            # so both scripts drop the same broken images
+            sd_data.probe_image(sd_data.sample_image(sample), min_size=min_size)
+            if caption is None or not caption.strip():
+                raise sd_data.BadSample("no caption")
+        except sd_data.BadSample as e:
+            counts[f"skipped: {e}"] += 1
+            continue
+        keys.append(key)
+        captions.append(caption.strip())
+    ids = []
+    for i in range(0, len(captions), batch):
+        ids.extend(SD_Model.tokenize(_tokenizer, captions[i:i + batch]).to(torch.int32).tolist())
+    table = pa.table({"image_key": pa.array(keys, pa.string()), "caption": pa.array(captions, pa.string()),
+                      "input_ids": pa.array(ids, pa.list_(pa.int32()))})
+    tmp = Path(dst).with_name(f".{Path(dst).name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, dst)
+    counts["kept"] += len(keys)
+    return counts
+
+
+def main(args):
+    tars = sd_data.list_files(args.tars, [".tar"], "tar")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    SD_Model.load_tokenizer(args.tokenizer)  # fail fast, with one line, before starting workers
+
+    todo = [t for t in tars if not (out / f"{t.stem}.parquet").exists()]
+    total = Counter({"shards": len(tars), "shards already done": len(tars) - len(todo)})
+    jobs = [(str(t), str(out / f"{t.stem}.parquet"), args.tokenizer, args.min_image_size, args.tokenize_batch)
+            for t in todo]
+    sd_data.run_jobs(process_shard, jobs, args.workers, "tokenize", "shard", total)
+    rows = [(k, total[k]) for k in ("shards", "shards already done", "truncated tar", "samples in", "kept")]
+    rows += [(k, v) for k, v in sorted(total.items()) if k.startswith("skipped:")]
+    sd_data.print_summary(f"04 captions + token ids -> {out}", rows)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--tars", default="data/laion_tars", help="input folder of webdataset tar shards")
+    parser.add_argument("--out", default="data/laion_tokens", help="output folder of parquet batches (one per tar)")
+    parser.add_argument("--tokenizer", default=SD_Model.DEFAULT_TEXT_ENCODER["sd1"],
+                        help="CLIP tokenizer: hub id, tokenizer folder or diffusers pipeline folder")
+    parser.add_argument("--min_image_size", type=int, default=64, help="skip images whose shorter side is smaller")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count()), help="shards tokenised in parallel")
+    parser.add_argument("--tokenize_batch", type=int, default=1024, help="captions per tokenizer call")
+    sd_data.run_main(main, parser.parse_args())

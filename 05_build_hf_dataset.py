@@ -1,0 +1,77 @@
+"""Merge 04's parquet batches into a Hugging Face DatasetDict with a deterministic train/validation split."""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+import sd_data
+
+BUILD_INFO = "build_info.json"
+
+
+def main(args):
+    import datasets
+    batches = sd_data.list_files(args.batches, [".parquet"], "parquet batches")
+    out = Path(args.out)
+    # resume: the same inputs and split give the same dataset, so there is nothing to redo
+    inputs = {"batches": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in batches],
+              "val_fraction": args.val_fraction}
+    info_path = out / BUILD_INFO
+    if info_path.exists() and json.loads(info_path.read_text()).get("inputs") == inputs:
+        info = json.loads(info_path.read_text())
+        sd_data.print_summary(f"05 dataset -> {out} (up to date, nothing rebuilt)",
+                              [("batches", len(batches))] + list(info["counts"].items()))
+        return
+    if out.exists() and any(out.iterdir()) and not info_path.exists():
+        raise sd_data.user_error(f"'{out}' exists and was not built by this script; pick another --out")
+
+    tables = []
+    for p in tqdm(batches, desc="read", unit="batch"):
+        try:
+            tables.append(pq.read_table(p, columns=["image_key", "caption", "input_ids"]))
+        except (OSError, ValueError, KeyError, pa.ArrowInvalid) as e:
+            tqdm.write(f"skipping unreadable batch {p}: {str(e)[:160]}")
+    if not tables:
+        raise sd_data.user_error(f"no readable batches in '{args.batches}'")
+    table = pa.concat_tables(tables)
+    rows_in = table.num_rows
+
+    # the same key twice (tar folders merged from several sources) keeps its first occurrence
+    keys = table.column("image_key").to_pylist()
+    _, first = np.unique(np.array(keys, dtype=object), return_index=True)
+    first = np.sort(first)
+    table = table.take(pa.array(first))
+    keys = table.column("image_key").to_pylist()
+    is_val = np.array([sd_data.is_validation_key(k, args.val_fraction) for k in keys], dtype=bool)
+
+    ds = datasets.Dataset(table)
+    splits = {"train": ds.select(np.flatnonzero(~is_val)), "validation": ds.select(np.flatnonzero(is_val))}
+    counts = {"rows in": rows_in, "skipped: duplicate key": rows_in - len(keys),
+              "train": len(splits["train"]), "validation": len(splits["validation"])}
+    # an empty split is left out: datasets.load_from_disk cannot open one (SD_Train then skips validation)
+    dd = datasets.DatasetDict({k: v for k, v in splits.items() if len(v)})
+
+    # write beside, then swap in: an interrupted build leaves the previous dataset intact
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # our own half-written output from an interrupted run
+    dd.save_to_disk(str(tmp), num_proc=None)
+    (tmp / BUILD_INFO).write_text(json.dumps({"inputs": inputs, "counts": counts}, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)  # only reached when out holds our build_info.json (checked above)
+    tmp.replace(out)
+    sd_data.print_summary(f"05 dataset -> {out}", [("batches", len(batches))] + list(counts.items()))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--batches", default="data/laion_tokens", help="input folder of parquet batches (from 04)")
+    parser.add_argument("--out", default="data/laion_hf", help="output folder of the saved DatasetDict")
+    parser.add_argument("--val_fraction", type=float, default=0.01,
+                        help="share of keys in the validation split (by a hash of image_key, so stable)")
+    sd_data.run_main(main, parser.parse_args())

@@ -1,0 +1,275 @@
+"""Encode webdataset tar shards into per-image fp16 VAE latents (.npy) for SD_Train.py.
+
+The seed's 4-stage pipeline, each stage overlapping the next through bounded queues:
+  1. shard prefetch   (thread)     read the next tar files into memory ahead of use
+  2. tar extract      (thread)     split them into samples, drop keys already encoded, send chunks to ...
+  3. decode + resize  (processes)  cv2 decode, shorter side to --resolution, centre crop (sd_data)
+     then batching    (thread)     stack into uint8 batches, pinned for an async copy when on CUDA
+  4. VAE encode       (main)       posterior mean x scaling factor (bf16 on CUDA), then a writer
+                                   thread saves each latent as fp16 .npy atomically.
+"""
+import argparse
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import SD_Model
+import sd_data
+
+DONE = object()  # end-of-stream marker passed down the queues
+
+
+def decode_chunk(items, resolution, min_size):
+    """Worker-process job: [(key, bytes)] -> ([(key, (res, res, 3) uint8)], Counter of skip reasons)."""
+    import cv2
+    cv2.setNumThreads(1)  # one image per process at a time; cv2's own threads would oversubscribe
+    ok, skipped = [], Counter()
+    for key, data in items:
+        try:
+            ok.append((key, sd_data.load_image_square(data, resolution, min_size)))
+        except sd_data.BadSample as e:
+            skipped[f"skipped: {e}"] += 1
+        except Exception as e:  # a codec crash on one odd file must not end a multi-day run
+            skipped[f"skipped: decode error ({type(e).__name__})"] += 1
+    return ok, skipped
+
+
+class Stage(threading.Thread):
+    """A daemon thread whose exception is kept and re-raised by the main loop (check())."""
+
+    def __init__(self, fn, name):
+        super().__init__(target=self._run, args=(fn,), name=name, daemon=True)
+        self.error = None
+
+    def _run(self, fn):
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 -- handed to the main thread, not swallowed
+            self.error = e
+
+
+def put(q, item, stop):
+    """queue.put that gives up when the run is stopping (so no thread blocks forever on a full queue)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def get(q, stop):
+    """queue.get that returns DONE when the run is stopping."""
+    while not stop.is_set():
+        try:
+            return q.get(timeout=0.2)
+        except queue.Empty:
+            continue
+    return DONE
+
+
+def run_pipeline(args, tars, done_keys, encode, on_batch):
+    """Stream every not-yet-encoded sample of `tars` through stages 1-3 and call encode/on_batch on
+    each uint8 batch; returns the Counter of what was seen and skipped."""
+    counts = Counter()
+    stop = threading.Event()
+    shard_q = queue.Queue(maxsize=args.prefetch_shards)            # stage 1 -> 2: whole tar bytes
+    chunk_q = queue.Queue(maxsize=max(2, args.workers * 4))       # stage 2 -> 3: pending decode jobs
+    batch_q = queue.Queue(maxsize=args.prefetch_batches)           # stage 3 -> 4: ready batches
+    pin = torch.cuda.is_available() and args.device.startswith("cuda")
+    lock = threading.Lock()
+
+    def count(c):
+        with lock:
+            counts.update(c)
+
+    def prefetch():
+        for tar in tars:
+            try:
+                data = Path(tar).read_bytes()
+            except OSError:
+                count({"skipped: unreadable tar": 1})
+                continue
+            if not put(shard_q, (tar, data), stop):
+                return
+        put(shard_q, DONE, stop)
+
+    def extract():
+        local = Counter()
+        while (item := get(shard_q, stop)) is not DONE:
+            _, data = item
+            chunk = []
+            for key, sample in sd_data.iter_tar_samples(data, local):
+                local["samples in"] += 1
+                if key in done_keys:
+                    local["already encoded"] += 1
+                    continue
+                done_keys.add(key)  # a key repeated in a later shard is encoded once
+                try:
+                    chunk.append((key, sd_data.sample_image(sample)))
+                except sd_data.BadSample as e:
+                    local[f"skipped: {e}"] += 1
+                if len(chunk) == args.chunk_size:
+                    if not put(chunk_q, pool.apply_async(decode_chunk, (chunk, args.resolution, args.min_image_size)), stop):
+                        return
+                    chunk = []
+            if chunk and not put(chunk_q, pool.apply_async(decode_chunk, (chunk, args.resolution, args.min_image_size)), stop):
+                return
+            count(local)
+            local.clear()
+        put(chunk_q, DONE, stop)
+
+    def batcher():
+        keys, imgs = [], []
+
+        def emit():
+            batch = torch.from_numpy(np.stack(imgs))  # (B, res, res, 3) uint8
+            return put(batch_q, (list(keys), batch.pin_memory() if pin else batch), stop)
+
+        while (job := get(chunk_q, stop)) is not DONE:
+            ok, skipped = job.get()
+            count(skipped)
+            for key, img in ok:
+                keys.append(key)
+                imgs.append(img)
+                if len(keys) == args.batch_size:
+                    if not emit():
+                        return
+                    keys.clear()
+                    imgs.clear()
+        if keys and not emit():
+            return
+        put(batch_q, DONE, stop)
+
+    ctx = mp.get_context("spawn")  # fork after torch/CUDA initialisation is unsafe
+    with ctx.Pool(max(1, args.workers)) as pool:
+        stages = [Stage(prefetch, "prefetch"), Stage(extract, "extract"), Stage(batcher, "batcher")]
+        for s in stages:
+            s.start()
+        try:
+            while True:
+                try:
+                    item = batch_q.get(timeout=0.5)
+                except queue.Empty:
+                    for s in stages:
+                        if s.error is not None:
+                            raise s.error
+                    continue
+                if item is DONE:
+                    break
+                keys, batch = item
+                on_batch(keys, encode(batch))
+        finally:
+            stop.set()
+            for s in stages:
+                s.join(timeout=5)
+        for s in stages:
+            if s.error is not None:
+                raise s.error
+    return counts
+
+
+def main(args):
+    tars = sd_data.list_files(args.tars, [".tar"], "tar")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu"
+    if device != args.device:
+        print("CUDA not available: encoding on CPU")
+    args.device = device
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # conv/matmul speed; bf16 weights dominate anyway
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed input shape: pick the fastest conv kernels once
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    vae = SD_Model.FrozenVAE(args.vae, device=device, dtype=dtype)
+    if args.resolution % vae.factor:
+        raise sd_data.user_error(f"--resolution must be a multiple of {vae.factor} (the VAE downsamples "
+                                 f"{vae.factor}x), not {args.resolution}")
+    lat = args.resolution // vae.factor
+    info = {"vae": vae.name, "scaling_factor": vae.scaling_factor, "resolution": args.resolution,
+            "latent_shape": [vae.vae.config.latent_channels, lat, lat], "dtype": "float16"}
+    if (out / sd_data.LATENT_INFO).exists():
+        old = sd_data.load_latent_info(out)
+        clash = {k: (old.get(k), v) for k, v in info.items() if old.get(k) != v}
+        if clash:
+            raise sd_data.user_error(f"'{out}' holds latents made with other settings {clash}; pick a new --out")
+    done_keys = sd_data.existing_latent_keys(out)
+    already = len(done_keys)
+    sd_data.write_latent_info(out, dict(info, count=already))
+
+    encode_fn = torch.compile(vae.encode) if args.compile else vae.encode
+
+    def encode(batch):
+        images = sd_data.images_to_tensor(batch.to(device, non_blocking=True))  # (B, 3, res, res) in [-1, 1]
+        return encode_fn(images).to(torch.float16).cpu().numpy()          # (B, 4, res/f, res/f)
+
+    write_q = queue.Queue(maxsize=4)
+    written = [0]
+
+    def writer():
+        while (item := write_q.get()) is not DONE:
+            for key, latent in zip(*item):
+                sd_data.write_latent(out, key, latent)
+                written[0] += 1
+
+    writer_thread = Stage(writer, "writer")
+    writer_thread.start()
+    bar = tqdm(desc="encode", unit="img", smoothing=0.1)
+
+    def on_batch(keys, latents):
+        if writer_thread.error is not None:
+            raise writer_thread.error
+        write_q.put((keys, latents))
+        bar.update(len(keys))
+
+    start = time.time()
+    try:
+        counts = run_pipeline(args, tars, done_keys, encode, on_batch)
+    finally:
+        write_q.put(DONE)
+        writer_thread.join()
+        bar.close()
+        # count what is on disk, so an interrupted run still leaves a truthful latent_info.json
+        sd_data.write_latent_info(out, dict(info, count=already + written[0]))
+    if writer_thread.error is not None:
+        raise writer_thread.error
+    seconds = time.time() - start
+    rows = [("shards", len(tars)), ("truncated tar", counts["truncated tar"]), ("samples in", counts["samples in"]),
+            ("already encoded", counts["already encoded"]), ("encoded now", written[0])]
+    rows += [(k, v) for k, v in sorted(counts.items()) if k.startswith("skipped:")]
+    rows += [("latents in folder", already + written[0]), ("img/s", f"{written[0] / max(seconds, 1e-9):.1f}")]
+    sd_data.print_summary(f"encode_latents ({device}, {vae.name}) -> {out}", rows)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown on every flag, and the module docstring's stage list kept as written."""
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--tars", default="data/laion_tars", help="input folder of webdataset tar shards")
+    parser.add_argument("--out", default="data/laion_latents", help="output latent folder")
+    parser.add_argument("--vae", default=SD_Model.DEFAULT_VAE,
+                        help="AutoencoderKL: hub id, folder, or diffusers pipeline folder")
+    parser.add_argument("--resolution", type=int, default=512, help="square image side before encoding")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per VAE call")
+    parser.add_argument("--workers", type=int, default=max(1, os.cpu_count() - 1),
+                        help="decode processes")
+    parser.add_argument("--chunk_size", type=int, default=16, help="images per decode job")
+    parser.add_argument("--prefetch_shards", type=int, default=2, help="tar files read ahead")
+    parser.add_argument("--prefetch_batches", type=int, default=4, help="decoded batches queued for the VAE")
+    parser.add_argument("--min_image_size", type=int, default=64, help="skip images whose shorter side is smaller")
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu; falls back to cpu without CUDA")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the VAE encoder (~20-30%% faster on GPU per the seed)")
+    sd_data.run_main(main, parser.parse_args())

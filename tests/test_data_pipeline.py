@@ -1,0 +1,222 @@
+"""End to end: generated images served on 127.0.0.1 -> 02 -> 03 (real img2dataset) -> 04 -> 05 ->
+encode_latents with a tiny local VAE, exact counts at every step, then a second run that redoes nothing."""
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import SD_Model
+import sd_data
+from data_fixtures import (LoopbackServer, bad_image_bytes, good_jpeg, laion_rows, natural_image, run_script,
+                           summary_value, to_bytes, write_parquet, write_tar)
+from tiny_models import save_tiny_tokenizer, save_tiny_vae
+
+RES = 64
+N_GOOD_JPEG, N_GOOD_PNG = 20, 4
+SERVED_OK = ["cmyk_jpeg", "png16", "alpha_png"]          # awkward but decodable: img2dataset keeps them
+RESIZE_FAIL = ["html", "empty", "truncated_jpeg", "tiny", "huge"]  # img2dataset's decode/size checks drop them
+DOWNLOAD_FAIL = ["missing", "slow", "robots"]             # 404, timeout, X-Robots-Tag: noai
+WORDS = "a photo of red house number awkward broken image extra sample".split()
+
+
+def build_inputs(root, base_url):
+    """Images in root/www, LAION-schema metadata in root/meta (two shards, with variant column names)."""
+    www = root / "www"
+    www.mkdir()
+    urls = []
+    sizes = [(96, 80), (80, 112), (200, 120), (72, 72)]
+    for i in range(N_GOOD_JPEG):
+        w, h = sizes[i % len(sizes)]
+        (www / f"good{i}.jpg").write_bytes(good_jpeg(i, w, h))
+        urls.append(f"{base_url}/good{i}.jpg")
+    for i in range(N_GOOD_PNG):
+        (www / f"goodpng{i}.png").write_bytes(to_bytes(natural_image(90, 70, 100 + i), "PNG"))
+        urls.append(f"{base_url}/goodpng{i}.png")
+    for kind in SERVED_OK + RESIZE_FAIL:
+        ext = "png" if "png" in kind or kind == "tiny" else "jpg"  # html and empty are served as .jpg
+        (www / f"{kind}.{ext}").write_bytes(bad_image_bytes(kind))
+        urls.append(f"{base_url}/{kind}.{ext}")
+    urls += [f"{base_url}/missing.jpg", f"{base_url}/slow/good0.jpg", f"{base_url}/robots/good1.jpg"]
+    n_served = len(urls)
+
+    rows = laion_rows(n_served, caption=[f"a photo of red house number {i}" for i in range(n_served)], url=urls)
+    # rows that 02 must drop, one per filter, in funnel order
+    dropped = {"aesthetic": 6.0, "similarity": 0.2, "width": 300, "height": 200, "pwatermark": 0.9, "punsafe": 0.9}
+    for col, bad in dropped.items():
+        extra = laion_rows(1, seed=col)
+        extra[col] = [bad]
+        for k in rows:
+            rows[k] += extra[k]
+    for cap in [None, "  ", "IMG_0042.JPG", "ok"]:  # missing, blank, file name, too short
+        extra = laion_rows(1, seed=f"cap{cap}", caption=[cap])
+        for k in rows:
+            rows[k] += extra[k]
+    for k in rows:  # duplicates: same URL as row 0, and same LAION hash as row 1
+        rows[k] += [rows[k][0]] + ([rows[k][1]] if k == "hash" else [f"{rows[k][1]}?dup" if k == "url" else rows[k][1]])
+    n = len(rows["url"])
+    # two shards; the second uses laion2B-en's upper-case spellings, which 01 normalises
+    half = n // 2
+    upper = {"url": "URL", "caption": "TEXT", "width": "WIDTH", "height": "HEIGHT", "similarity": "similarity",
+             "punsafe": "punsafe", "pwatermark": "pwatermark", "aesthetic": "AESTHETIC_SCORE", "hash": "hash"}
+    write_parquet(root / "raw" / "part-00000.parquet", {k: v[:half] for k, v in rows.items()})
+    write_parquet(root / "raw" / "part-00001.parquet", {upper[k]: v[half:] for k, v in rows.items()})
+    return n, n_served
+
+
+def mtimes(folder, pattern):
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.rglob(pattern))}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    # scaling factor 0.5, not SD's 0.18215: proves the pipeline reads it from the VAE's config
+    save_tiny_vae(d / "vae", scaling_factor=0.5)
+    save_tiny_tokenizer(d / "tok", WORDS)
+    return str(d / "vae"), str(d / "tok")
+
+
+def test_pipeline_end_to_end(tmp_path, models):
+    vae_dir, tok_dir = models
+    d = {k: tmp_path / k for k in ("meta", "filtered", "tars", "tokens", "hf", "latents")}
+    with LoopbackServer(tmp_path / "www", slow_seconds=4) as server:
+        n_rows, n_served = build_inputs(tmp_path, server.url)
+
+        # 01: normalise the two shards' column names
+        out = run_script("01_download_metadata.py", "--source", tmp_path / "raw", "--out", d["meta"]).stdout
+        assert summary_value(out, "rows") == n_rows
+        for p in sorted(d["meta"].glob("*.parquet")):
+            assert {"url", "caption", "aesthetic", "width"} <= set(pq.read_schema(p).names)
+
+        # 02: phase-1 preset; the funnel drops exactly one row per filter, four captions, two duplicates
+        out = run_script("02_filter_metadata.py", "--meta", d["meta"], "--out", d["filtered"], "--preset", "phase1").stdout
+        assert summary_value(out, "rows in") == n_rows
+        assert summary_value(out, "aesthetic >= 6.5") == n_rows - 1
+        assert summary_value(out, "similarity >= 0.28") == n_rows - 2
+        assert summary_value(out, "width >= 512") == n_rows - 3
+        assert summary_value(out, "height >= 512") == n_rows - 4
+        assert summary_value(out, "pwatermark < 0.5") == n_rows - 5
+        assert summary_value(out, "punsafe < 0.5") == n_rows - 6
+        assert summary_value(out, "caption ok") == n_rows - 10
+        assert summary_value(out, "skipped: no caption") == 2
+        assert summary_value(out, "skipped: caption is a file name") == 1
+        assert summary_value(out, "skipped: caption too short") == 1
+        assert summary_value(out, "kept") == n_served
+        kept_urls = [u for p in sorted(d["filtered"].glob("*.parquet")) for u in pq.read_table(p)["url"].to_pylist()]
+        assert len(kept_urls) == len(set(kept_urls)) == n_served
+
+        # 03: real img2dataset over loopback
+        out = run_script("03_download_images.py", "--meta", d["filtered"], "--out", d["tars"], "--image_size", RES,
+                         "--processes", 1, "--threads", 8, "--shard_size", 12, "--timeout", 2,
+                         "--min_image_size", 32, "--max_image_area", 4e6).stdout
+        n_ok = N_GOOD_JPEG + N_GOOD_PNG + len(SERVED_OK)
+        assert summary_value(out, "urls in") == n_served
+        assert summary_value(out, "kept (downloaded + resized)") == n_ok
+        assert summary_value(out, "skipped: download failed") == len(DOWNLOAD_FAIL)
+        assert summary_value(out, "skipped: decode/resize failed") == len(RESIZE_FAIL)
+        assert "Use of image disallowed by X-Robots-Tag directive" in out
+        tars = sorted(d["tars"].glob("*.tar"))
+        assert len(tars) == 3  # 35 urls / 12 per shard, across two input files
+        tar_mtimes = mtimes(d["tars"], "*.tar")
+
+        # a second 03 run downloads nothing (img2dataset's incremental mode)
+        out = run_script("03_download_images.py", "--meta", d["filtered"], "--out", d["tars"], "--image_size", RES,
+                         "--processes", 1, "--threads", 8, "--shard_size", 12, "--timeout", 2,
+                         "--min_image_size", 32, "--max_image_area", 4e6).stdout
+        assert summary_value(out, "shards downloaded now") == 0
+        assert mtimes(d["tars"], "*.tar") == tar_mtimes
+
+    # damage the data as the wild does: cut the last shard inside its last image, and add a hand-made shard
+    # with a sample without caption and an HTML page saved as .jpg
+    last = tars[-1]
+    with tarfile.open(last) as tf:
+        members = tf.getmembers()
+    last_key = members[-1].name.split(".")[0]
+    first_of_last = min(m.offset_data for m in members if m.name.startswith(last_key))
+    last.write_bytes(last.read_bytes()[:first_of_last + 100])
+    write_tar(d["tars"] / "99999.tar", {
+        "extra0.jpg": to_bytes(natural_image(80, 80, 7), "JPEG"), "extra0.txt": b"an extra sample",
+        "nocap1.jpg": to_bytes(natural_image(80, 80, 8), "JPEG"),
+        "html2.jpg": bad_image_bytes("html"), "html2.txt": b"a broken image",
+    })
+    n_tar_samples = n_ok - 1 + 3
+
+    # 04: captions + token ids
+    out = run_script("04_preprocess_to_cache.py", "--tars", d["tars"], "--out", d["tokens"], "--tokenizer", tok_dir,
+                     "--workers", 2).stdout
+    assert summary_value(out, "truncated tar") == 1
+    assert summary_value(out, "samples in") == n_tar_samples
+    assert summary_value(out, "skipped: no caption") == 1
+    assert summary_value(out, "skipped: not an image") == 1
+    n_captioned = n_tar_samples - 2
+    assert summary_value(out, "kept") == n_captioned
+    tokens = [r for p in sorted(d["tokens"].glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert len(tokens) == n_captioned
+    tok = SD_Model.load_tokenizer(tok_dir)
+    expect_ids = SD_Model.tokenize(tok, [r["caption"] for r in tokens]).tolist()
+    assert [r["input_ids"] for r in tokens] == expect_ids
+    assert all(len(r["input_ids"]) == 77 for r in tokens)
+    assert any(r["caption"] == "an extra sample" for r in tokens)
+
+    # 05: DatasetDict with a deterministic split
+    out = run_script("05_build_hf_dataset.py", "--batches", d["tokens"], "--out", d["hf"], "--val_fraction", 0.25).stdout
+    train, val = sd_data.open_captions(d["hf"], "train"), sd_data.open_captions(d["hf"], "validation")
+    assert len(train) + len(val) == n_captioned
+    assert summary_value(out, "validation") == len(val) > 0 and len(train) > 0
+    assert all(sd_data.is_validation_key(k, 0.25) for k in val["image_key"])
+    assert not any(sd_data.is_validation_key(k, 0.25) for k in train["image_key"])
+    assert len(train[0]["input_ids"]) == 77
+
+    # encode_latents: the tiny VAE on CPU
+    enc_args = ["--tars", d["tars"], "--out", d["latents"], "--vae", vae_dir, "--resolution", RES, "--device", "cpu",
+                "--workers", 2, "--batch_size", 4, "--chunk_size", 3]
+    out = run_script("encode_latents.py", *enc_args).stdout
+    n_latents = n_tar_samples - 1  # the uncaptioned image is encoded too; the HTML page is not
+    assert summary_value(out, "samples in") == n_tar_samples
+    assert summary_value(out, "truncated tar") == 1
+    assert summary_value(out, "skipped: not an image") == 1
+    assert summary_value(out, "encoded now") == n_latents
+    info = sd_data.load_latent_info(d["latents"])
+    vae = SD_Model.FrozenVAE(vae_dir)
+    assert info == {"vae": vae_dir, "scaling_factor": 0.5, "resolution": RES, "latent_shape": [4, RES // 8, RES // 8],
+                    "dtype": "float16", "count": n_latents}
+    assert len(sd_data.existing_latent_keys(d["latents"])) == n_latents
+    for k in list(train["image_key"]) + list(val["image_key"]):  # every captioned key has its latent
+        assert sd_data.latent_path(d["latents"], k).exists()
+
+    # the stored latents are exactly what the VAE gives for the same preprocessed image (fp16 tolerance),
+    # and decode to the same images
+    samples = {k: s for t in sorted(d["tars"].glob("*.tar")) for k, s in sd_data.iter_tar_samples(t)}
+    keys = sorted(k for k in samples if k != "html2")[:6]
+    images = np.stack([sd_data.load_image_square(sd_data.sample_image(samples[k]), RES) for k in keys])
+    direct = vae.encode(sd_data.images_to_tensor(torch.from_numpy(images)))
+    stored = torch.from_numpy(np.stack([sd_data.read_latent(d["latents"], k) for k in keys]))
+    assert stored.dtype == torch.float16 and stored.shape == (6, 4, RES // 8, RES // 8)
+    torch.testing.assert_close(stored.float(), direct, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(vae.decode(stored.float()), vae.decode(direct.half().float()), rtol=1e-4, atol=1e-4)
+
+    # second run of every step: nothing redone, outputs untouched
+    lat_mtimes = mtimes(d["latents"], "*.npy")
+    tok_mtimes = mtimes(d["tokens"], "*.parquet")
+    out = run_script("02_filter_metadata.py", "--meta", d["meta"], "--out", d["filtered"], "--preset", "phase1").stdout
+    assert summary_value(out, "shards already done") == 2 and summary_value(out, "kept") == n_served
+    out = run_script("04_preprocess_to_cache.py", "--tars", d["tars"], "--out", d["tokens"], "--tokenizer", tok_dir).stdout
+    assert summary_value(out, "shards already done") == len(tars) + 1 and mtimes(d["tokens"], "*.parquet") == tok_mtimes
+    out = run_script("05_build_hf_dataset.py", "--batches", d["tokens"], "--out", d["hf"], "--val_fraction", 0.25).stdout
+    assert "nothing rebuilt" in out
+    out = run_script("encode_latents.py", *enc_args).stdout
+    assert summary_value(out, "encoded now") == 0 and summary_value(out, "already encoded") == n_latents
+    assert mtimes(d["latents"], "*.npy") == lat_mtimes
+
+    # an interrupted encode (two latents missing) resumes with exactly those two
+    for k in keys[:2]:
+        sd_data.latent_path(d["latents"], k).unlink()
+    out = run_script("encode_latents.py", *enc_args).stdout
+    assert summary_value(out, "encoded now") == 2
+    assert json.loads((d["latents"] / "latent_info.json").read_text())["count"] == n_latents
+    after = mtimes(d["latents"], "*.npy")
+    assert {k: v for k, v in after.items() if k[:-4] not in keys[:2]} == \
+        {k: v for k, v in lat_mtimes.items() if k[:-4] not in keys[:2]}
