@@ -179,10 +179,15 @@ def run_pipeline(args, tars, done_keys, encode, on_batch):
 
 
 def main(args):
-    tars = sd_data.list_files(args.tars, [".tar"], "tar")
+    # under `torchrun --nproc_per_node=G` each process takes every G-th shard on its own GPU; they share
+    # nothing but the output folder, so no process group is needed
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    tars = sd_data.list_files(args.tars, [".tar"], "tar")[rank::world]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and world > 1:
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    device = args.device if not args.device.startswith("cuda") or torch.cuda.is_available() else "cpu"
     if device != args.device:
         print("CUDA not available: encoding on CPU")
     args.device = device
@@ -240,16 +245,18 @@ def main(args):
         write_q.put(DONE)
         writer_thread.join()
         bar.close()
-        # count what is on disk, so an interrupted run still leaves a truthful latent_info.json
-        sd_data.write_latent_info(out, dict(info, count=already + written[0]))
+        # count what is on disk (all processes' work), so an interrupted run leaves a truthful latent_info.json
+        sd_data.write_latent_info(out, dict(info, count=len(sd_data.existing_latent_keys(out))))
     if writer_thread.error is not None:
         raise writer_thread.error
     seconds = time.time() - start
     rows = [("shards", len(tars)), ("truncated tar", counts["truncated tar"]), ("samples in", counts["samples in"]),
             ("already encoded", counts["already encoded"]), ("encoded now", written[0])]
     rows += [(k, v) for k, v in sorted(counts.items()) if k.startswith("skipped:")]
-    rows += [("latents in folder", already + written[0]), ("img/s", f"{written[0] / max(seconds, 1e-9):.1f}")]
-    sd_data.print_summary(f"encode_latents ({device}, {vae.name}) -> {out}", rows)
+    rows += [("latents in folder", len(sd_data.existing_latent_keys(out))),
+             ("img/s", f"{written[0] / max(seconds, 1e-9):.1f}")]
+    part = f", shards {rank}::{world}" if world > 1 else ""
+    sd_data.print_summary(f"encode_latents ({device}{part}, {vae.name}) -> {out}", rows)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

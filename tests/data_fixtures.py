@@ -139,10 +139,10 @@ def write_tar(path, members):
             tf.addfile(info, io.BytesIO(data))
 
 
-def run_script(script, *args, check=True, timeout=300):
+def run_script(script, *args, check=True, timeout=300, env=None):
     """Run a repo script as a user would (`python SCRIPT ...`) and return the CompletedProcess."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
     proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -211,11 +211,14 @@ def test_pipeline_end_to_end(tmp_path, models):
     assert summary_value(out, "encoded now") == 0 and summary_value(out, "already encoded") == n_latents
     assert mtimes(d["latents"], "*.npy") == lat_mtimes
 
-    # an interrupted encode (two latents missing) resumes with exactly those two
+    # an interrupted encode (two latents missing) resumes with exactly those two, here as two torchrun-style
+    # processes that split the shards between them
     for k in keys[:2]:
         sd_data.latent_path(d["latents"], k).unlink()
-    out = run_script("encode_latents.py", *enc_args).stdout
-    assert summary_value(out, "encoded now") == 2
+    outs = [run_script("encode_latents.py", *enc_args, env={"RANK": str(r), "WORLD_SIZE": "2"}).stdout for r in (0, 1)]
+    assert sum(summary_value(o, "encoded now") for o in outs) == 2
+    assert sum(summary_value(o, "already encoded") for o in outs) == n_latents - 2
+    assert summary_value(outs[1], "latents in folder") == n_latents
     assert json.loads((d["latents"] / "latent_info.json").read_text())["count"] == n_latents
     after = mtimes(d["latents"], "*.npy")
     assert {k: v for k, v in after.items() if k[:-4] not in keys[:2]} == \
