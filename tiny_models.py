@@ -30,15 +30,27 @@ def save_tiny_tokenizer(out_dir, words=WORDS):
     out_dir.mkdir(parents=True, exist_ok=True)
     chars = _bytes_to_unicode()
     vocab = chars + [c + "</w>" for c in chars]
-    merges = []
+    # Replay BPE on each word (lowest-ranked known pair first, every occurrence at once) and add a merge for
+    # the first pair only when no known one applies: merges made for "red" ("r e") would otherwise split "green".
+    ranks = {}
     for w in dict.fromkeys(words):
         parts = list(w[:-1]) + [w[-1] + "</w>"]
         while len(parts) > 1:
-            pair = (parts[0], parts[1])
-            if " ".join(pair) not in merges:
-                merges.append(" ".join(pair))
+            pairs = list(zip(parts, parts[1:]))
+            pair = min(pairs, key=lambda q: ranks.get(q, len(ranks)))
+            if pair not in ranks:
+                ranks[pair] = len(ranks)
                 vocab.append(pair[0] + pair[1])
-            parts = [pair[0] + pair[1]] + parts[2:]
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                    merged.append(pair[0] + pair[1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+    merges = [" ".join(q) for q in ranks]
     vocab = list(dict.fromkeys(vocab + ["<|startoftext|>", "<|endoftext|>"]))
     (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")

@@ -1,0 +1,95 @@
+"""The demo's world (demo/shapes.py): the classifier behind the score reads the generated ground truth
+exactly, the captions and vocabulary agree, generation is a pure function of the seed, and the metadata
+passes 02_filter_metadata.py with the flags the demo runs it with."""
+import argparse
+import itertools
+import subprocess
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from data_fixtures import summary_value
+from demo import run, shapes
+from tiny_models import save_tiny_tokenizer
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return shapes.random_scenes(600, seed=0, size=SIZE)
+
+
+def test_classifier_reads_clean_images_exactly(scenes):
+    images = [shapes.render(s, SIZE) for s in scenes]
+    assert [shapes.classify(im) for im in images] == [(s.color, s.shape) for s in scenes]
+    assert shapes.score(images, [s.caption for s in scenes]) == (1.0, 1.0)
+
+
+def test_classifier_survives_blur_and_jpeg(scenes):
+    """What a VAE round trip does to an image, roughly: soft edges and compression noise."""
+    hits = np.zeros(2)
+    for s in scenes:
+        img = cv2.GaussianBlur(shapes.render(s, SIZE), (5, 5), 1.0)
+        img = cv2.imdecode(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 75])[1], cv2.IMREAD_UNCHANGED)
+        hits += np.equal(shapes.classify(img), (s.color, s.shape))
+    assert (hits / len(scenes) >= 0.98).all(), hits / len(scenes)
+
+
+def test_classifier_on_blank_and_wrong_images():
+    blank = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    assert shapes.classify(blank) == (None, None)
+    red_square = shapes.render(shapes.Scene("red", "square", "white", (10, 10, 40, 40)), SIZE)
+    assert shapes.score([blank, red_square, red_square], ["a red square on a gray background",
+                                                          "a red square on a white background",
+                                                          "a blue circle on a white background"]) == (1 / 3, 1 / 3)
+
+
+def test_palette_is_separable():
+    colors = {k: np.array(v, float) for k, v in shapes.COLORS.items()}
+    backgrounds = [np.array(v, float) for v in shapes.BACKGROUNDS.values()]
+    assert len(colors) >= 8 and len(shapes.SHAPES) == 3
+    assert min(np.linalg.norm(c - b) for c in colors.values() for b in backgrounds) >= 100
+    assert min(np.linalg.norm(a - b) for a, b in itertools.combinations(colors.values(), 2)) >= 80
+
+
+def test_captions_and_vocabulary(scenes, tmp_path):
+    for s in scenes:
+        assert shapes.parse_caption(s.caption) == (s.color, s.shape, s.background)
+    assert {(s.color, s.shape, s.background) for s in scenes} == \
+        set(itertools.product(shapes.COLORS, shapes.SHAPES, shapes.BACKGROUNDS))   # 600 draws cover all 72
+    grid = shapes.prompt_grid()
+    assert len(grid) == len(set(grid)) == 24
+    assert {shapes.parse_caption(p)[:2] for p in grid} == set(itertools.product(shapes.COLORS, shapes.SHAPES))
+    assert {shapes.parse_caption(p)[2] for p in grid} == set(shapes.BACKGROUNDS)
+    # every caption word is one token of the demo's tokenizer: BOS + 7 words + EOS
+    tok = save_tiny_tokenizer(tmp_path / "tok", shapes.WORDS)
+    for p in grid:
+        ids = tok(p).input_ids
+        assert len(ids) == 9 and tok.unk_token_id not in ids[1:-1]
+    with pytest.raises(ValueError):
+        shapes.parse_caption("a red hexagon on a gray background")
+
+
+def test_generation_is_a_function_of_the_seed():
+    a, b, c = (shapes.random_scenes(50, seed, SIZE) for seed in (3, 3, 4))
+    assert a == b and a != c
+    assert all(np.array_equal(shapes.render(x, SIZE), shapes.render(y, SIZE)) for x, y in zip(a, b))
+    for s in a:                                         # inside the image, as drawn
+        x0, y0, x1, y1 = s.box
+        assert 2 <= x0 < x1 <= SIZE - 2 and 2 <= y0 < y1 <= SIZE - 2 and x1 - x0 == pytest.approx(y1 - y0)
+
+
+def test_metadata_passes_02_as_the_demo_runs_it(tmp_path):
+    d = run.folders(tmp_path)
+    scenes = shapes.write_dataset(d.www, d.meta / "part-00000.parquet", 40, 0, SIZE, "http://127.0.0.1:9")
+    assert sorted(p.name for p in d.www.iterdir()) == [f"{i:06d}.png" for i in range(40)]
+    args = argparse.Namespace(resolution=SIZE, vae_steps=1, nproc=1, n=1, steps=1, cfg=1.0)
+    argv = [str(a) for a in dict(run.script_steps(args, d))["02 filter metadata"]]
+    out = subprocess.run(argv, cwd=run.REPO, capture_output=True, text=True, check=True).stdout
+    assert summary_value(out, "rows in") == summary_value(out, "kept") == 40
+    kept = pq.read_table(d.filtered / "part-00000.parquet").to_pydict()
+    assert kept["caption"] == [s.caption for s in scenes]
+    assert kept["url"] == [f"http://127.0.0.1:9/{i:06d}.png" for i in range(40)]
