@@ -1,0 +1,156 @@
+"""`make demo`: the real pipeline end to end, offline, on generated colored shapes, on CPU, ending with a
+prompt-following score.
+
+Runs the same scripts users run, in order, each as its own process with the flags printed: generate the
+images and their LAION-schema metadata -> serve them on 127.0.0.1 -> 02_filter_metadata.py ->
+03_download_images.py (img2dataset) -> 04_preprocess_to_cache.py -> 05_build_hf_dataset.py -> train the demo VAE
+-> encode_latents.py -> torchrun SD_Train.py --phase demo (gloo) -> SD_ImageGen.py on every color x shape
+prompt -> the score. Everything lands under --root; a re-run reuses every finished step (each script resumes
+on its own), so deleting --root is the way to start over.
+
+    python -m demo.run
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+import sd_data
+from demo import shapes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def folders(root):
+    """Every input and output of the demo, by name. latents/, captions/ and clip/ are what the `demo` phase in
+    configs/phases.yaml reads when --root is left at data/demo."""
+    root = Path(root)
+    names = ["www", "meta", "filtered", "tars", "tokens", "captions", "clip", "vae", "latents", "run", "samples"]
+    return argparse.Namespace(root=root, **{n: root / n for n in names})
+
+
+def script_steps(args, d):
+    """(title, argv) of each script run, in order: exactly what a user would type for this data set."""
+    py, res = sys.executable, str(args.resolution)
+    return [
+        ("02 filter metadata", [py, "02_filter_metadata.py", "--meta", d.meta, "--out", d.filtered,
+                                "--preset", "phase1", "--min_width", res, "--min_height", res]),
+        ("03 download images (img2dataset)", [py, "03_download_images.py", "--meta", d.filtered, "--out", d.tars,
+                                              "--image_size", res, "--min_image_size", res, "--processes", "1",
+                                              "--threads", "16", "--shard_size", "1000", "--timeout", "10"]),
+        ("04 captions -> CLIP token ids", [py, "04_preprocess_to_cache.py", "--tars", d.tars, "--out", d.tokens,
+                                           "--tokenizer", d.clip, "--min_image_size", res, "--workers", "2"]),
+        ("05 caption dataset (train / validation)", [py, "05_build_hf_dataset.py", "--batches", d.tokens,
+                                                     "--out", d.captions, "--val_fraction", "0.02"]),
+        ("train the demo VAE", [py, "-m", "demo.train_vae", "--tars", d.tars, "--out", d.vae, "--resolution", res,
+                                "--steps", str(args.vae_steps)]),
+        ("encode latents", [py, "encode_latents.py", "--tars", d.tars, "--out", d.latents, "--vae", d.vae,
+                            "--resolution", res, "--device", "cpu", "--workers", "1", "--batch_size", "64",
+                            "--min_image_size", res]),
+        ("train the UNet (torchrun, gloo)", [py, "-m", "torch.distributed.run", "--standalone",
+                                             "--nproc_per_node", str(args.nproc), "SD_Train.py", "--phase", "demo",
+                                             "--resume", "auto", "--datasets", f"{d.latents}:{d.captions}",
+                                             "--text_encoder", d.clip, "--resolution", res, "--out_dir", d.run]),
+        ("sample every color x shape prompt", [py, "SD_ImageGen.py", "--ckpt", d.run / "ema_final.safetensors",
+                                               "--prompts", d.samples / "prompts.txt", "--n", str(args.n),
+                                               "--steps", str(args.steps), "--cfg", str(args.cfg), "--seed", "0",
+                                               "--height", res, "--width", res, "--device", "cpu",
+                                               "--out", d.samples / "sample.png"]),
+    ]
+
+
+def run_script(title, argv, timings):
+    """Run one step as its own process (output streamed), timed; stop the demo if it fails."""
+    argv = [str(a) for a in argv]
+    print(f"\n=== {title}\n$ {' '.join(argv[1:] if argv[0] == sys.executable else argv)}", flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1",
+               TOKENIZERS_PARALLELISM="false")
+    start = time.time()
+    if subprocess.run(argv, cwd=REPO, env=env).returncode != 0:
+        raise SystemExit(f"make demo: step '{title}' failed (its output is above)")
+    timings.append((title, time.time() - start))
+
+
+def served_port(meta_file):
+    """The port an earlier run's metadata points at (its URLs must stay valid for 03 to resume), else 0 (any)."""
+    if not meta_file.exists():
+        return 0
+    import pyarrow.parquet as pq
+    return urlparse(pq.read_table(meta_file, columns=["url"]).column("url")[0].as_py()).port
+
+
+def read_samples(folder):
+    """The images SD_ImageGen.py wrote, in order, with the prompt each one carries in its PNG text."""
+    from PIL import Image
+    images, prompts = [], []
+    for path in sorted(folder.glob("sample_*.png")):
+        with Image.open(path) as im:
+            images.append(np.asarray(im.convert("RGB")))
+            prompts.append(im.text["prompt"])
+    return np.stack(images), prompts
+
+
+def main(args):
+    import SD_Model
+    from tiny_models import save_tiny_clip
+    d = folders(args.root)
+    steps = dict(script_steps(args, d))
+    timings, start = [], time.time()
+    print(f"make demo: {args.images} generated {args.resolution} px images -> the whole pipeline -> a score; "
+          f"everything under {d.root}/")
+
+    # The data set and its download: images served on 127.0.0.1, the metadata pointing at them.
+    meta_file = d.meta / "part-00000.parquet"
+    with sd_data.LoopbackServer(d.www, port=served_port(meta_file)) as server:
+        print(f"\n=== generate the data set\nserving {d.www} at {server.url}")
+        if meta_file.exists():
+            print(f"already generated: {meta_file}")
+        else:
+            t = time.time()
+            shapes.write_dataset(d.www, meta_file, args.images, args.seed, args.resolution, server.url)
+            timings.append(("generate the data set", time.time() - t))
+            print(f"wrote {args.images} images to {d.www} and their metadata to {meta_file}")
+        for title in ("02 filter metadata", "03 download images (img2dataset)"):
+            run_script(title, steps.pop(title), timings)
+
+    # The frozen text encoder: a tokenizer whose vocabulary holds every caption word, and a random CLIP.
+    print(f"\n=== the demo's CLIP text encoder\n{d.clip}")
+    if not (d.clip / "config.json").exists():
+        t = time.time()
+        save_tiny_clip(d.clip, hidden=64, layers=2, heads=2, words=shapes.WORDS)   # 64-d: the demo UNet's context
+        timings.append(("CLIP text encoder", time.time() - t))
+    prompts_file = d.samples / "prompts.txt"
+    prompts_file.parent.mkdir(parents=True, exist_ok=True)
+    prompts_file.write_text("\n".join(shapes.prompt_grid()) + "\n")
+    for title, argv in steps.items():
+        run_script(title, argv, timings)
+
+    # The score: every image of every color x shape prompt through the fixed-rule classifier.
+    images, prompts = read_samples(d.samples)
+    grid = d.samples / "grid.png"
+    from PIL import Image
+    Image.fromarray(SD_Model.make_grid(images, cols=args.n)).save(grid)
+    color, shape = shapes.score(images, prompts)
+    sd_data.print_summary(f"make demo: {time.time() - start:.0f} s in all", [(t, f"{s:.0f} s") for t, s in timings])
+    print(f"grid of {len(prompts) // args.n} prompts x {args.n} seeds: {grid} (prompts: {prompts_file})")
+    print(f"prompt-following: color {color:.2f} shape {shape:.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--root", default="data/demo", help="folder for every input and output of the demo")
+    parser.add_argument("--images", type=int, default=3000, help="generated images")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated data set")
+    parser.add_argument("--resolution", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--vae_steps", type=int, default=1500, help="optimizer steps of the demo VAE")
+    parser.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
+    parser.add_argument("--n", type=int, default=4, help="images per prompt for the score")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps for the score")
+    parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale for the score")
+    main(parser.parse_args())

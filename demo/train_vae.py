@@ -1,0 +1,141 @@
+"""Train the demo's small AutoencoderKL on the images of webdataset tars and save it with save_pretrained.
+
+No pretrained VAE is reachable offline, so the demo trains its own: a 3-level diffusers AutoencoderKL (4x
+downsampling: 64 px images -> 4 x 16 x 16 latents) with an L1 reconstruction loss and a small KL term (the
+LDM recipe without its perceptual and GAN losses, which flat shapes do not need). Its scaling factor is set to
+1 / std of the latents, as SD's 0.18215 was measured, so encode_latents.py, SD_Train.py and SD_ImageGen.py load
+it with `--vae DIR` exactly as they load sd-vae-ft-mse.
+
+    python -m demo.train_vae --tars data/demo/tars --out data/demo/vae
+"""
+import argparse
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import sd_data
+
+
+def load_images(tars, resolution, min_size):
+    """Every decodable image of the tars, preprocessed as encode_latents does: (N, res, res, 3) uint8."""
+    images, skipped = [], 0
+    for tar in tqdm(tars, desc="read", unit="tar"):
+        for _, sample in sd_data.iter_tar_samples(tar):
+            try:
+                images.append(sd_data.load_image_square(sd_data.sample_image(sample), resolution, min_size))
+            except sd_data.BadSample:
+                skipped += 1
+    if not images:
+        raise sd_data.user_error(f"no usable images in {len(tars)} tars")
+    return torch.from_numpy(np.stack(images)), skipped
+
+
+def build_vae(channels, layers, groups):
+    """An AutoencoderKL with one level per entry of `channels`; each level but the last halves the size."""
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(channels),
+                         down_block_types=("DownEncoderBlock2D",) * len(channels),
+                         up_block_types=("UpDecoderBlock2D",) * len(channels),
+                         layers_per_block=layers, norm_num_groups=groups)
+
+
+def lr_at(step, steps, warmup):
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+@torch.no_grad()
+def latent_stats(vae, images, batch):
+    """(std of the posterior means, reconstruction PSNR in dB) over `images`: the means are what
+    FrozenVAE.encode stores, so their std is what the scaling factor must undo."""
+    means, sq_err = [], 0.0
+    for i in range(0, len(images), batch):
+        x = sd_data.images_to_tensor(images[i:i + batch])                # (B, 3, res, res) in [-1, 1]
+        mean = vae.encode(x).latent_dist.mean                            # (B, 4, res/f, res/f)
+        means.append(mean)
+        sq_err += ((vae.decode(mean).sample.clamp(-1, 1) - x) / 2).pow(2).sum().item()
+    mse = sq_err / (len(images) * images[0].numel())
+    return torch.cat(means).std().item(), -10 * math.log10(max(mse, 1e-12))
+
+
+def main(args):
+    out = Path(args.out)
+    if (out / "config.json").exists():
+        print(f"VAE already trained: {out} (delete the folder to train again)")
+        return
+    torch.manual_seed(args.seed)
+    images, skipped = load_images(sd_data.list_files(args.tars, [".tar"], "tar"), args.resolution, args.min_image_size)
+    probe = images[:args.stat_images]                                    # fixed, for the scaling factor and PSNR
+    vae = build_vae(args.channels, args.layers, args.groups).train()
+    # Start near-deterministic (posterior std e^-4 instead of 1): with unit noise on the latents the decoder first
+    # learns the average color of everything, and the weak KL term takes thousands of steps to undo that.
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels:] = -8.0                 # log-variance channels
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, args.steps, args.warmup_steps))
+    g = torch.Generator().manual_seed(args.seed)
+
+    start, window = time.time(), []
+    bar = tqdm(range(args.steps), desc="train VAE", unit="step")
+    for step in bar:
+        x = sd_data.images_to_tensor(images[torch.randint(len(images), (args.batch_size,), generator=g)])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=g)).sample
+        l1 = (recon - x).abs().mean()
+        kl = posterior.kl().mean()                                       # summed over latent elements, per image
+        loss = l1 + args.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        window.append((l1.item(), kl.item()))
+        if (step + 1) % args.log_every == 0:
+            l1_mean, kl_mean = np.mean(window, axis=0)
+            bar.set_postfix(l1=f"{l1_mean:.4f}", kl=f"{kl_mean:.0f}")
+            window.clear()
+    seconds = time.time() - start
+
+    vae.eval()
+    std, psnr = latent_stats(vae, probe, args.batch_size)
+    vae.register_to_config(scaling_factor=1.0 / std, sample_size=args.resolution)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)                                               # our own interrupted save
+    vae.save_pretrained(tmp)
+    tmp.replace(out)
+    sd_data.print_summary(f"demo VAE -> {out}", [
+        ("images", len(images)), ("skipped: unusable image", skipped), ("steps", args.steps),
+        ("batch size", args.batch_size), ("parameters", sum(p.numel() for p in vae.parameters())),
+        ("downsampling", 2 ** (len(args.channels) - 1)), ("latent std before scaling", f"{std:.4f}"),
+        ("scaling factor", f"{1.0 / std:.5f}"), ("reconstruction PSNR (dB)", f"{psnr:.1f}"),
+        ("seconds", f"{seconds:.0f}")])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--tars", default="data/demo/tars", help="input folder of webdataset tar shards")
+    parser.add_argument("--out", default="data/demo/vae", help="output folder (diffusers AutoencoderKL layout)")
+    parser.add_argument("--resolution", type=int, default=64, help="square image side, as encode_latents will use")
+    parser.add_argument("--min_image_size", type=int, default=32, help="skip images whose shorter side is smaller")
+    parser.add_argument("--channels", type=lambda s: [int(c) for c in s.split(",")], default=[16, 32, 64],
+                        help="channels per level; n levels downsample 2^(n-1) times")
+    parser.add_argument("--layers", type=int, default=1, help="ResNet blocks per level (the decoder has one more)")
+    parser.add_argument("--groups", type=int, default=8, help="GroupNorm groups (divides every channel count)")
+    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    parser.add_argument("--batch_size", type=int, default=16, help="images per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    parser.add_argument("--warmup_steps", type=int, default=50, help="linear LR warmup steps")
+    parser.add_argument("--kl_weight", type=float, default=1e-6, help="weight of the KL term (per-image sum)")
+    parser.add_argument("--stat_images", type=int, default=512, help="images that measure the latent std and PSNR")
+    parser.add_argument("--log_every", type=int, default=25, help="steps between progress-bar loss updates")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the init, the batches and the posterior samples")
+    sd_data.run_main(main, parser.parse_args())
