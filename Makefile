@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt
 test: setup
 	$(PY) -m pytest -q tests
 
-# The whole pipeline, offline, on generated colored shapes: ~20 minutes on 2 CPU cores, everything under data/demo/
+# The whole pipeline, offline, on generated colored shapes: ~20 minutes on 2 CPU cores (plus the install), everything under data/demo/
 # (a re-run reuses finished steps; delete data/demo/ to start over). Ends with `prompt-following: color C shape S`.
 demo: setup
 	$(PY) -m demo.run

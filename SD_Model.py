@@ -398,8 +398,8 @@ def _small_sd2(**kw):
 
 def _demo(**kw):
     """The `make demo` model: big enough to learn colored shapes on 2 CPU cores in minutes."""
-    return UNetConfig(model_channels=64, channel_mult=(1, 2, 2), attn_stages=(False, True, True),
-                      num_heads=(4, 4, 4), transformer_depth=(1, 1, 1), context_dim=64, **kw)
+    return UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attn_stages=(False, True, True),
+                      num_heads=(2, 4, 4), transformer_depth=(1, 1, 1), context_dim=64, norm_groups=8, **kw)
 
 
 UNET_CONFIGS = {"sd1": _sd1, "sd2": _sd2, "small": _small, "small_sd2": _small_sd2, "demo": _demo}
@@ -1081,8 +1081,15 @@ def schedule_config(schedule):
     return {f.name: getattr(schedule, f.name) for f in fields(schedule) if f.init}
 
 
-def diffusers_scheduler_config(schedule, spacing="leading", steps_offset=1):
+def default_spacing(schedule):
+    """SD's leading spacing, except trailing for a zero-terminal-SNR schedule: only trailing starts sampling at
+    t = T, the pure-noise step such a model was trained on (Lin et al. 2023, sec. 3.3)."""
+    return "trailing" if schedule.zero_terminal_snr else "leading"
+
+
+def diffusers_scheduler_config(schedule, spacing=None, steps_offset=1):
     """The DDIMScheduler config that samples as our sample_ddim does (no clip, alpha_prev(0) = abar_0)."""
+    spacing = spacing or default_spacing(schedule)
     return {"_class_name": "DDIMScheduler", "_diffusers_version": "0.30.0",
             "num_train_timesteps": schedule.num_train_timesteps, "beta_start": schedule.beta_start,
             "beta_end": schedule.beta_end, "beta_schedule": schedule.beta_schedule,
@@ -1102,9 +1109,12 @@ class Pipeline:
     text_encoder: FrozenTextEncoder
     vae: FrozenVAE
     schedule: NoiseSchedule
-    spacing: str = "leading"
+    spacing: str = None          # None: default_spacing(schedule)
     steps_offset: int = 1
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.spacing = self.spacing or default_spacing(self.schedule)
 
 
 def load_pipeline(ckpt, device="cpu", dtype=torch.float32, weights="ema", vae=None, text_encoder=None,
@@ -1114,7 +1124,7 @@ def load_pipeline(ckpt, device="cpu", dtype=torch.float32, weights="ema", vae=No
     (the arguments override either)."""
     ckpt = Path(ckpt)
     sd, cfg, meta = read_unet_state(ckpt, prefer_ema=weights == "ema")
-    spacing, offset = "leading", 1
+    spacing, offset = None, 1
     sched_kw = meta.get("schedule", {})
     if ckpt.is_dir() and (ckpt / "model_index.json").exists():
         vae, text_encoder = vae or str(ckpt), text_encoder or str(ckpt)

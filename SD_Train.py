@@ -158,6 +158,9 @@ OPTIONS = {
     "grad_clip": (_float, 1.0, "max gradient norm"),
     "cfg_dropout": (_float, 0.1, "share of samples trained on the empty prompt, for classifier-free guidance"),
     "min_snr_gamma": (_float, 5.0, "Min-SNR-gamma loss weighting (Hang et al. 2023); 0 turns it off"),
+    "noise_offset": (_float, 0.0, "offset noise (Guttenberg 2023): add this x a per-sample, per-channel constant to "
+                                  "the noise, so an epsilon model learns to move an image's mean (very dark / light "
+                                  "images); 0 = off, as SD"),
     "ema_decay": (_float, 0.9999, "EMA decay, warmed up as min(decay, (1 + step) / (10 + step))"),
     "max_bad_steps": (_int, 20, "stop after this many non-finite losses in a row"),
     "seed": (_int, 0, "seed of the init, the data order and every sample's timestep, noise and CFG coin"),
@@ -378,10 +381,11 @@ def micro_slice(step_in_epoch, micro, rank, batch_size, grad_accum, world):
     return range(start, start + batch_size)
 
 
-def sample_randomness(seed, epoch, positions, shape, num_timesteps, cfg_dropout):
-    """Timestep, CFG-dropout coin and noise of each sample, a pure function of (seed, epoch, position in the
-    epoch): the same sample gets the same draws whatever the world size, micro-batching or resume point,
-    which is what makes DDP == one process, accumulation == a bigger batch and resume == no interruption.
+def sample_randomness(seed, epoch, positions, shape, num_timesteps, cfg_dropout, noise_offset=0.0):
+    """Timestep, CFG-dropout coin and noise (plus noise_offset x a per-channel constant) of each sample, a pure
+    function of (seed, epoch, position in the epoch): the same sample gets the same draws whatever the world
+    size, micro-batching or resume point, which is what makes DDP == one process, accumulation == a bigger
+    batch and resume == no interruption.
     A counter-based Philox stream per sample (key = seed, epoch; counter = position) keeps every stream
     distinct; torch's CPU generator would keep only 32 bits of a combined seed."""
     t, drop, noise = [], [], []
@@ -390,6 +394,8 @@ def sample_randomness(seed, epoch, positions, shape, num_timesteps, cfg_dropout)
         t.append(rng.integers(0, num_timesteps))
         drop.append(rng.random() < cfg_dropout)
         noise.append(rng.standard_normal(tuple(shape), dtype=np.float32))
+        if noise_offset:                                  # drawn last: offset 0 leaves every other draw as it was
+            noise[-1] += noise_offset * rng.standard_normal((shape[0], 1, 1), dtype=np.float32)
     return torch.tensor(t, dtype=torch.long), torch.tensor(drop), torch.from_numpy(np.stack(noise))
 
 
@@ -424,7 +430,7 @@ def step_batches(mix, order, first_step, cfg, world, rank, epoch, num_timesteps,
             pos = micro_slice(p, a, rank, B, A, world)
             latents, ids = mix.read(order[pos.start:pos.stop])
             t, drop, noise = sample_randomness(cfg["seed"], epoch, pos, latents.shape[1:], num_timesteps,
-                                               cfg["cfg_dropout"])
+                                               cfg["cfg_dropout"], cfg["noise_offset"])
             mb = {"latents": latents, "ids": ids, "t": t, "drop": drop, "noise": noise}
             micro.append({k: v.pin_memory() for k, v in mb.items()} if pin else mb)
         yield p, micro
@@ -606,7 +612,8 @@ def find_resume(cfg):
 
 
 # Options that fix which sample and which noise every step sees; a resume that changes them is another run.
-RUN_IDENTITY = ("seed", "datasets", "synthetic", "epoch_samples", "resolution", "cfg_dropout", "num_train_timesteps")
+RUN_IDENTITY = ("seed", "datasets", "synthetic", "epoch_samples", "resolution", "cfg_dropout", "num_train_timesteps",
+                "noise_offset")
 
 
 #################################################################################
@@ -754,7 +761,7 @@ def train(cfg, rank, world, device):
     resume_path = find_resume(cfg)
     if resume_path is not None:
         ckpt_meta = torch.load(resume_path, map_location="cpu", weights_only=True, mmap=True)["meta"]
-        changed = [k for k in RUN_IDENTITY if ckpt_meta["run_config"].get(k) != cfg[k]]
+        changed = [k for k in RUN_IDENTITY if ckpt_meta["run_config"].get(k, OPTIONS[k][1]) != cfg[k]]
         old_g = ckpt_meta["run_config"]["batch_size"] * ckpt_meta["run_config"]["grad_accum"] * \
             ckpt_meta["run_config"].get("world_size", 1)
         if changed or old_g != G:
@@ -821,6 +828,7 @@ def train(cfg, rank, world, device):
         scaling_factor = scaling_factor if scaling_factor is not None else vae.scaling_factor
     meta = {"model_config": asdict(model_cfg), "vae": vae_id, "scaling_factor": scaling_factor,
             "text_encoder": cfg["text_encoder"], "text_layer": cfg["text_layer"],
+            "resolution": cfg["resolution"],          # the samplers' default image size
             "schedule": {f.name: cfg[f.name] for f in fields(NoiseSchedule) if f.init},
             "run_config": dict(cfg, world_size=world)}
 

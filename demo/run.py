@@ -3,10 +3,10 @@ prompt-following score.
 
 Runs the same scripts users run, in order, each as its own process with the flags printed: generate the
 images and their LAION-schema metadata -> serve them on 127.0.0.1 -> 02_filter_metadata.py ->
-03_download_images.py (img2dataset) -> 04_preprocess_to_cache.py -> 05_build_hf_dataset.py -> train the demo VAE
--> encode_latents.py -> torchrun SD_Train.py --phase demo (gloo) -> SD_ImageGen.py on every color x shape
-prompt -> the score. Everything lands under --root; a re-run reuses every finished step (each script resumes
-on its own), so deleting --root is the way to start over.
+03_download_images.py (img2dataset) -> 04_preprocess_to_cache.py -> 05_build_hf_dataset.py -> train the demo
+VAE -> encode_latents.py -> torchrun SD_Train.py --phase demo (gloo) -> SD_ImageGen.py: a grid of every color
+x shape prompt -> evaluate.py --shapes: the score. Everything lands under --root; a re-run reuses every
+finished step (each script resumes on its own), so deleting --root is the way to start over.
 
     python -m demo.run
 """
@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-import numpy as np
-
 import sd_data
 from demo import shapes
 
@@ -30,7 +28,7 @@ def folders(root):
     """Every input and output of the demo, by name. latents/, captions/ and clip/ are what the `demo` phase in
     configs/phases.yaml reads when --root is left at data/demo."""
     root = Path(root)
-    names = ["www", "meta", "filtered", "tars", "tokens", "captions", "clip", "vae", "latents", "run", "samples"]
+    names = ["www", "meta", "filtered", "tars", "tokens", "captions", "clip", "vae", "latents", "run", "samples", "eval"]
     return argparse.Namespace(root=root, **{n: root / n for n in names})
 
 
@@ -56,11 +54,14 @@ def script_steps(args, d):
                                              "--nproc_per_node", str(args.nproc), "SD_Train.py", "--phase", "demo",
                                              "--resume", "auto", "--datasets", f"{d.latents}:{d.captions}",
                                              "--text_encoder", d.clip, "--resolution", res, "--out_dir", d.run]),
-        ("sample every color x shape prompt", [py, "SD_ImageGen.py", "--ckpt", d.run / "ema_final.safetensors",
-                                               "--prompts", d.samples / "prompts.txt", "--n", str(args.n),
-                                               "--steps", str(args.steps), "--cfg", str(args.cfg), "--seed", "0",
-                                               "--height", res, "--width", res, "--device", "cpu",
-                                               "--out", d.samples / "sample.png"]),
+        ("sample the prompt grid", [py, "SD_ImageGen.py", "--ckpt", d.run / "ema_final.safetensors",
+                                    "--prompts", d.samples / "prompts.txt", "--n", str(args.n), "--grid", "--steps", str(args.steps),
+                                    "--cfg", str(args.cfg), "--seed", "0", "--device", "cpu",
+                                    "--out", d.samples / "grid.png"]),
+        ("evaluate.py: prompt-following score", [py, "evaluate.py", "--ckpt", d.run / "ema_final.safetensors",
+                                                 "--shapes", "--shapes_seeds", str(args.n), "--steps", str(args.steps),
+                                                 "--guidance_scales", str(args.cfg), "--device", "cpu",
+                                                 "--out", d.eval]),
     ]
 
 
@@ -84,19 +85,7 @@ def served_port(meta_file):
     return urlparse(pq.read_table(meta_file, columns=["url"]).column("url")[0].as_py()).port
 
 
-def read_samples(folder):
-    """The images SD_ImageGen.py wrote, in order, with the prompt each one carries in its PNG text."""
-    from PIL import Image
-    images, prompts = [], []
-    for path in sorted(folder.glob("sample_*.png")):
-        with Image.open(path) as im:
-            images.append(np.asarray(im.convert("RGB")))
-            prompts.append(im.text["prompt"])
-    return np.stack(images), prompts
-
-
 def main(args):
-    import SD_Model
     from tiny_models import save_tiny_clip
     d = folders(args.root)
     steps = dict(script_steps(args, d))
@@ -127,18 +116,14 @@ def main(args):
     prompts_file = d.samples / "prompts.txt"
     prompts_file.parent.mkdir(parents=True, exist_ok=True)
     prompts_file.write_text("\n".join(shapes.prompt_grid()) + "\n")
+    score = steps.pop("evaluate.py: prompt-following score")
     for title, argv in steps.items():
         run_script(title, argv, timings)
+    sd_data.print_summary(f"make demo: {time.time() - start:.0f} s until the score", [(t, f"{s:.0f} s") for t, s in timings])
+    print(f"prompt grid (a row per prompt, {args.n} seeds): {d.samples / 'grid.png'}")
 
-    # The score: every image of every color x shape prompt through the fixed-rule classifier.
-    images, prompts = read_samples(d.samples)
-    grid = d.samples / "grid.png"
-    from PIL import Image
-    Image.fromarray(SD_Model.make_grid(images, cols=args.n)).save(grid)
-    color, shape = shapes.score(images, prompts)
-    sd_data.print_summary(f"make demo: {time.time() - start:.0f} s in all", [(t, f"{s:.0f} s") for t, s in timings])
-    print(f"grid of {len(prompts) // args.n} prompts x {args.n} seeds: {grid} (prompts: {prompts_file})")
-    print(f"prompt-following: color {color:.2f} shape {shape:.2f}")
+    # Last, the score: every color x shape prompt, args.n seeds each, through the fixed-rule classifier.
+    run_script("evaluate.py: prompt-following score", score, timings)
 
 
 if __name__ == "__main__":
@@ -148,9 +133,9 @@ if __name__ == "__main__":
     parser.add_argument("--images", type=int, default=3000, help="generated images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated data set")
     parser.add_argument("--resolution", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--vae_steps", type=int, default=1500, help="optimizer steps of the demo VAE")
+    parser.add_argument("--vae_steps", type=int, default=600, help="optimizer steps of the demo VAE")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
-    parser.add_argument("--n", type=int, default=4, help="images per prompt for the score")
+    parser.add_argument("--n", type=int, default=4, help="seeds per prompt in the grid and the score")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps for the score")
-    parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale for the score")
+    parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale for the score")
     main(parser.parse_args())

@@ -6,7 +6,6 @@ Reads top to bottom: palette and vocabulary -> scenes and rendering -> the data 
 """
 import re
 from dataclasses import dataclass
-from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +39,10 @@ def parse_caption(text):
 
 
 def prompt_grid():
-    """Every color x shape once, the background cycling through all three: the 24 prompts of the score."""
+    """Every color x shape once: the 24 prompts of the score. The background of color i, shape j is (i + j) mod 3,
+    so every shape and nearly every color meets every background (never shape = background, a confound)."""
     bgs = list(BACKGROUNDS)
-    return [caption(c, s, bgs[i % len(bgs)]) for i, (c, s) in enumerate(product(COLORS, SHAPES))]
+    return [caption(c, s, bgs[(i + j) % len(bgs)]) for i, c in enumerate(COLORS) for j, s in enumerate(SHAPES)]
 
 
 #################################################################################

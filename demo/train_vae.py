@@ -1,8 +1,9 @@
 """Train the demo's small AutoencoderKL on the images of webdataset tars and save it with save_pretrained.
 
 No pretrained VAE is reachable offline, so the demo trains its own: a 3-level diffusers AutoencoderKL (4x
-downsampling: 64 px images -> 4 x 16 x 16 latents) with an L1 reconstruction loss and a small KL term (the
-LDM recipe without its perceptual and GAN losses, which flat shapes do not need). Its scaling factor is set to
+downsampling: 64 px images -> 4 x 16 x 16 latents) with an MSE reconstruction loss and a small KL term (the
+LDM recipe without its perceptual and GAN losses, which flat shapes do not need; MSE rather than L1 because L1's
+constant-size gradient left the shapes' colors wrong for hundreds more steps). Its scaling factor is set to
 1 / std of the latents, as SD's 0.18215 was measured, so encode_latents.py, SD_Train.py and SD_ImageGen.py load
 it with `--vae DIR` exactly as they load sd-vae-ft-mse.
 
@@ -22,17 +23,18 @@ import sd_data
 
 
 def load_images(tars, resolution, min_size):
-    """Every decodable image of the tars, preprocessed as encode_latents does: (N, res, res, 3) uint8."""
-    images, skipped = [], 0
+    """Every decodable image of the tars, preprocessed as encode_latents does: (N, res, res, 3) uint8, in key
+    order (img2dataset writes samples in download-completion order; sorting makes the run reproducible)."""
+    images, skipped = {}, 0
     for tar in tqdm(tars, desc="read", unit="tar"):
-        for _, sample in sd_data.iter_tar_samples(tar):
+        for key, sample in sd_data.iter_tar_samples(tar):
             try:
-                images.append(sd_data.load_image_square(sd_data.sample_image(sample), resolution, min_size))
+                images[key] = sd_data.load_image_square(sd_data.sample_image(sample), resolution, min_size)
             except sd_data.BadSample:
                 skipped += 1
     if not images:
         raise sd_data.user_error(f"no usable images in {len(tars)} tars")
-    return torch.from_numpy(np.stack(images)), skipped
+    return torch.from_numpy(np.stack([images[k] for k in sorted(images)])), skipped
 
 
 def build_vae(channels, layers, groups):
@@ -88,18 +90,18 @@ def main(args):
         x = sd_data.images_to_tensor(images[torch.randint(len(images), (args.batch_size,), generator=g)])
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=g)).sample
-        l1 = (recon - x).abs().mean()
+        mse = (recon - x).pow(2).mean()
         kl = posterior.kl().mean()                                       # summed over latent elements, per image
-        loss = l1 + args.kl_weight * kl
+        loss = mse + args.kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        window.append((l1.item(), kl.item()))
+        window.append((mse.item(), kl.item()))
         if (step + 1) % args.log_every == 0:
-            l1_mean, kl_mean = np.mean(window, axis=0)
-            bar.set_postfix(l1=f"{l1_mean:.4f}", kl=f"{kl_mean:.0f}")
+            mse_mean, kl_mean = np.mean(window, axis=0)
+            bar.set_postfix(mse=f"{mse_mean:.4f}", kl=f"{kl_mean:.0f}")
             window.clear()
     seconds = time.time() - start
 
@@ -126,13 +128,13 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="data/demo/vae", help="output folder (diffusers AutoencoderKL layout)")
     parser.add_argument("--resolution", type=int, default=64, help="square image side, as encode_latents will use")
     parser.add_argument("--min_image_size", type=int, default=32, help="skip images whose shorter side is smaller")
-    parser.add_argument("--channels", type=lambda s: [int(c) for c in s.split(",")], default=[16, 32, 64],
+    parser.add_argument("--channels", type=lambda s: [int(c) for c in s.split(",")], default=[8, 16, 32],
                         help="channels per level; n levels downsample 2^(n-1) times")
     parser.add_argument("--layers", type=int, default=1, help="ResNet blocks per level (the decoder has one more)")
-    parser.add_argument("--groups", type=int, default=8, help="GroupNorm groups (divides every channel count)")
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps")
-    parser.add_argument("--batch_size", type=int, default=16, help="images per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    parser.add_argument("--groups", type=int, default=1, help="GroupNorm groups (divides every channel count)")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     parser.add_argument("--warmup_steps", type=int, default=50, help="linear LR warmup steps")
     parser.add_argument("--kl_weight", type=float, default=1e-6, help="weight of the KL term (per-image sum)")
     parser.add_argument("--stat_images", type=int, default=512, help="images that measure the latent std and PSNR")

@@ -318,6 +318,16 @@ def test_sampling_timesteps_match_diffusers():
     assert M.sampling_timesteps(M.NoiseSchedule(), 50)[:2] == [981, 961]
 
 
+def test_zero_terminal_snr_models_sample_from_pure_noise():
+    """A zero-terminal-SNR model samples (and exports) with trailing spacing, whose first step is t = T - 1."""
+    ztsnr = M.NoiseSchedule(prediction_type="v_prediction", zero_terminal_snr=True)
+    assert M.Pipeline(None, None, None, ztsnr).spacing == "trailing"
+    assert M.Pipeline(None, None, None, M.NoiseSchedule()).spacing == "leading"
+    assert M.diffusers_scheduler_config(ztsnr)["timestep_spacing"] == "trailing"
+    assert M.sampling_timesteps(ztsnr, 25, M.default_spacing(ztsnr))[0] == 999
+    assert ztsnr.alphas_cumprod[-1] == 0
+
+
 def test_ddim_does_not_clamp_x0_by_default():
     """The seed's bug: pred_x0.clamp(-1, 1). SD latents routinely exceed 1; the default must keep them."""
     x = torch.full((1, 4, 2, 2), 3.0)

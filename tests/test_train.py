@@ -317,6 +317,15 @@ def test_sample_randomness_is_a_function_of_the_sample_position_only():
     assert not torch.equal(whole[2], other_epoch[2])
 
 
+def test_noise_offset_adds_one_constant_per_sample_and_channel():
+    t, drop, noise = SD_Train.sample_randomness(3, 2, range(8), LATENT, 1000, 0.5)
+    t_off, drop_off, noise_off = SD_Train.sample_randomness(3, 2, range(8), LATENT, 1000, 0.5, noise_offset=0.1)
+    assert torch.equal(t, t_off) and torch.equal(drop, drop_off)          # the other draws are unchanged
+    offset = noise_off - noise                                             # (8, C, h, w)
+    assert torch.allclose(offset, offset[:, :, :1, :1].expand_as(offset), atol=1e-6)
+    assert 0.02 < offset[:, :, 0, 0].abs().mean() < 0.2 and offset[:, :, 0, 0].unique().numel() == 8 * LATENT[0]
+
+
 def test_epoch_order_mixes_by_ratio_and_shards_consistently():
     sizes, ratios = [10, 30], [0.5, 0.5]
     order = SD_Train.epoch_order(sizes, ratios, 40, seed=1, epoch=0)
@@ -488,6 +497,7 @@ def test_fsdp2_runs_validates_checkpoints_and_resumes(tiny):
     state, cfg, meta = SD_Model.read_unet_state(out / "ema_final.safetensors")   # the phase-end slim export
     assert cfg == SD_Model.unet_config("small") and meta["scaling_factor"] == tiny.scaling_factor
     assert meta["text_encoder"] == str(tiny.clip) and meta["schedule"]["prediction_type"] == "epsilon"
+    assert meta["resolution"] == RES                                             # what the samplers default to
     full = load_ckpt(ckpt(out, 6))
     assert all(torch.equal(state[k], v.half()) for k, v in full["ema"].items())
     resumed = tiny.root / "fsdp_resumed"                                         # resume the step-3 checkpoint
