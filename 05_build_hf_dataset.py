@@ -41,10 +41,10 @@ def main(args):
     table = pa.concat_tables(tables)
     rows_in = table.num_rows
 
-    # the same key twice (tar folders merged from several sources) keeps its first occurrence
+    # the same key twice (tar folders merged from several sources) keeps its first occurrence; rows go in key
+    # order, so a re-download (img2dataset writes in completion order) gives the same dataset, row for row
     keys = table.column("image_key").to_pylist()
     _, first = np.unique(np.array(keys, dtype=object), return_index=True)
-    first = np.sort(first)
     table = table.take(pa.array(first))
     keys = table.column("image_key").to_pylist()
     is_val = np.array([sd_data.is_validation_key(k, args.val_fraction) for k in keys], dtype=bool)

@@ -168,6 +168,7 @@ def test_pipeline_end_to_end(tmp_path, models):
     assert summary_value(out, "validation") == len(val) > 0 and len(train) > 0
     assert all(sd_data.is_validation_key(k, 0.25) for k in val["image_key"])
     assert not any(sd_data.is_validation_key(k, 0.25) for k in train["image_key"])
+    assert list(train["image_key"]) == sorted(train["image_key"])      # key order, whatever the download order
     assert len(train[0]["input_ids"]) == 77
 
     # encode_latents: the tiny VAE on CPU

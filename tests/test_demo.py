@@ -104,6 +104,7 @@ def test_demo_vae_trains_and_loads_like_sd_vae(tmp_path):
     from PIL import Image
     import sd_data
     import SD_Model
+    (tmp_path / "tars").mkdir()
     writer = sd_data.TarShardWriter(tmp_path / "tars" / "00000.tar")
     scenes = shapes.random_scenes(64, seed=1, size=SIZE)
     for i, s in enumerate(scenes):
