@@ -28,7 +28,8 @@ def folders(root):
     """Every input and output of the demo, by name. latents/, captions/ and clip/ are what the `demo` phase in
     configs/phases.yaml reads when --root is left at data/demo."""
     root = Path(root)
-    names = ["www", "meta", "filtered", "tars", "tokens", "captions", "clip", "vae", "latents", "run", "samples", "eval"]
+    names = ["www", "meta", "filtered", "tars", "tokens", "captions", "clip", "vae", "latents", "run", "samples",
+             "eval"]
     return argparse.Namespace(root=root, **{n: root / n for n in names})
 
 
@@ -55,9 +56,9 @@ def script_steps(args, d):
                                              "--resume", "auto", "--datasets", f"{d.latents}:{d.captions}",
                                              "--text_encoder", d.clip, "--resolution", res, "--out_dir", d.run]),
         ("sample the prompt grid", [py, "SD_ImageGen.py", "--ckpt", d.run / "ema_final.safetensors",
-                                    "--prompts", d.samples / "prompts.txt", "--n", str(args.n), "--grid", "--steps", str(args.steps),
-                                    "--cfg", str(args.cfg), "--seed", "0", "--device", "cpu",
-                                    "--out", d.samples / "grid.png"]),
+                                    "--prompts", d.samples / "prompts.txt", "--n", str(args.n), "--grid",
+                                    "--steps", str(args.steps), "--cfg", str(args.cfg), "--seed", "0",
+                                    "--device", "cpu", "--out", d.samples / "grid.png"]),
         ("evaluate.py: prompt-following score", [py, "evaluate.py", "--ckpt", d.run / "ema_final.safetensors",
                                                  "--shapes", "--shapes_seeds", str(args.n), "--steps", str(args.steps),
                                                  "--guidance_scales", str(args.cfg), "--device", "cpu",
@@ -119,7 +120,8 @@ def main(args):
     score = steps.pop("evaluate.py: prompt-following score")
     for title, argv in steps.items():
         run_script(title, argv, timings)
-    sd_data.print_summary(f"make demo: {time.time() - start:.0f} s until the score", [(t, f"{s:.0f} s") for t, s in timings])
+    sd_data.print_summary(f"make demo: {time.time() - start:.0f} s until the score",
+                          [(t, f"{s:.0f} s") for t, s in timings])
     print(f"prompt grid (a row per prompt, {args.n} seeds): {d.samples / 'grid.png'}")
 
     # Last, the score: every color x shape prompt, args.n seeds each, through the fixed-rule classifier.
