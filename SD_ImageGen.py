@@ -77,11 +77,12 @@ def run(args, device):
     return paths
 
 
-def main(args):
+def main(args, run_fn=run):
+    """The command line of this script and of evaluate.py: pick the device, run, a UserError as one line."""
     M.configure_cuda_backends()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        run(args, device)
+        run_fn(args, device)
     except M.UserError as e:
         sys.exit(f"error: {e}")
 

@@ -14,7 +14,6 @@ import argparse
 import csv
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 import SD_Model as M
 from SD_ImageGen import default_dtype, save_png
+from SD_ImageGen import main as imagegen_main
 
 NEMO_GUIDANCE_SCALES = (1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)   # NeMo's FID-vs-CLIP sweep
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -576,12 +576,7 @@ def run(args, device):
 
 
 def main(args):
-    M.configure_cuda_backends()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        run(args, device)
-    except M.UserError as e:
-        sys.exit(f"error: {e}")
+    imagegen_main(args, run)
 
 
 if __name__ == "__main__":
