@@ -68,7 +68,9 @@ if __name__ == "__main__":
     parser.add_argument("--tars", default="data/laion_tars", help="input folder of webdataset tar shards")
     parser.add_argument("--out", default="data/laion_tokens", help="output folder of parquet batches (one per tar)")
     parser.add_argument("--tokenizer", default=SD_Model.DEFAULT_TEXT_ENCODER["sd1"],
-                        help="CLIP tokenizer: hub id, tokenizer folder or diffusers pipeline folder")
+                        help="CLIP tokenizer: hub id, tokenizer folder or diffusers pipeline folder; the phase's "
+                             f"--text_encoder (SD2 phases: {SD_Model.DEFAULT_TEXT_ENCODER['sd2']}, which pads "
+                             "differently; SD_Train.py refuses ids from another tokenizer)")
     parser.add_argument("--min_image_size", type=int, default=64, help="skip images whose shorter side is smaller")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count()), help="shards tokenised in parallel")
     parser.add_argument("--tokenize_batch", type=int, default=1024, help="captions per tokenizer call")

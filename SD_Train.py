@@ -302,7 +302,7 @@ class LatentSource:
         return out
 
 
-def open_source(spec, split, resolution, in_channels):
+def open_source(spec, split, resolution, in_channels, text):
     """A LatentSource for one `datasets` entry, or a clear error for every way it can fail to fit."""
     import pyarrow.compute as pc
     root, captions = Path(spec["latents"]), Path(spec["captions"])
@@ -332,6 +332,14 @@ def open_source(spec, split, resolution, in_channels):
                         "the text encoder's tokenizer padded to 77 (04_preprocess_to_cache.py)")
     keys = table.column("image_key").to_pylist()
     ids = table.column("input_ids").combine_chunks().flatten().to_numpy().reshape(-1, TOKENS)
+    if "caption" in table.column_names:
+        # CLIP-L and OpenCLIP-H share a vocabulary but pad differently (end-of-text vs "!"): SD1 token ids fed to
+        # SD2 pass every size check and silently train on the wrong padding. Re-tokenize a few captions to see.
+        probe = table.column("caption").slice(0, 8).to_pylist()
+        if (text.tokenize(probe).numpy() != ids[:len(probe)]).any():
+            raise UserError(f"the token ids in '{captions}' are not what '{text.name}' gives for their captions; "
+                            f"they were tokenized for another text encoder: rerun 04_preprocess_to_cache.py with "
+                            f"--tokenizer {text.name} and 05_build_hf_dataset.py")
     have = existing_latent_keys(root)
     keep = [i for i, k in enumerate(keys) if k in have]
     if not keep:
@@ -790,12 +798,12 @@ def train(cfg, rank, world, device):
     else:
         sources, val_sources = [], []
         for spec in cfg["datasets"]:
-            source, dropped = open_source(spec, "train", cfg["resolution"], model_cfg.in_channels)
+            source, dropped = open_source(spec, "train", cfg["resolution"], model_cfg.in_channels, text)
             sources.append(source)
             if show and dropped:
                 print(f"note: {dropped} captions in '{spec['captions']}' have no latent in '{spec['latents']}'; skipped")
             try:
-                val_sources.append(open_source(spec, "validation", cfg["resolution"], model_cfg.in_channels)[0])
+                val_sources.append(open_source(spec, "validation", cfg["resolution"], model_cfg.in_channels, text)[0])
             except UserError as e:
                 if show:
                     print(f"note: no validation latents from '{spec['latents']}' ({e})")

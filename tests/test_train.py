@@ -32,7 +32,8 @@ RES, LATENT = 64, (4, 8, 8)                           # the `tiny` phase: 64 px 
 #################################################################################
 
 
-def write_dataset(root, name, n_train, n_val, tokenizer, seed, scaling_factor, vae, ids_len=77, latents_for=None):
+def write_dataset(root, name, n_train, n_val, tokenizer, seed, scaling_factor, vae, ids_len=77, latents_for=None,
+                  pad_id=None):
     """A latent folder (latent_info.json + latents/<key[:5]>/<key>.npy, fp16) and its caption DatasetDict, as
     encode_latents.py and 05_build_hf_dataset.py write them. Returns (latents dir, captions dir)."""
     import datasets
@@ -47,6 +48,9 @@ def write_dataset(root, name, n_train, n_val, tokenizer, seed, scaling_factor, v
     words = ["red circle", "blue square", "green triangle", "yellow circle"]
     caps = [f"a photo of a {words[i % 4]}" for i in range(len(keys))]
     ids = [row[:ids_len] + [row[-1]] * (ids_len - 77) for row in SD_Model.tokenize(tokenizer, caps).tolist()]
+    if pad_id is not None:                           # OpenCLIP-H's tokenizer pads with "!" (0), CLIP-L's with <eos>
+        ids = [row[:row.index(tokenizer.eos_token_id) + 1] + [pad_id] * (76 - row.index(tokenizer.eos_token_id))
+               for row in ids]
 
     def split(sl):
         return datasets.Dataset.from_dict({"image_key": keys[sl], "caption": caps[sl], "input_ids": ids[sl]})
@@ -69,6 +73,7 @@ def tiny(tmp_path_factory):
     d.other_vae = write_dataset(root, "othervae", 8, 1, tok, 2, 0.5, vae)
     d.short_ids = write_dataset(root, "shortids", 8, 1, tok, 3, sf, vae, ids_len=76)
     d.no_latents = write_dataset(root, "nolat", 8, 1, tok, 4, sf, vae, latents_for=[])
+    d.other_pad = write_dataset(root, "otherpad", 8, 1, tok, 5, sf, vae, pad_id=0)
     return d
 
 
@@ -358,6 +363,7 @@ def test_each_bad_input_gets_its_clear_error(tiny, ref_run, tmp_path, monkeypatc
         (base_args(tiny, out) + ["--resolution", "128"], r"encoded at 64 px but this phase trains at 128 px"),
         (base_args(tiny, out, tiny.short_ids), r"8 captions .* have token id lists of length \[76\], not 77"),
         (base_args(tiny, out, tiny.no_latents), r"none of the 8 'train' captions .* has a latent"),
+        (base_args(tiny, out, tiny.other_pad), r"tokenized for another text encoder: rerun 04_preprocess_to_cache.py"),
         (base_args(tiny, out, (tmp_path / "nowhere", tiny.a[1])), r"is not a latent folder"),
         (base_args(tiny, out) + ["--datasets", f"{spec(tiny.a)},{spec(tiny.other_vae)}"],
          r"encoded by different VAEs / scaling factors"),
