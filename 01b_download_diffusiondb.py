@@ -55,9 +55,8 @@ def main(args):
     todo = [p for p in parts if not (out / f"ddb-part-{p:06d}.tar").exists()]
     total = Counter({"parts": len(parts), "parts already done": len(parts) - len(todo)})
     sd_data.run_jobs(convert_part, [(p, args) for p in todo], args.workers, "diffusiondb", "part", total)
-    rows = [(k, total[k]) for k in ("parts", "parts already done", "parts converted", "parts missing at source",
-                                    "images in", "kept")]
-    rows += [(k, v) for k, v in sorted(total.items()) if k.startswith("skipped:")]
+    rows = sd_data.count_rows(total, ("parts", "parts already done", "parts converted", "parts missing at source",
+                                      "images in", "kept"))
     sd_data.print_summary(f"01b DiffusionDB -> {out}", rows)
 
 

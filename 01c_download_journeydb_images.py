@@ -93,9 +93,8 @@ def main(args):
         captions = load_annotations(anno, args.caption_field, todo)
         sd_data.run_jobs(convert_archive, [(a, captions[a], args) for a in todo], args.workers, "journeydb",
                          "archive", total)
-    rows = [(k, total[k]) for k in ("archives", "archives already done", "archives converted",
-                                    "archives missing at source", "images in", "kept")]
-    rows += [(k, v) for k, v in sorted(total.items()) if k.startswith("skipped:")]
+    rows = sd_data.count_rows(total, ("archives", "archives already done", "archives converted",
+                                      "archives missing at source", "images in", "kept"))
     sd_data.print_summary(f"01c JourneyDB -> {out}", rows)
 
 

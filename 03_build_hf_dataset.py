@@ -70,8 +70,7 @@ def main(args):
         shutil.rmtree(out)  # only reached when out holds our build_info.json (checked above)
     result.replace(out)
     shutil.rmtree(tmp)
-    rows_ = [("tars", len(tars)), ("truncated tar", counts["truncated tar"]), ("train", counts["train"]),
-             ("validation", counts["validation"])] + [(k, v) for k, v in sorted(counts.items()) if k.startswith("skipped:")]
+    rows_ = [("tars", len(tars))] + sd_data.count_rows(counts, ("truncated tar", "train", "validation"))
     sd_data.print_summary(f"03 image dataset -> {out}", rows_)
 
 

@@ -58,8 +58,7 @@ def main(args):
     jobs = [(str(t), str(out / f"{t.stem}.parquet"), args.tokenizer, args.min_image_size, args.tokenize_batch)
             for t in todo]
     sd_data.run_jobs(process_shard, jobs, args.workers, "tokenize", "shard", total)
-    rows = [(k, total[k]) for k in ("shards", "shards already done", "truncated tar", "samples in", "kept")]
-    rows += [(k, v) for k, v in sorted(total.items()) if k.startswith("skipped:")]
+    rows = sd_data.count_rows(total, ("shards", "shards already done", "truncated tar", "samples in", "kept"))
     sd_data.print_summary(f"04 captions + token ids -> {out}", rows)
 
 

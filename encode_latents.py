@@ -250,9 +250,9 @@ def main(args):
     if writer_thread.error is not None:
         raise writer_thread.error
     seconds = time.time() - start
-    rows = [("shards", len(tars)), ("truncated tar", counts["truncated tar"]), ("samples in", counts["samples in"]),
-            ("already encoded", counts["already encoded"]), ("encoded now", written[0])]
-    rows += [(k, v) for k, v in sorted(counts.items()) if k.startswith("skipped:")]
+    counts["encoded now"] = written[0]
+    rows = [("shards", len(tars))] + sd_data.count_rows(counts, ("truncated tar", "samples in", "already encoded",
+                                                                 "encoded now"))
     rows += [("latents in folder", len(sd_data.existing_latent_keys(out))),
              ("img/s", f"{written[0] / max(seconds, 1e-9):.1f}")]
     part = f", shards {rank}::{world}" if world > 1 else ""

@@ -57,6 +57,11 @@ def print_summary(title, rows):
     print(line, flush=True)
 
 
+def count_rows(counts, labels):
+    """Summary rows: counts[label] for each label in order, then every 'skipped: <reason>' count, sorted."""
+    return [(k, counts[k]) for k in labels] + [(k, v) for k, v in sorted(counts.items()) if k.startswith("skipped:")]
+
+
 def run_jobs(fn, jobs, workers, desc, unit, totals):
     """fn(*job) for each job in `workers` processes, adding the Counter each returns into `totals`, with a
     progress bar that shows the running 'kept' count. A shard, part or archive is one job."""
@@ -241,6 +246,16 @@ def resize_center_crop(img, size):
     return np.ascontiguousarray(img[top:top + size, left:left + size])
 
 
+def crop_square(img, center, side):
+    """The side x side square of (H, W, 3) `img` centred on (cx, cy) as nearly as the image's edges allow:
+    how 01d keeps a face and 01e a person in frame where a centre crop would cut them."""
+    h, w = img.shape[:2]
+    side = int(max(1, min(side, h, w)))
+    left = int(min(max(round(center[0] - side / 2), 0), w - side))
+    top = int(min(max(round(center[1] - side / 2), 0), h - side))
+    return np.ascontiguousarray(img[top:top + side, left:left + side])
+
+
 def load_image_square(data, size, min_size=64, max_pixels=MAX_PIXELS):
     """Encoded bytes -> (size, size, 3) uint8 RGB, the one preprocessing used before the VAE."""
     return resize_center_crop(decode_image(data, min_size, max_pixels), size)
@@ -256,8 +271,9 @@ def encode_jpeg(img, quality=95):
 
 
 def write_square_shard(samples, dst, size, quality=95, min_size=64, counts=None):
-    """[(key, image bytes, caption, meta)] -> one webdataset tar of size x size JPEGs with .txt captions
-    (01b/01c). Unusable samples are counted by reason in `counts`, never raised. Returns samples written."""
+    """[(key, image, caption, meta)] -> one webdataset tar of size x size JPEGs with .txt captions (01b-01e).
+    `image` is encoded bytes (centre-cropped here) or an (H, W, 3) RGB array the caller already cropped.
+    Unusable samples are counted by reason in `counts`, never raised. Returns samples written."""
     counts = counts if counts is not None else {}
     writer = TarShardWriter(dst)
     try:
@@ -265,7 +281,8 @@ def write_square_shard(samples, dst, size, quality=95, min_size=64, counts=None)
             try:
                 if caption is None or not str(caption).strip():
                     raise BadSample("no caption")
-                jpeg = encode_jpeg(load_image_square(data, size, min_size), quality)
+                img = data if isinstance(data, np.ndarray) else decode_image(data, min_size)
+                jpeg = encode_jpeg(resize_center_crop(img, size), quality)
             except BadSample as e:
                 counts[f"skipped: {e}"] = counts.get(f"skipped: {e}", 0) + 1
                 continue
