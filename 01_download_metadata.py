@@ -12,6 +12,8 @@ def download(args):
     """snapshot_download the dataset repo's parquet shards into args.raw_dir; finished files are kept,
     so a re-run only fetches what is missing (huggingface_hub resumes interrupted files itself)."""
     from huggingface_hub import snapshot_download
+    from SD_Model import require_hub
+    require_hub("dataset", args.repo_id, "fetch the parquet elsewhere and pass --source DIR")
     try:
         snapshot_download(repo_id=args.repo_id, repo_type="dataset", revision=args.revision,
                           allow_patterns=args.patterns, local_dir=args.raw_dir, max_workers=args.workers)

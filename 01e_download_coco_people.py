@@ -121,6 +121,8 @@ def main(args):
             raise sd_data.user_error(f"--source '{src_dir}' is not a folder")
     else:
         from huggingface_hub import snapshot_download
+        from SD_Model import require_hub
+        require_hub("dataset", args.repo_id, "fetch its data/*.parquet elsewhere and pass --source DIR")
         try:
             src_dir = Path(snapshot_download(repo_id=args.repo_id, repo_type="dataset", local_dir=args.raw_dir,
                                              allow_patterns=[f"data/{args.split}-*.parquet"], max_workers=args.workers))

@@ -600,21 +600,58 @@ DEFAULT_TEXT_ENCODER = {"sd1": "openai/clip-vit-large-patch14",
                         "sd2": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
 
 
+def require_hub(what, name, hint):
+    """Called when `name` must come from the Hugging Face hub: a one-line error at once when it cannot be
+    reached, where huggingface_hub would retry every file for minutes (measured: 4 min for one tokenizer)
+    before failing. Any HTTP answer counts as reachable."""
+    import urllib.error
+    import urllib.request
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"{what} '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {hint}")
+    try:
+        urllib.request.urlopen(constants.ENDPOINT, timeout=10).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"cannot reach {constants.ENDPOINT} to fetch {what} '{name}' ({reason}); {hint}") from None
+
+
 def _from_pretrained(cls, name, what, flag, subfolder, **kwargs):
     """cls.from_pretrained(name) for a hub id, a model folder, or a diffusers pipeline folder (which keeps
-    the part in `subfolder`), turning the library's long offline traceback into one line."""
+    the part in `subfolder`), turning the library's long offline traceback into one line. A hub id already
+    in the local cache loads without touching the network."""
     path = Path(name)
     if path.is_dir() and (path / subfolder).is_dir() and not (path / "config.json").exists():
         kwargs["subfolder"] = subfolder
     elif not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise UserError(f"{what} folder '{name}' does not exist; pass an existing folder or a hub id with {flag}")
+    if not path.exists():
+        try:
+            obj = cls.from_pretrained(name, local_files_only=True, **kwargs)
+            if _complete(obj):
+                return obj
+        except (OSError, ValueError):
+            pass
+        require_hub(what, name, f"download it where there is network (`hf download {name} --local-dir DIR`) "
+                                f"and pass {flag} DIR")
     try:
-        return cls.from_pretrained(name, **kwargs)
+        obj = cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(
             f"could not load {what} '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}). "
             f"Offline? Download it where there is network (`hf download {name} --local-dir DIR`) "
             f"and pass {flag} DIR") from None
+    if not _complete(obj):
+        raise UserError(f"{what} '{name}' has no tokenizer files (vocab.json, merges.txt); pass {flag} a folder "
+                        "or hub id that has them")
+    return obj
+
+
+def _complete(obj):
+    """False for the 2-token tokenizer transformers 5 builds, instead of raising, when no tokenizer file exists."""
+    return not (hasattr(obj, "get_vocab") and len(obj) < 256)
 
 
 class FrozenVAE:

@@ -213,6 +213,10 @@ def resolve_inception(spec):
     from huggingface_hub import hf_hub_download
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or INCEPTION_FILE
     try:
+        return Path(hf_hub_download(repo, filename, local_files_only=True))
+    except Exception:
+        M.require_hub("FID Inception weights", spec, f"download {INCEPTION_URL} and pass --inception FILE")
+    try:
         return Path(hf_hub_download(repo, filename))
     except Exception as e:   # offline, unknown repo or file: hub errors share no base class worth naming
         raise M.UserError(f"could not fetch FID Inception weights '{filename}' from hub repo '{repo}' "

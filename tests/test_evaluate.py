@@ -288,7 +288,7 @@ def test_cli_two_guidance_scales_results_table_and_resume(tiny_ckpt, tiny_clip_m
 
 @pytest.mark.parametrize("extra,message", [
     (["--clip", "./no_such_clip"], "CLIP model folder './no_such_clip' does not exist"),
-    (["--inception", "someone/fid-inception"], "could not fetch FID Inception weights"),
+    (["--inception", "someone/fid-inception"], "weights 'someone/fid-inception' is not in the local Hugging Face cache"),
     (["--ref_images", "nowhere"], "neither a folder of images nor a statistics .npz"),
 ])
 def test_bad_input_gives_one_clear_error(tiny_ckpt, tiny_clip_model, inception_file, eval_inputs, tmp_path, extra,

@@ -388,5 +388,18 @@ def test_unreachable_hub_id_gives_one_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True).stdout
     lines = out.splitlines()
     assert len(lines) == 2, out
-    assert "'stabilityai/sd-vae-ft-mse'" in lines[0] and "--vae DIR" in lines[0]
+    assert "'stabilityai/sd-vae-ft-mse' is not in the local Hugging Face cache" in lines[0] and "--vae DIR" in lines[0]
     assert "text encoder folder './missing' does not exist" in lines[1] or "tokenizer folder './missing'" in lines[1]
+    # online but the hub unreachable: one line at once, not huggingface_hub's minutes of retries (the timeout)
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120).stdout
+    assert "cannot reach http://127.0.0.1:9 to fetch VAE 'stabilityai/sd-vae-ft-mse'" in out.splitlines()[0], out
+
+
+def test_a_folder_without_tokenizer_files_is_an_error_not_an_empty_tokenizer(tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "te")
+    with pytest.raises(M.UserError, match="has no tokenizer files"):   # transformers 5 returns a 2-token one
+        M.load_tokenizer(tmp_path / "te")
