@@ -1,6 +1,8 @@
 """What every benchmark shares: the device's name and peak FLOP/s, timing that waits for the GPU, and the
-results file `bench/results/<device>.md` that each run appends a table to."""
+results file `bench/results/<device>.md` that each run appends a table to (BENCH_RESULTS_DIR moves it: the
+tests' smoke runs write elsewhere)."""
 import datetime
+import os
 import platform
 import re
 import statistics
@@ -57,7 +59,7 @@ def append_results(device, title, settings, header, rows):
     text = "\n".join(lines) + "\n\n"
     print(text)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name(device)).strip("_")
-    out = ROOT / "bench" / "results" / f"{slug}.md"
+    out = Path(os.environ.get("BENCH_RESULTS_DIR", ROOT / "bench" / "results")) / f"{slug}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         f.write(text)

@@ -1,0 +1,57 @@
+"""The benchmarks run (tiny sizes, CPU) and append a well-formed table; the max-batch search finds the edge.
+Figures are not asserted here: speed and memory targets live in bench/results, not in tests."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def run_bench(tmp_path, script, *args):
+    env = dict(os.environ, BENCH_RESULTS_DIR=str(tmp_path), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    return proc
+
+
+def results(tmp_path):
+    files = list(tmp_path.glob("*.md"))
+    assert len(files) == 1
+    return files[0].read_text()
+
+
+@pytest.mark.parametrize("edge", [0, 1, 5, 37, 64, 100])
+def test_largest_fitting_finds_the_edge_in_few_probes(edge):
+    from max_batch import largest_fitting
+    probes = []
+
+    def fits(b):
+        probes.append(b)
+        return b <= edge
+    assert largest_fitting(fits, limit=100) == edge
+    assert len(probes) <= 2 * 7 + 1 and max(probes) <= 100
+
+
+def test_unet_step_appends_a_table_with_the_ratio(tmp_path):
+    proc = run_bench(tmp_path, "unet_step.py", "--config", "small", "--res", 64, "--batch", 1, "--steps", 1,
+                     "--warmup", 0, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    text = results(tmp_path)
+    assert "### UNet training step (bench/unet_step.py)" in text and "| ours / diffusers |" in text
+
+
+def test_sample_appends_a_table(tmp_path):
+    proc = run_bench(tmp_path, "sample.py", "--config", "small", "--res", 64, "--steps", 2, "--repeats", 1,
+                     "--warmup", 0, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "| diffusers / ours latency |" in results(tmp_path)
+
+
+def test_max_batch_needs_cuda_and_says_so(tmp_path):
+    proc = run_bench(tmp_path, "max_batch.py", "--device", "cpu")
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert not list(tmp_path.glob("*.md"))
