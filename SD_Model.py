@@ -1,5 +1,5 @@
 """Stable Diffusion 1.x/2.x model core: the hand-written UNet, the noise schedule and samplers, the frozen
-VAE and text encoder, and the checkpoint formats users bring and take (ours, diffusers, original).
+VAE and text encoder, and the checkpoint formats users bring and take (ours, diffusers, original, NeMo).
 
 Reads top to bottom: timestep embedding -> ResBlock -> attention / transformer block -> Down/Upsample ->
 UNet -> named configs -> noise schedule and samplers -> frozen VAE/CLIP -> checkpoint formats -> CLI.
@@ -764,7 +764,9 @@ def configure_cuda_backends():
 #               metadata holds "meta" as JSON). "meta" always carries model_config, and the run's VAE and text
 #               encoder ids, scaling factor and schedule when a training run wrote it.
 #   diffusers - a UNet folder (config.json + diffusion_pytorch_model.safetensors|.bin) or a pipeline folder.
-#   original  - CompVis/Stability single files (.ckpt/.safetensors) with model.diffusion_model.* keys.
+#   original  - CompVis/Stability single files (.ckpt/.safetensors) with model.diffusion_model.* keys, and
+#               NeMo's (a .nemo archive holding model_weights.ckpt, or its .ckpt; keys model.model.diffusion_model.*:
+#               NeMo wraps LatentDiffusion once more), the `from_NeMo` stage hand-off of NeMo's recipe.
 
 _DIFFUSERS_UNSUPPORTED = {  # UNet2DConditionModel options outside the SD 1.x/2.x family, with their SD value
     "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
@@ -867,6 +869,7 @@ def original_key_map(cfg):
 
 
 ORIGINAL_PREFIX = "model.diffusion_model."
+NEMO_PREFIX = "model." + ORIGINAL_PREFIX
 
 
 def infer_config_from_original(sd):
@@ -913,10 +916,25 @@ def _read_tensors(path):
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    source, mmap = path, True
+    if path.suffix == ".nemo":                     # a tar: model_config.yaml + model_weights.ckpt
+        import io
+        import tarfile
+        try:
+            with tarfile.open(path, "r:*") as tf:
+                member = next((m for m in tf if m.isfile() and Path(m.name).name == "model_weights.ckpt"), None)
+                if member is None:
+                    raise UserError(f"'{path}' holds no model_weights.ckpt (a distributed NeMo checkpoint: "
+                                    "convert it to a single file with NeMo first)")
+                source, mmap = io.BytesIO(tf.extractfile(member).read()), False
+        except (tarfile.TarError, EOFError) as e:
+            raise UserError(f"'{path}' is not a readable .nemo archive ({str(e).splitlines()[0]})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise UserError(f"'{path}' is not a readable weights file ({type(e).__name__}: {str(e)[:120]})") from None
+        raise UserError(f"'{path}' is not a readable weights file ({type(e).__name__}: {str(e)[:120]}); a "
+                        "Lightning .ckpt with config objects: save its ['state_dict'] alone where you trust it"
+                        ) from None
     return obj, {}
 
 
@@ -946,7 +964,10 @@ def read_unet_state(path, prefer_ema=True):
         return sd, cfg, {"model_config": asdict(cfg), "source": "diffusers"}
 
     obj, metadata = _read_tensors(path)
-    is_original = isinstance(obj, dict) and any(k.startswith(ORIGINAL_PREFIX) for k in obj.get("state_dict", obj))
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if isinstance(sd, dict) and any(k.startswith(NEMO_PREFIX) for k in sd):
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    is_original = isinstance(sd, dict) and any(k.startswith(ORIGINAL_PREFIX) for k in sd)
     if "meta" in metadata and not is_original:     # our slim export
         meta = json.loads(metadata["meta"])
         return obj, unet_config(meta["model_config"]), meta
@@ -954,8 +975,7 @@ def read_unet_state(path, prefer_ema=True):
         meta = obj["meta"]
         sd = obj["ema"] if prefer_ema and obj.get("ema") is not None else obj["unet"]
         return clean_state_dict(sd), unet_config(meta["model_config"]), meta
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if isinstance(sd, dict) and any(k.startswith(ORIGINAL_PREFIX) for k in sd):  # original single file
+    if is_original:                                # original single file (or NeMo's)
         flat_ema = {k: v for k, v in sd.items() if k.startswith("model_ema.")}
         orig = {k[len(ORIGINAL_PREFIX):]: v for k, v in sd.items() if k.startswith(ORIGINAL_PREFIX)}
         if prefer_ema and len(flat_ema) > 100:     # EMA copy stored with dots removed: model_ema.diffusion_modelX

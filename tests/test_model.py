@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -90,10 +91,16 @@ def test_parity_from_foreign_original_single_file(tmp_path, sd2):
     orig["cond_stage_model.transformer.dummy"] = torch.zeros(1)  # a full file carries other parts too
     save_file(orig, str(tmp_path / "sd.safetensors"))
     torch.save({"state_dict": orig}, tmp_path / "sd.ckpt")
+    # NeMo's .nemo: a tar of model_config.yaml + model_weights.ckpt, keys one "model." deeper
+    torch.save({"model." + k: v for k, v in orig.items()}, tmp_path / "model_weights.ckpt")
+    (tmp_path / "model_config.yaml").write_text("unet_config: {}\n")
+    with tarfile.open(tmp_path / "sd.nemo", "w:") as tf:
+        for name in ("model_config.yaml", "model_weights.ckpt"):
+            tf.add(tmp_path / name, arcname=f"./{name}")
     x, t, ctx = unet_inputs(ref)
     with torch.no_grad():
         expected = ref(x, t, ctx).sample
-        for f in ("sd.safetensors", "sd.ckpt"):
+        for f in ("sd.safetensors", "sd.ckpt", "sd.nemo"):
             ours = M.load_unet(tmp_path / f).eval()
             assert ours.cfg == cfg
             assert rel_err(expected, ours(x, t, ctx)) <= 1e-4
