@@ -14,6 +14,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The allocator SD_Train.py runs with (read at CUDA's first use, which comes after this import): max batch
+# and peak memory figures depend on it.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 
 def device_name(device):
     if device.type == "cuda":
