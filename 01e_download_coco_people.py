@@ -51,22 +51,31 @@ def template_caption(key, n_people, others):
     return TEMPLATES[int(sd_data.key_fraction(key) * len(TEMPLATES))].format(subject)
 
 
+_captions = {}
+
+
 def read_captions(path):
-    """{image_id: [captions in annotation-id order]} from COCO's captions_<split>2017.json."""
+    """{image_id: [captions in annotation-id order]} from COCO's captions_<split>2017.json, read once per
+    process (workers get the path, not 600k captions pickled per file)."""
+    if path in _captions:
+        return _captions[path]
     try:
         anns = json.loads(Path(path).read_text())["annotations"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise sd_data.user_error(f"--captions '{path}' is not a COCO captions json ({type(e).__name__}: {e})") from None
+        raise sd_data.user_error(f"--captions '{path}' is not a COCO captions json ({type(e).__name__}: {e})"
+                                 ) from None
     out = {}
     for a in sorted(anns, key=lambda a: a.get("id", 0)):
         out.setdefault(int(a["image_id"]), []).append(str(a["caption"]).strip())
+    _captions[path] = out
     return out
 
 
-def convert_file(src, dst, captions, args):
+def convert_file(src, dst, args):
     """One parquet file -> one tar of its images with a tall enough person; returns its counts."""
     import pyarrow.parquet as pq
     counts = Counter()
+    captions = read_captions(args.captions) if args.captions else None
     try:
         pf = pq.ParquetFile(src)
         batches = pf.iter_batches(batch_size=64, columns=["image_id", "image", "width", "height", "objects"])
@@ -133,10 +142,11 @@ def main(args):
     files = sorted(src_dir.rglob(f"{args.split}-*.parquet"))
     if not files:
         raise sd_data.user_error(f"no {args.split}-*.parquet files under '{src_dir}'")
-    captions = read_captions(args.captions) if args.captions else None
+    if args.captions:
+        read_captions(args.captions)                 # a bad file fails here, once, before any worker starts
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    todo = [(str(f), str(out / f"{f.stem}.tar"), captions, args) for f in files if not (out / f"{f.stem}.tar").exists()]
+    todo = [(str(f), str(out / f"{f.stem}.tar"), args) for f in files if not (out / f"{f.stem}.tar").exists()]
     total = Counter({"parquet files": len(files), "files already done": len(files) - len(todo)})
     sd_data.run_jobs(convert_file, todo, args.workers, "coco", "file", total)
     rows = sd_data.count_rows(total, ("parquet files", "files already done", "files converted", "images in",
