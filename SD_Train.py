@@ -17,6 +17,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import argparse
 import difflib
+import faulthandler
 import math
 import random
 import re
@@ -1056,7 +1057,8 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    try:
+    faulthandler.enable()                            # a native crash (segfault in a kernel, a library) prints
+    try:                                             # every thread's Python stack: days-long jobs need the clue
         main(parse_args())
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:

@@ -102,7 +102,7 @@ def run_train(args, nproc=1, check=True, timeout=400):
     """Run the real script as a user would (torchrun for nproc > 1) and return the CompletedProcess."""
     proc = subprocess.run(script_cmd(args, nproc), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"SD_Train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"SD_Train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-12000:]}")
     return proc
 
 
