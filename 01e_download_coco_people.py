@@ -108,6 +108,7 @@ def convert_file(src, dst, args):
                         options = captions.get(image_id)
                         caption = options[int(sd_data.key_fraction(key) * len(options))] if options else None
                     else:
+                        # people the caption names: a quarter of the height or more (not the crowd far behind)
                         people = sum(1 for c, b in objects if c == PERSON and (b[3] - b[1]) / height >= 0.25)
                         others = [CATEGORIES[c] for c, _ in objects if c != PERSON and 0 <= c < len(CATEGORIES)]
                         caption = template_caption(key, people, others)

@@ -83,7 +83,6 @@ def main(args):
     rows = []
     for ckpt in (False, True):
         model.set_grad_checkpointing(ckpt)
-        args.grad_ckpt = ckpt
         best = largest_fitting(lambda b: probe(model, cfg, args, device, b)[0], args.limit)
         if best == 0:
             rows.append([ckpt, 0, "", "", "", ""])
