@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import sd_data
+from sd_common import UserError, atomic_path, run_main
 
 
 def download(args):
@@ -18,7 +19,7 @@ def download(args):
         snapshot_download(repo_id=args.repo_id, repo_type="dataset", revision=args.revision,
                           allow_patterns=args.patterns, local_dir=args.raw_dir, max_workers=args.workers)
     except Exception as e:
-        raise sd_data.user_error(
+        raise UserError(
             f"could not download dataset '{args.repo_id}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
             f"offline? fetch the parquet elsewhere and pass --source DIR") from None
     return args.raw_dir
@@ -29,22 +30,21 @@ def normalise_shard(src, dst):
     release never sits in memory), through a temp file so an interrupted shard is redone on resume."""
     import pyarrow as pa
     pf = pq.ParquetFile(src)
-    tmp = dst.with_name(f".{dst.name}.tmp")
     writer, rows = None, 0
-    try:
-        for i in range(pf.num_row_groups):
-            table = sd_data.normalize_laion_columns(pf.read_row_group(i))
-            if writer is None:
+    with atomic_path(dst) as tmp:
+        try:
+            for i in range(pf.num_row_groups):
+                table = sd_data.normalize_laion_columns(pf.read_row_group(i))
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+                rows += table.num_rows
+            if writer is None:  # a shard with no row groups: keep its (normalised) schema
+                table = sd_data.normalize_laion_columns(pa.Table.from_batches([], pf.schema_arrow))
                 writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table)
-            rows += table.num_rows
-        if writer is None:  # a shard with no row groups: keep its (normalised) schema
-            table = sd_data.normalize_laion_columns(pa.Table.from_batches([], pf.schema_arrow))
-            writer = pq.ParquetWriter(tmp, table.schema)
-    finally:
-        if writer is not None:
-            writer.close()
-    tmp.replace(dst)
+        finally:
+            if writer is not None:
+                writer.close()
     return rows
 
 
@@ -52,7 +52,7 @@ def main(args):
     src_dir = Path(args.source) if args.source else Path(download(args))
     shards = sorted(Path(src_dir).rglob("*.parquet"))
     if not shards:
-        raise sd_data.user_error(f"no .parquet files under '{src_dir}'")
+        raise UserError(f"no .parquet files under '{src_dir}'")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -82,4 +82,4 @@ if __name__ == "__main__":
     parser.add_argument("--source", default=None, help="local folder of parquet shards to use instead of downloading")
     parser.add_argument("--out", default="data/laion_meta", help="output folder of normalised parquet shards")
     parser.add_argument("--workers", type=int, default=8, help="parallel downloads")
-    sd_data.run_main(main, parser.parse_args())
+    run_main(main, parser.parse_args())

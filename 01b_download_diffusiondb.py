@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import sd_data
+from sd_common import UserError, run_main
 
 # DiffusionDB 2M layout (poloclub/diffusiondb): images/part-000001.zip holds ~1000 images and
 # part-000001.json = {image file name: {"p": prompt, "se": seed, "c": cfg, "st": steps, "sa": sampler}}.
@@ -48,7 +49,7 @@ def convert_part(part, args):
 
 def main(args):
     if not sd_data.is_url(args.source) and not Path(args.source).is_dir():
-        raise sd_data.user_error(f"--source '{args.source}' is neither a URL nor an existing folder")
+        raise UserError(f"--source '{args.source}' is neither a URL nor an existing folder")
     parts = sd_data.parse_ranges(args.parts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,4 +73,4 @@ if __name__ == "__main__":
     parser.add_argument("--min_image_size", type=int, default=256, help="skip images whose shorter side is smaller")
     parser.add_argument("--timeout", type=int, default=60, help="seconds before a stalled download is retried")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parts converted in parallel")
-    sd_data.run_main(main, parser.parse_args())
+    run_main(main, parser.parse_args())

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path, PurePosixPath
 
 import sd_data
+from sd_common import UserError, run_main
 
 # JourneyDB layout (JourneyDB/JourneyDB): data/train/imgs/000.tgz ... each unpacking to 000/<hash>.jpg, and
 # data/train/train_anno_realease_repath.jsonl.tgz (sic) with one json per line:
@@ -80,7 +81,7 @@ def convert_archive(num, captions, args):
 
 def main(args):
     if not sd_data.is_url(args.source) and not Path(args.source).is_dir():
-        raise sd_data.user_error(f"--source '{args.source}' is neither a URL nor an existing folder")
+        raise UserError(f"--source '{args.source}' is neither a URL nor an existing folder")
     archives = sd_data.parse_ranges(args.archives)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,7 @@ def main(args):
     if todo:
         anno = sd_data.fetch(args.source, args.annotations, args.download_dir, timeout=args.timeout)
         if anno is None:
-            raise sd_data.user_error(f"annotations '{args.annotations}' not found under '{args.source}'")
+            raise UserError(f"annotations '{args.annotations}' not found under '{args.source}'")
         captions = load_annotations(anno, args.caption_field, todo)
         sd_data.run_jobs(convert_archive, [(a, captions[a], args) for a in todo], args.workers, "journeydb",
                          "archive", total)
@@ -114,4 +115,4 @@ if __name__ == "__main__":
     parser.add_argument("--min_image_size", type=int, default=256, help="skip images whose shorter side is smaller")
     parser.add_argument("--timeout", type=int, default=60, help="seconds before a stalled download is retried")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="archives converted in parallel")
-    sd_data.run_main(main, parser.parse_args())
+    run_main(main, parser.parse_args())

@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 import sd_data
+from sd_common import UserError, run_main
 
 # VGGFace2 layout (the release, after unpacking vggface2_train.tar.gz and the meta files):
 #   train/n000002/0001_01.jpg ...
@@ -106,11 +107,11 @@ def convert_shard(index, identities, genders, args):
 def main(args):
     root = Path(args.source) / args.split
     if not root.is_dir():
-        raise sd_data.user_error(f"'{root}' does not exist; --source is the unpacked VGGFace2 folder holding "
+        raise UserError(f"'{root}' does not exist; --source is the unpacked VGGFace2 folder holding "
                                  f"{args.split}/<identity>/<image>.jpg")
     identities = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not identities:
-        raise sd_data.user_error(f"no identity folders in '{root}'")
+        raise UserError(f"no identity folders in '{root}'")
     meta_path = Path(args.source) / IDENTITY_META
     genders = read_genders(meta_path) if meta_path.exists() else {}
     out = Path(args.out)
@@ -143,4 +144,4 @@ if __name__ == "__main__":
     parser.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality of the stored images")
     parser.add_argument("--min_image_size", type=int, default=128, help="skip images whose shorter side is smaller")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="shards converted in parallel")
-    sd_data.run_main(main, parser.parse_args())
+    run_main(main, parser.parse_args())

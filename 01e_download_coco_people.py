@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import sd_data
+from sd_common import UserError, run_main
 
 # detection-datasets/coco: data/{train,val}-000NN-of-000MM-<hash>.parquet, rows of image_id, image {bytes,
 # path}, width, height, objects {bbox_id, category, bbox, area}; category is the index in COCO's 80 names.
@@ -62,7 +63,7 @@ def read_captions(path):
     try:
         anns = json.loads(Path(path).read_text())["annotations"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise sd_data.user_error(f"--captions '{path}' is not a COCO captions json ({type(e).__name__}: {e})"
+        raise UserError(f"--captions '{path}' is not a COCO captions json ({type(e).__name__}: {e})"
                                  ) from None
     out = {}
     for a in sorted(anns, key=lambda a: a.get("id", 0)):
@@ -128,7 +129,7 @@ def main(args):
     if args.source:
         src_dir = Path(args.source)
         if not src_dir.is_dir():
-            raise sd_data.user_error(f"--source '{src_dir}' is not a folder")
+            raise UserError(f"--source '{src_dir}' is not a folder")
     else:
         from huggingface_hub import snapshot_download
         from SD_Model import require_hub
@@ -137,12 +138,12 @@ def main(args):
             src_dir = Path(snapshot_download(repo_id=args.repo_id, repo_type="dataset", local_dir=args.raw_dir,
                                              allow_patterns=[f"data/{args.split}-*.parquet"], max_workers=args.workers))
         except Exception as e:
-            raise sd_data.user_error(
+            raise UserError(
                 f"could not download dataset '{args.repo_id}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                 "offline? fetch its data/*.parquet elsewhere and pass --source DIR") from None
     files = sorted(src_dir.rglob(f"{args.split}-*.parquet"))
     if not files:
-        raise sd_data.user_error(f"no {args.split}-*.parquet files under '{src_dir}'")
+        raise UserError(f"no {args.split}-*.parquet files under '{src_dir}'")
     if args.captions:
         read_captions(args.captions)                 # a bad file fails here, once, before any worker starts
     out = Path(args.out)
@@ -173,4 +174,4 @@ if __name__ == "__main__":
     parser.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality of the stored images")
     parser.add_argument("--min_image_size", type=int, default=256, help="skip images whose shorter side is smaller")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parquet files converted in parallel")
-    sd_data.run_main(main, parser.parse_args())
+    run_main(main, parser.parse_args())

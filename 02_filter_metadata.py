@@ -2,6 +2,7 @@
 import argparse
 import hashlib
 import json
+from contextlib import ExitStack, closing
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,6 +11,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import sd_data
+from sd_common import UserError, atomic_path, run_main, write_atomic
 
 # The seed's phases (003 summary, "Training Phases"). Phase 1 says "no watermark/NSFW" without a number:
 # we read it as LAION's predicted probabilities < 0.5. Phase 2 is a stricter cut of phase 1's pool, so it
@@ -49,7 +51,7 @@ def filter_batch(table, thr, args, seen, funnel):
         if thr[name] is None:
             continue
         if column not in table.column_names:
-            raise sd_data.user_error(f"--{name} needs column '{column}', which the metadata lacks "
+            raise UserError(f"--{name} needs column '{column}', which the metadata lacks "
                                      f"(has {table.column_names}); pass --{name} with no preset or run 01 first")
         mask = pc.fill_null(keep_if(table.column(column), thr[name]), False)  # missing score -> drop
         table = table.filter(mask)
@@ -86,22 +88,16 @@ def filter_shard(src, dst, thr, args, seen):
     from collections import Counter
     funnel = Counter()
     pf = pq.ParquetFile(src)
-    tmp = dst.with_name(f".{dst.name}.tmp")
     writer = None
-    try:
+    with ExitStack() as stack:                       # unwinds writer first, then the atomic rename (or cleanup)
         for batch in pf.iter_batches(batch_size=args.batch_rows):
             table = sd_data.normalize_laion_columns(pa.Table.from_batches([batch]))
             funnel["rows in"] += table.num_rows
             kept = filter_batch(table, thr, args, seen, funnel)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, kept.schema)
+            if writer is None:                       # an empty shard writes nothing
+                tmp = stack.enter_context(atomic_path(dst))
+                writer = stack.enter_context(closing(pq.ParquetWriter(tmp, kept.schema)))
             writer.write_table(kept)
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:
-        return funnel  # an empty shard writes nothing
-    tmp.replace(dst)
     return funnel
 
 
@@ -113,8 +109,8 @@ def main(args):
     config = dict(thr, min_caption_chars=args.min_caption_chars, max_caption_chars=args.max_caption_chars)
     config_path = out / "filter_config.json"
     if config_path.exists() and json.loads(config_path.read_text()) != config:
-        raise sd_data.user_error(f"'{out}' was filtered with other settings ({config_path}); pick a new --out")
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+        raise UserError(f"'{out}' was filtered with other settings ({config_path}); pick a new --out")
+    write_atomic(config_path, json.dumps(config, indent=2) + "\n")
     print("filters:", {k: v for k, v in config.items() if v is not None})
 
     # resume: shards already written count in the funnel from their sidecar and seed the dedup set
@@ -137,7 +133,7 @@ def main(args):
         if side.exists():
             continue
         funnel = filter_shard(src, dst, thr, args, seen)
-        side.write_text(json.dumps(funnel))  # written last: marks the shard done
+        write_atomic(side, json.dumps(funnel))  # written last: marks the shard done
         funnels.append(funnel)
 
     total = {}
@@ -165,4 +161,4 @@ if __name__ == "__main__":
     parser.add_argument("--min_caption_chars", type=int, default=5, help="shortest usable caption")
     parser.add_argument("--max_caption_chars", type=int, default=1000, help="longest usable caption")
     parser.add_argument("--batch_rows", type=int, default=262144, help="rows per streamed batch (memory bound)")
-    sd_data.run_main(main, parser.parse_args())
+    run_main(main, parser.parse_args())

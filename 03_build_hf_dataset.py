@@ -1,13 +1,14 @@
 """Build an Arrow Hugging Face image dataset (image, caption, key, source) from DiffusionDB/JourneyDB tars."""
 import argparse
 import json
-import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm
 
 import sd_data
+from sd_common import UserError, atomic_folder, run_main
 
 BUILD_INFO = "build_info.json"
 
@@ -24,7 +25,7 @@ def main(args):
                               list(json.loads(info_path.read_text())["counts"].items()))
         return
     if out.exists() and any(out.iterdir()) and not info_path.exists():
-        raise sd_data.user_error(f"'{out}' exists and was not built by this script; pick another --out")
+        raise UserError(f"'{out}' exists and was not built by this script; pick another --out")
 
     counts = Counter()
     seen = set()
@@ -36,40 +37,31 @@ def main(args):
                 if key in seen or sd_data.is_validation_key(key, args.val_fraction) != (split == "validation"):
                     continue
                 try:
-                    image = sd_data.sample_image(sample)
-                    sd_data.probe_image(image, min_size=args.min_image_size)
-                    caption = sd_data.sample_caption(sample)
-                    if caption is None or not caption.strip():
-                        raise sd_data.BadSample("no caption")
+                    image, caption = sd_data.usable_sample(sample, args.min_image_size)
                 except sd_data.BadSample as e:
                     counts[f"skipped: {e}"] += 1
                     continue
                 seen.add(key)
                 meta = json.loads(sample["json"]) if "json" in sample else {}
                 counts[split] += 1
-                yield {"image_key": key, "caption": caption.strip(), "source": str(meta.get("source", tar.stem)),
+                yield {"image_key": key, "caption": caption, "source": str(meta.get("source", tar.stem)),
                        "image": {"bytes": image, "path": None}}
 
     features = datasets.Features({"image_key": datasets.Value("string"), "caption": datasets.Value("string"),
                                   "source": datasets.Value("string"), "image": datasets.Image()})
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # our own half-written output from an interrupted run
-    # from_generator streams to Arrow files on disk (images never all in RAM); its cache lives in tmp
-    splits = {}
-    for split in ("train", "validation"):
-        gen = lambda split=split: tqdm(rows(split), desc=split, unit="img")  # noqa: E731
-        splits[split] = datasets.Dataset.from_generator(gen, features=features, cache_dir=str(tmp / "cache"))
-    # an empty split is left out: datasets.load_from_disk cannot open one
-    dd = datasets.DatasetDict({k: v for k, v in splits.items() if len(v)})
-    dd.save_to_disk(str(tmp / "dataset"))
-    del dd, splits
-    result = tmp / "dataset"
-    (result / BUILD_INFO).write_text(json.dumps({"inputs": inputs, "counts": dict(counts)}, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)  # only reached when out holds our build_info.json (checked above)
-    result.replace(out)
-    shutil.rmtree(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # only reached when out is new or holds our build_info.json (checked above): atomic_folder may replace it.
+    # from_generator streams to Arrow files on disk (images never all in RAM), its cache beside the output.
+    with atomic_folder(out) as tmp, tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.cache") as cache:
+        splits = {}
+        for split in ("train", "validation"):
+            gen = lambda split=split: tqdm(rows(split), desc=split, unit="img")  # noqa: E731
+            splits[split] = datasets.Dataset.from_generator(gen, features=features, cache_dir=cache)
+        # an empty split is left out: datasets.load_from_disk cannot open one
+        dd = datasets.DatasetDict({k: v for k, v in splits.items() if len(v)})
+        dd.save_to_disk(str(tmp))
+        del dd, splits
+        (tmp / BUILD_INFO).write_text(json.dumps({"inputs": inputs, "counts": dict(counts)}, indent=2) + "\n")
     rows_ = [("tars", len(tars))] + sd_data.count_rows(counts, ("truncated tar", "train", "validation"))
     sd_data.print_summary(f"03 image dataset -> {out}", rows_)
 
@@ -81,4 +73,4 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="data/dm_image_dataset", help="output folder of the saved DatasetDict")
     parser.add_argument("--val_fraction", type=float, default=0.01, help="share of keys in the validation split")
     parser.add_argument("--min_image_size", type=int, default=64, help="skip images whose shorter side is smaller")
-    sd_data.run_main(main, parser.parse_args())
+    run_main(main, parser.parse_args())

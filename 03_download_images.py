@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 import sd_data
+from sd_common import UserError, run_main
 
 # albumentations (imported by img2dataset) asks PyPI for a newer version on import; a downloader on a
 # cluster node should not phone home, and the tests must not touch the network.
@@ -35,7 +36,7 @@ def main(args):
     columns = pq.read_schema(files[0]).names
     for needed in ("url", "caption"):
         if needed not in columns:
-            raise sd_data.user_error(f"'{files[0]}' has no '{needed}' column; run 01/02 on it first")
+            raise UserError(f"'{files[0]}' has no '{needed}' column; run 01/02 on it first")
     extra = [c for c in columns if c not in RESERVED]  # keep the LAION scores next to each image
     out = Path(args.out)
     before = read_stats(out)
@@ -94,4 +95,4 @@ if __name__ == "__main__":
                         help="X-Robots-Tag directives that make img2dataset drop an image")
     parser.add_argument("--user_agent_token", default=None, help="token added to the user agent (X-Robots-Tag scoping)")
     parser.add_argument("--top_errors", type=int, default=8, help="most common failure reasons listed in the summary")
-    sd_data.run_main(main, parser.parse_args())
+    run_main(main, parser.parse_args())

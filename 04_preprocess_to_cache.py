@@ -6,6 +6,7 @@ from pathlib import Path
 
 import SD_Model
 import sd_data
+from sd_common import atomic_path, run_main
 
 _tokenizer = None
 
@@ -23,26 +24,20 @@ def process_shard(tar, dst, tokenizer_name, min_size, batch):
     keys, captions = [], []
     for key, sample in sd_data.iter_tar_samples(tar, counts):
         counts["samples in"] += 1
-        caption = sd_data.sample_caption(sample)
         try:
-            # header-only check (no pixel decode): the same probe encode_latents runs before decoding,
-            # so both scripts drop the same broken images
-            sd_data.probe_image(sd_data.sample_image(sample), min_size=min_size)
-            if caption is None or not caption.strip():
-                raise sd_data.BadSample("no caption")
+            _, caption = sd_data.usable_sample(sample, min_size)
         except sd_data.BadSample as e:
             counts[f"skipped: {e}"] += 1
             continue
         keys.append(key)
-        captions.append(caption.strip())
+        captions.append(caption)
     ids = []
     for i in range(0, len(captions), batch):
         ids.extend(SD_Model.tokenize(_tokenizer, captions[i:i + batch]).to(torch.int32).tolist())
     table = pa.table({"image_key": pa.array(keys, pa.string()), "caption": pa.array(captions, pa.string()),
                       "input_ids": pa.array(ids, pa.list_(pa.int32()))})
-    tmp = Path(dst).with_name(f".{Path(dst).name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        pq.write_table(table, tmp)
     counts["kept"] += len(keys)
     return counts
 
@@ -73,4 +68,4 @@ if __name__ == "__main__":
     parser.add_argument("--min_image_size", type=int, default=64, help="skip images whose shorter side is smaller")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count()), help="shards tokenised in parallel")
     parser.add_argument("--tokenize_batch", type=int, default=1024, help="captions per tokenizer call")
-    sd_data.run_main(main, parser.parse_args())
+    run_main(main, parser.parse_args())

@@ -1,7 +1,6 @@
 """Merge 04's parquet batches into a Hugging Face DatasetDict with a deterministic train/validation split."""
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import sd_data
+from sd_common import UserError, atomic_folder, run_main
 
 BUILD_INFO = "build_info.json"
 
@@ -28,7 +28,7 @@ def main(args):
                               [("batches", len(batches))] + list(info["counts"].items()))
         return
     if out.exists() and any(out.iterdir()) and not info_path.exists():
-        raise sd_data.user_error(f"'{out}' exists and was not built by this script; pick another --out")
+        raise UserError(f"'{out}' exists and was not built by this script; pick another --out")
 
     tables = []
     for p in tqdm(batches, desc="read", unit="batch"):
@@ -37,7 +37,7 @@ def main(args):
         except (OSError, ValueError, KeyError, pa.ArrowInvalid) as e:
             tqdm.write(f"skipping unreadable batch {p}: {str(e)[:160]}")
     if not tables:
-        raise sd_data.user_error(f"no readable batches in '{args.batches}'")
+        raise UserError(f"no readable batches in '{args.batches}'")
     table = pa.concat_tables(tables)
     rows_in = table.num_rows
 
@@ -56,15 +56,11 @@ def main(args):
     # an empty split is left out: datasets.load_from_disk cannot open one (SD_Train then skips validation)
     dd = datasets.DatasetDict({k: v for k, v in splits.items() if len(v)})
 
-    # write beside, then swap in: an interrupted build leaves the previous dataset intact
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # our own half-written output from an interrupted run
-    dd.save_to_disk(str(tmp), num_proc=None)
-    (tmp / BUILD_INFO).write_text(json.dumps({"inputs": inputs, "counts": counts}, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)  # only reached when out holds our build_info.json (checked above)
-    tmp.replace(out)
+    # write beside, then swap in: an interrupted build leaves the previous dataset intact (out is new or ours:
+    # its build_info.json was checked above)
+    with atomic_folder(out) as tmp:
+        dd.save_to_disk(str(tmp), num_proc=None)
+        (tmp / BUILD_INFO).write_text(json.dumps({"inputs": inputs, "counts": counts}, indent=2) + "\n")
     sd_data.print_summary(f"05 dataset -> {out}", [("batches", len(batches))] + list(counts.items()))
 
 
@@ -74,4 +70,4 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="data/laion_hf", help="output folder of the saved DatasetDict")
     parser.add_argument("--val_fraction", type=float, default=0.01,
                         help="share of keys in the validation split (by a hash of image_key, so stable)")
-    sd_data.run_main(main, parser.parse_args())
+    run_main(main, parser.parse_args())

@@ -2,12 +2,12 @@
 it as a diffusers pipeline folder or an original-layout single file."""
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
 
 import SD_Model as M
+from sd_common import pick_device, pick_dtype, run_main
 
 
 def save_png(image, path, info):
@@ -18,12 +18,6 @@ def save_png(image, path, info):
         meta.add_text(k, str(v))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path, pnginfo=meta)
-
-
-def default_dtype(device, name):
-    if name:
-        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-    return torch.float16 if device.type == "cuda" else torch.float32   # CPU kernels are fp32-only in practice
 
 
 def read_prompts(args):
@@ -41,27 +35,29 @@ def read_prompts(args):
 
 def run(args, device):
     """Load, sample, write; returns the written paths."""
-    dtype = default_dtype(device, args.dtype)
+    dtype = pick_dtype(device, args.dtype)
     if args.export:
         # Export keeps full precision for loading, then casts the weights it writes.
         pipe = M.load_pipeline(args.ckpt, "cpu", torch.float32, args.weights, args.vae, args.text_encoder)
         fmt, dst = args.export
         res = args.height or pipe.meta.get("resolution", 512)
         M.export_pipeline(dst, fmt, pipe.unet.state_dict(), pipe.unet.cfg, pipe.vae, pipe.text_encoder,
-                          pipe.schedule, sample_size=res // 8, dtype=default_dtype(device, args.export_dtype))
+                          pipe.schedule, sample_size=res // pipe.vae.factor, dtype=pick_dtype(device, args.export_dtype))
         print(f"exported {args.weights} weights of {args.ckpt} as {fmt} to {dst}")
         return [Path(dst)]
 
     prompts = read_prompts(args)
-    M.check_sampling_args(args.height or 8, args.width or 8, args.sampler)   # fail before loading anything
+    # fail before loading anything (the VAE's factor is checked again once it is loaded)
+    M.check_sampling_args(args.height or 8, args.width or 8, args.sampler, args.steps, 1, args.n)
     pipe = M.load_pipeline(args.ckpt, device, dtype, args.weights, args.vae, args.text_encoder)
     if args.compile:
         pipe.unet = torch.compile(pipe.unet, mode=args.compile)    # attribute access passes through to the UNet
     res = pipe.meta.get("resolution", 512)
     height, width = args.height or res, args.width or res
-    images = M.generate(pipe, prompts, args.negative, args.steps, args.cfg, args.sampler, args.eta, args.seed,
-                        height, width, args.n)
-    info = dict(prompt=" | ".join(prompts), negative=args.negative, seed=args.seed, steps=args.steps, cfg=args.cfg,
+    images = M.generate(pipe, prompts, args.negative, args.steps, args.guidance_scale, args.sampler, args.eta,
+                        args.seed, height, width, args.n)
+    info = dict(prompt=" | ".join(prompts), negative=args.negative, seed=args.seed, steps=args.steps,
+                guidance_scale=args.guidance_scale,
                 sampler=args.sampler, eta=args.eta, weights=args.weights, checkpoint=args.ckpt, size=f"{width}x{height}")
     out = Path(args.out)
     if args.grid or len(images) == 1:
@@ -80,13 +76,9 @@ def run(args, device):
 
 
 def main(args, run_fn=run):
-    """The command line of this script and of evaluate.py: pick the device, run, a UserError as one line."""
+    """The command line of this script and of evaluate.py: pick the device, then run."""
     M.configure_cuda_backends()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        run_fn(args, device)
-    except M.UserError as e:
-        sys.exit(f"error: {e}")
+    return run_fn(args, pick_device(args.device))
 
 
 if __name__ == "__main__":
@@ -98,7 +90,8 @@ if __name__ == "__main__":
     p.add_argument("--prompts", default=None, help="a file with one prompt per line (instead of --prompt)")
     p.add_argument("--negative", default="", help="negative prompt: replaces the empty prompt in the CFG branch")
     p.add_argument("--steps", type=int, default=100, help="sampling steps (the seed found 50 too few for faces)")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance_scale", "--cfg", dest="guidance_scale", type=float, default=7.5,
+                   help="classifier-free guidance scale (1 = off; the seed: 7.5 scenes, 8.5 portraits)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (diffusers' convention)")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--height", type=int, default=None, help="image height, multiple of 8 (default: the training resolution)")
@@ -109,7 +102,7 @@ if __name__ == "__main__":
     p.add_argument("--vae", default=None, help="VAE hub id or folder (default: the one the checkpoint names)")
     p.add_argument("--text_encoder", default=None, help="text encoder + tokenizer hub id or folder (default: the checkpoint's)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", default=None, help="cuda / cpu / mps (default: cuda if available)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu")
     p.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the UNet; reduce-overhead replays CUDA graphs (batch-1 sampling on a GPU is "
                         "launch-bound). Compiling takes a minute or more: worth it for many images")
@@ -118,4 +111,4 @@ if __name__ == "__main__":
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "DST"), default=None,
                    help="instead of sampling, export: 'diffusers DIR' or 'single-file FILE.safetensors'")
     p.add_argument("--export_dtype", default="fp16", choices=["fp32", "fp16", "bf16"], help="dtype of exported weights")
-    main(p.parse_args())
+    run_main(main, p.parse_args())

@@ -12,7 +12,6 @@ import argparse
 import copy
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -22,10 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-
-class UserError(Exception):
-    """A mistake the user can fix (wrong path, unreachable hub id, bad flag); entry scripts print it as
-    one line instead of a traceback."""
+from sd_common import UserError, atomic_path, pick_dtype, run_main
 
 
 #################################################################################
@@ -432,6 +428,18 @@ class NoiseSchedule:
     zero_terminal_snr: bool = False                  # Lin et al. 2023, "Common Diffusion Noise Schedules..."
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)
 
+    CHOICES = {"beta_schedule": ("scaled_linear", "linear", "squaredcos_cap_v2"),
+               "prediction_type": ("epsilon", "v_prediction")}
+
+    def to_dict(self):
+        """The settings that define the schedule (what checkpoints and exports record)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    @classmethod
+    def from_dict(cls, d):
+        """A schedule from any dict holding its settings (a run config, a checkpoint's meta); other keys ignored."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.init and f.name in d})
+
     def __post_init__(self):
         T = self.num_train_timesteps
         if self.beta_schedule == "scaled_linear":
@@ -443,9 +451,10 @@ class NoiseSchedule:
             betas = torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)],
                                  dtype=torch.float32)
         else:
-            raise UserError(f"unknown beta_schedule '{self.beta_schedule}'")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise UserError(f"unknown prediction_type '{self.prediction_type}'")
+            raise UserError(f"unknown beta_schedule '{self.beta_schedule}'; choose one of {self.CHOICES['beta_schedule']}")
+        if self.prediction_type not in self.CHOICES["prediction_type"]:
+            raise UserError(f"unknown prediction_type '{self.prediction_type}'; choose one of "
+                            f"{self.CHOICES['prediction_type']}")
         if self.zero_terminal_snr:
             betas = _rescale_zero_terminal_snr(betas)
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
@@ -471,13 +480,31 @@ class NoiseSchedule:
         a = self.alphas_cumprod.to(t.device)[t]
         return a / (1 - a)
 
-    def min_snr_weight(self, t, gamma):
-        """Min-SNR-gamma loss weight (Hang et al. 2023) per sample: min(SNR, gamma) / SNR for eps targets,
-        min(SNR, gamma) / (SNR + 1) for v targets (the v loss already carries a factor SNR + 1)."""
-        snr = self.snr(t)
-        if self.prediction_type == "v_prediction":
+    def loss_weight(self, t, weighting, gamma=5.0):
+        """Per-sample weight of the MSE to self.target, one of LOSS_WEIGHTINGS. Each is written as a weight on the
+        x0 error (w_x0) and carried into this schedule's target space: the eps loss already weighs the x0 error by
+        SNR, the v loss by SNR + 1, so the weight here is w_x0 / SNR or w_x0 / (SNR + 1).
+          none          1 (plain loss of the target: SD's and NeMo's)
+          min_snr       w_x0 = min(SNR, gamma) (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR")
+          soft_min_snr  w_x0 = SNR gamma / (SNR + gamma), the smooth minimum of SNR and gamma (Crowson et al.
+                        2024, HDiT): no kink at SNR = gamma
+          debiased      1 / sqrt(SNR) for eps, 1 / (SNR + 1) for v, SNR capped at 1000 (Yu et al. 2024, "Debias
+                        the Training of Diffusion Models"; kohya's --debiased_estimation_loss)"""
+        if weighting not in LOSS_WEIGHTINGS:
+            raise UserError(f"unknown loss weighting '{weighting}'; choose one of {list(LOSS_WEIGHTINGS)}")
+        snr = self.snr(t).float()
+        if weighting == "none":
+            return torch.ones_like(snr)
+        v = self.prediction_type == "v_prediction"
+        if weighting == "debiased":
+            snr = snr.clamp(max=1000.0)
+            return 1 / (snr + 1) if v else snr.rsqrt()
+        if weighting == "min_snr":
+            if not v:   # = min(SNR, gamma) / SNR, written so that SNR = 0 (zero terminal SNR) gives 1, not 0/0
+                return torch.clamp(gamma / snr, max=1.0)
             return torch.clamp(snr, max=gamma) / (snr + 1)
-        return torch.clamp(gamma / snr, max=1.0)   # = min(SNR, gamma) / SNR, and 1 (not 0/0) at zero terminal SNR
+        # soft_min_snr: gamma / (SNR + gamma) in eps space, finite at SNR = 0 and SNR = inf
+        return gamma / (snr + gamma) if not v else snr * gamma / ((snr + gamma) * (snr + 1))
 
     def predict_x0_eps(self, model_out, x, t):
         """(x0, eps) implied by the model output at timestep t (a python int or 0-dim tensor)."""
@@ -486,6 +513,9 @@ class NoiseSchedule:
         if self.prediction_type == "epsilon":
             return (x - b ** 0.5 * model_out) / a ** 0.5, model_out
         return a ** 0.5 * x - b ** 0.5 * model_out, a ** 0.5 * model_out + b ** 0.5 * x
+
+
+LOSS_WEIGHTINGS = ("none", "min_snr", "soft_min_snr", "debiased")
 
 
 def _rescale_zero_terminal_snr(betas):
@@ -661,7 +691,7 @@ class FrozenVAE:
     def __init__(self, name_or_path=DEFAULT_VAE, device="cpu", dtype=None):
         from diffusers import AutoencoderKL
         self.name = str(name_or_path)
-        self.dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        self.dtype = dtype or pick_dtype(torch.device(device), gpu="bf16")
         self.vae = _from_pretrained(AutoencoderKL, self.name, "VAE", "--vae", "vae", torch_dtype=self.dtype)
         self.vae.to(device=device).eval().requires_grad_(False)
         self.scaling_factor = float(self.vae.config.scaling_factor)
@@ -713,6 +743,11 @@ class FrozenTextEncoder:
     @property
     def context_dim(self):
         return self.model.config.hidden_size
+
+    @property
+    def max_length(self):
+        """Tokens per prompt: 77 for CLIP, read from the tokenizer that owns it."""
+        return self.tokenizer.model_max_length
 
     def tokenize(self, texts):
         return tokenize(self.tokenizer, texts)
@@ -938,6 +973,48 @@ def _read_tensors(path):
     return obj, {}
 
 
+# Our two formats. A slim export (.safetensors) holds UNet weights and `meta` in its metadata; a training
+# checkpoint (SD_Train.py, torch.save of plain tensors and types, so weights_only=True loads it) holds
+# TRAINING_CHECKPOINT_KEYS. Both carry the same `meta`, built by checkpoint_meta alone.
+TRAINING_CHECKPOINT_KEYS = ("unet", "ema", "optimizer", "lr_scheduler", "scaler", "progress", "rng", "meta")
+
+
+def checkpoint_meta(model_cfg, schedule, vae, scaling_factor, text_encoder, text_layer, resolution, run_config=None):
+    """What every checkpoint and export of ours records besides weights, so sampling needs no model flags: the
+    UNet config, the noise schedule, the frozen parts it was trained with (ids, the latents' scaling factor),
+    the training resolution (the samplers' default size) and the run's resolved config."""
+    return {"model_config": asdict(unet_config(model_cfg)), "schedule": schedule.to_dict(), "vae": str(vae),
+            "scaling_factor": scaling_factor, "text_encoder": str(text_encoder), "text_layer": text_layer,
+            "resolution": resolution, "run_config": dict(run_config or {})}
+
+
+def is_training_checkpoint(obj, resumable=False):
+    """Has the weights and meta of a training checkpoint (and, `resumable`, everything a resume restores)."""
+    need = TRAINING_CHECKPOINT_KEYS if resumable else ("unet", "ema", "meta")
+    return isinstance(obj, dict) and set(need) <= set(obj)
+
+
+def read_training_checkpoint(path, flag="--resume"):
+    """A training checkpoint of SD_Train.py (memory-mapped, weights_only), or one line saying what `path` is
+    instead: a missing file, a damaged one, an export that holds weights only, another project's file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag}: checkpoint '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        raise UserError(f"{flag}: '{path}' is a weights-only export (no optimizer, schedule or progress) and cannot "
+                        f"continue a run; start a new phase from it with --init '{path}'")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - a truncated zip, a text file and a refused pickle all mean "not usable"
+        raise UserError(f"{flag}: '{path}' is not a readable training checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if not is_training_checkpoint(obj, resumable=True):
+        raise UserError(f"{flag}: '{path}' is not a training checkpoint of SD_Train.py (it lacks "
+                        f"{sorted(set(TRAINING_CHECKPOINT_KEYS) - set(obj if isinstance(obj, dict) else {}))}); "
+                        "to start from its weights use --init")
+    return obj
+
+
 def read_unet_state(path, prefer_ema=True):
     """(state_dict in our key names, UNetConfig, meta) from any supported format (see the banner above)."""
     path = Path(path)
@@ -971,7 +1048,7 @@ def read_unet_state(path, prefer_ema=True):
     if "meta" in metadata and not is_original:     # our slim export
         meta = json.loads(metadata["meta"])
         return obj, unet_config(meta["model_config"]), meta
-    if isinstance(obj, dict) and "meta" in obj and ("unet" in obj or "ema" in obj):  # our training checkpoint
+    if is_training_checkpoint(obj):
         meta = obj["meta"]
         sd = obj["ema"] if prefer_ema and obj.get("ema") is not None else obj["unet"]
         return clean_state_dict(sd), unet_config(meta["model_config"]), meta
@@ -1015,17 +1092,6 @@ def load_unet(path, prefer_ema=True):
     return build_unet(cfg, sd, source=f"'{path}'")
 
 
-def _atomic(dst, write):
-    """Write through a temp name + fsync + os.replace, so a crash never leaves a half-written checkpoint."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
-
-
 def save_unet(state_dict, cfg, dst, fmt="ours", meta=None, sample_size=64):
     """Write UNet weights as `fmt`: ours (.safetensors + meta), diffusers (UNet folder) or original (single
     .safetensors with model.diffusion_model.* keys, our config kept in its metadata for exact round trips)."""
@@ -1037,16 +1103,19 @@ def save_unet(state_dict, cfg, dst, fmt="ours", meta=None, sample_size=64):
     if missing or unexpected:
         raise UserError(f"weights do not fit the UNet config: missing {missing[:6]}, unexpected {unexpected[:6]}")
     if fmt == "ours":
-        _atomic(dst, lambda p: save_file(sd, str(p), metadata={"meta": json.dumps(meta)}))
+        with atomic_path(dst) as tmp:
+            save_file(sd, str(tmp), metadata={"meta": json.dumps(meta)})
     elif fmt == "diffusers":
         dst = Path(dst)
         dst.mkdir(parents=True, exist_ok=True)
         (dst / "config.json").write_text(json.dumps(diffusers_config(cfg, sample_size), indent=2))
-        _atomic(dst / "diffusion_pytorch_model.safetensors", lambda p: save_file(sd, str(p)))
+        with atomic_path(dst / "diffusion_pytorch_model.safetensors") as tmp:
+            save_file(sd, str(tmp))
     elif fmt == "original":
         key_map = original_key_map(cfg)
         orig = {ORIGINAL_PREFIX + key_map[k]: v for k, v in sd.items()}
-        _atomic(dst, lambda p: save_file(orig, str(p), metadata={"meta": json.dumps(meta)}))
+        with atomic_path(dst) as tmp:
+            save_file(orig, str(tmp), metadata={"meta": json.dumps(meta)})
     else:
         raise UserError(f"unknown format '{fmt}'; choose ours, diffusers or original")
 
@@ -1127,15 +1196,11 @@ def export_pipeline(dst, fmt, unet_sd, unet_cfg, vae, text_encoder, schedule, sa
             k = k if k.startswith("text_model.") else "text_model." + k
             sd["cond_stage_model.transformer." + k] = v.to(dtype)
         meta = {"model_config": asdict(unet_cfg), "scaling_factor": vae.scaling_factor,
-                "schedule": schedule_config(schedule)}
-        _atomic(dst, lambda p: save_file({k: v.contiguous() for k, v in sd.items()}, str(p),
-                                         metadata={"meta": json.dumps(meta)}))
+                "schedule": schedule.to_dict()}
+        with atomic_path(dst) as tmp:
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
     else:
         raise UserError(f"unknown export format '{fmt}'; choose diffusers or single-file")
-
-
-def schedule_config(schedule):
-    return {f.name: getattr(schedule, f.name) for f in fields(schedule) if f.init}
 
 
 def default_spacing(schedule):
@@ -1183,47 +1248,57 @@ def load_pipeline(ckpt, device="cpu", dtype=torch.float32, weights="ema", vae=No
     sd, cfg, meta = read_unet_state(ckpt, prefer_ema=weights == "ema")
     spacing, offset = None, 1
     sched_kw = meta.get("schedule", {})
-    if ckpt.is_dir() and (ckpt / "model_index.json").exists():
+    pipeline_folder = ckpt.is_dir() and (ckpt / "model_index.json").exists()
+    if pipeline_folder:
         vae, text_encoder = vae or str(ckpt), text_encoder or str(ckpt)
         sc = json.loads((ckpt / "scheduler" / "scheduler_config.json").read_text())
         sched_kw = {k: sc[d] for k, d in [("num_train_timesteps", "num_train_timesteps"), ("beta_start", "beta_start"),
                     ("beta_end", "beta_end"), ("beta_schedule", "beta_schedule"), ("prediction_type", "prediction_type"),
                     ("zero_terminal_snr", "rescale_betas_zero_snr")] if d in sc}
         spacing, offset = sc.get("timestep_spacing", "leading"), sc.get("steps_offset", 1)
-        meta = dict(meta, resolution=json.loads((ckpt / "unet" / "config.json").read_text())["sample_size"] * 8)
     vae = vae or meta.get("vae")
     text_encoder = text_encoder or meta.get("text_encoder")
     if not vae or not text_encoder:
         raise UserError(f"'{ckpt}' does not say which VAE / text encoder it was trained with; pass --vae and --text_encoder")
     unet = build_unet(cfg, sd, source=f"'{ckpt}'").to(device=device, dtype=dtype).eval()
     te = FrozenTextEncoder(text_encoder, device, dtype, layer=text_layer or meta.get("text_layer", "last"))
-    return Pipeline(unet, te, FrozenVAE(vae, device, dtype), NoiseSchedule(**sched_kw), spacing, offset, meta)
+    frozen_vae = FrozenVAE(vae, device, dtype)
+    if pipeline_folder:   # diffusers records the latent size: the image size is that x the VAE's own factor
+        sample_size = json.loads((ckpt / "unet" / "config.json").read_text())["sample_size"]
+        meta = dict(meta, resolution=sample_size * frozen_vae.factor)
+    return Pipeline(unet, te, frozen_vae, NoiseSchedule.from_dict(sched_kw), spacing, offset, meta)
 
 
-def initial_latents(n, channels, height, width, seed, device, factor=8):
+def initial_latents(n, channels, height, width, seed, device, factor):
     """diffusers' convention, so a seed draws the same image as StableDiffusionPipeline: one CPU randn of
     the whole batch, then moved to the device. `factor` is the VAE's downsampling (FrozenVAE.factor)."""
     g = torch.Generator("cpu").manual_seed(seed)
     return torch.randn((n, channels, height // factor, width // factor), generator=g).to(device), g
 
 
-def check_sampling_args(height, width, sampler):
-    if height % 8 or width % 8:
-        raise UserError(f"height and width must be multiples of 8, got {height}x{width}")
+def check_sampling_args(height, width, sampler, steps, factor=8, images_per_prompt=1):
+    """Every sampling argument checked before any model is loaded: one line each."""
+    if height <= 0 or width <= 0 or height % factor or width % factor:
+        raise UserError(f"height and width must be positive multiples of {factor} (the VAE's downsampling), "
+                        f"got {height}x{width}")
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler '{sampler}'; choose one of {sorted(SAMPLERS)}")
+    if steps < 1:
+        raise UserError(f"sampling steps must be at least 1, got {steps}")
+    if images_per_prompt < 1:
+        raise UserError(f"images per prompt must be at least 1, got {images_per_prompt}")
 
 
 @torch.no_grad()
-def generate(pipe, prompts, negative="", steps=50, cfg=7.5, sampler="ddim", eta=None, seed=0, height=512,
+def generate(pipe, prompts, negative="", steps=50, guidance_scale=7.5, sampler="ddim", eta=None, seed=0, height=512,
              width=512, images_per_prompt=1, clip_x0=None):
     """Prompts -> uint8 images (N, H, W, 3). The negative prompt (or "") is the unconditional CFG branch."""
-    check_sampling_args(height, width, sampler)
+    check_sampling_args(height, width, sampler, steps, pipe.vae.factor, images_per_prompt)
     prompts = [p for p in prompts for _ in range(images_per_prompt)]
     te, device = pipe.text_encoder, pipe.vae.device
     for p in set(prompts) | {negative}:
-        if len(te.tokenizer(p).input_ids) > te.tokenizer.model_max_length:
-            print(f"warning: prompt truncated to {te.tokenizer.model_max_length} tokens: {p[:60]!r}...")
+        if len(te.tokenizer(p).input_ids) > te.max_length:
+            print(f"warning: prompt truncated to {te.max_length} tokens: {p[:60]!r}...")
     dtype = next(pipe.unet.parameters()).dtype
     cond = te.encode(prompts).to(device, dtype)
     uncond = te.encode([negative] * len(prompts)).to(device, dtype)
@@ -1231,7 +1306,8 @@ def generate(pipe, prompts, negative="", steps=50, cfg=7.5, sampler="ddim", eta=
     kw = dict(spacing=pipe.spacing, steps_offset=pipe.steps_offset, generator=g, clip_x0=clip_x0)
     if eta is not None:   # else each sampler's own default: DDIM deterministic, DDPM full ancestral noise
         kw["eta"] = eta
-    latents = SAMPLERS[sampler](cfg_model_fn(pipe.unet, cond, uncond, cfg), x, pipe.schedule, steps, **kw)
+    model_fn = cfg_model_fn(pipe.unet, cond, uncond, guidance_scale)
+    latents = SAMPLERS[sampler](model_fn, x, pipe.schedule, steps, **kw)
     images = (pipe.vae.decode(latents) / 2 + 0.5).clamp(0, 1)
     return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
@@ -1280,10 +1356,7 @@ def convert(args):
 
 
 def main(args):
-    try:
-        {"info": info, "convert": convert}[args.command](args)
-    except UserError as e:
-        raise SystemExit(f"error: {e}")
+    {"info": info, "convert": convert}[args.command](args)
 
 
 if __name__ == "__main__":
@@ -1299,4 +1372,4 @@ if __name__ == "__main__":
     p.add_argument("dst", help="output file (ours, original) or folder (diffusers)")
     p.add_argument("--format", required=True, choices=["ours", "diffusers", "original"], help="output format")
     p.add_argument("--live", action="store_true", help="take live weights instead of EMA when the source has both")
-    main(parser.parse_args())
+    run_main(main, parser.parse_args())

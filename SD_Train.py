@@ -6,8 +6,9 @@ under torchrun, checkpoints that resume the same run bit for bit.
     torchrun --nnodes=4 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         SD_Train.py --phase sd15 --init runs/sd12/ema_final.safetensors
 
-Reads top to bottom: config (phases + flags) -> data (latents + captions, mixed, sharded, per-sample noise) ->
-loss, EMA, LR schedule -> checkpoints -> validation -> logging -> main(args) -> argparse.
+Reads top to bottom: config (phases + flags) -> loss, EMA, LR schedule -> checkpoints -> validation -> logging
+-> train(): setup, data, model + EMA, optimizer, the loop -> argparse. The latent data format, its mixing and
+every sample's noise live in sd_latents.py; the model, schedule and samplers in SD_Model.py.
 """
 import os
 
@@ -23,32 +24,29 @@ import random
 import re
 import resource
 import secrets
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
-from queue import Queue
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from PIL import Image
 from tqdm import tqdm
 
-from PIL import Image
-
-from SD_Model import (DEFAULT_TEXT_ENCODER, DEFAULT_VAE, FrozenTextEncoder, FrozenVAE, NoiseSchedule, Pipeline,
-                      UserError, _atomic, build_unet, configure_cuda_backends, generate, make_grid, peak_tflops,
-                      read_unet_state, save_unet, unet_config)
-from sd_data import existing_latent_keys, latent_path, load_latent_info, open_captions
+from SD_Model import (DEFAULT_TEXT_ENCODER, DEFAULT_VAE, LOSS_WEIGHTINGS, FrozenTextEncoder, FrozenVAE,
+                      NoiseSchedule, Pipeline, build_unet, checkpoint_meta, configure_cuda_backends, generate,
+                      make_grid, peak_tflops, read_training_checkpoint, read_unet_state, save_unet, unet_config)
+from sd_common import UserError, atomic_path, check_writable, pick_device, pick_dtype, run_main
+from sd_latents import LatentMix, epoch_order, open_source, prefetch, step_batches, synthetic_source
 
 REPO = Path(__file__).resolve().parent
 PHASES_FILE = REPO / "configs" / "phases.yaml"
-TOKENS = 77                                          # CLIP's context length: every caption is 77 token ids
 
 #################################################################################
 #                                   Config                                      #
@@ -127,13 +125,13 @@ OPTIONS = {
     "text_layer": (str, "last", "context from the last layer (SD1) or the penultimate one (SD2, OpenCLIP-H)",
                    ("last", "penultimate")),
     "vae": (str, "", "VAE for validation images ('' -> the one named in the latents' latent_info.json)"),
-    # noise schedule (SD_Model.NoiseSchedule)
-    "num_train_timesteps": (_int, 1000, "diffusion timesteps"),
-    "beta_start": (_float, 0.00085, "first beta"),
-    "beta_end": (_float, 0.012, "last beta"),
-    "beta_schedule": (str, "scaled_linear", "beta schedule", ("scaled_linear", "linear", "squaredcos_cap_v2")),
-    "prediction_type": (str, "epsilon", "UNet target", ("epsilon", "v_prediction")),
-    "zero_terminal_snr": (_bool, False, "rescale betas to zero terminal SNR (Lin et al. 2023; needs v_prediction)"),
+    # noise schedule: every field of SD_Model.NoiseSchedule, with its default and choices (filled in below)
+    "num_train_timesteps": (_int, None, "diffusion timesteps"),
+    "beta_start": (_float, None, "first beta"),
+    "beta_end": (_float, None, "last beta"),
+    "beta_schedule": (str, None, "beta schedule"),
+    "prediction_type": (str, None, "UNet target"),
+    "zero_terminal_snr": (_bool, None, "rescale betas to zero terminal SNR (Lin et al. 2023; needs v_prediction)"),
     # data
     "datasets": (_datasets, [], "latent folders (encode_latents.py) with their caption datasets (05) and mix "
                                 "ratios: LATENTS:CAPTIONS[:RATIO],..."),
@@ -158,7 +156,10 @@ OPTIONS = {
     "weight_decay": (_float, 1e-2, "AdamW weight decay"),
     "grad_clip": (_float, 1.0, "max gradient norm"),
     "cfg_dropout": (_float, 0.1, "share of samples trained on the empty prompt, for classifier-free guidance"),
-    "min_snr_gamma": (_float, 5.0, "Min-SNR-gamma loss weighting (Hang et al. 2023); 0 turns it off"),
+    "loss_weighting": (str, "min_snr", "per-sample loss weight by SNR (SD_Model.NoiseSchedule.loss_weight): none, "
+                                       "min_snr (Hang et al. 2023, the seed's), soft_min_snr (Crowson et al. 2024) "
+                                       "or debiased (Yu et al. 2024)", LOSS_WEIGHTINGS),
+    "min_snr_gamma": (_float, 5.0, "gamma of min_snr / soft_min_snr (the seed: 5, then 3 from epoch 17)"),
     "noise_offset": (_float, 0.0, "offset noise (Guttenberg 2023): add this x a per-sample, per-channel constant to "
                                   "the noise, so an epsilon model learns to move an image's mean (very dark / light "
                                   "images); 0 = off, as SD"),
@@ -188,6 +189,11 @@ OPTIONS = {
     "wandb_project": (str, "stable-diffusion", "wandb project"),
     "peak_tflops": (_float, 0.0, "GPU peak dense bf16 TFLOP/s for MFU (0 -> look the GPU up)"),
 }
+for _f in fields(NoiseSchedule):                     # one home for the schedule's defaults and choices
+    if _f.init:
+        _parse, _, _help = OPTIONS[_f.name][:3]
+        OPTIONS[_f.name] = (_parse, _f.default, _help, *([NoiseSchedule.CHOICES[_f.name]]
+                                                          if _f.name in NoiseSchedule.CHOICES else []))
 INHERIT = "inherit"                                  # phases.yaml: start from another phase's values
 
 
@@ -242,238 +248,34 @@ def resolve_config(args):
         raise UserError("zero_terminal_snr needs prediction_type v_prediction (eps is undefined at SNR 0)")
     if cfg["fsdp"] and cfg["precision"] == "fp16":
         raise UserError("--fsdp trains in bf16 or fp32; fp16's GradScaler would see only this rank's shard")
-    for key in ("batch_size", "grad_accum", "epochs", "log_every", "loader_threads", "max_bad_steps"):
+    for key in ("batch_size", "grad_accum", "epochs", "log_every", "loader_threads", "max_bad_steps",
+                "num_train_timesteps"):
         if cfg[key] < 1:
             raise UserError(f"{key} must be at least 1 (got {cfg[key]})")
+    for key in ("max_steps", "save_steps", "keep_last", "val_steps", "val_samples", "epoch_samples", "synthetic",
+                "global_batch"):
+        if cfg[key] < 0:
+            raise UserError(f"{key} must be 0 or more (got {cfg[key]})")
+    if cfg["loss_weighting"] in ("min_snr", "soft_min_snr") and cfg["min_snr_gamma"] <= 0:
+        raise UserError(f"loss_weighting {cfg['loss_weighting']} needs min_snr_gamma > 0 (got {cfg['min_snr_gamma']}); "
+                        "use loss_weighting none for the plain loss")
     if not 0.0 <= cfg["latent_fraction"] <= 1.0 or not 0.0 <= cfg["cfg_dropout"] < 1.0:
         raise UserError("latent_fraction must be in [0, 1] and cfg_dropout in [0, 1)")
-    if cfg["resolution"] % 8:
-        raise UserError(f"resolution must be a multiple of 8 (the VAE's factor), got {cfg['resolution']}")
+    if cfg["resolution"] < 1:
+        raise UserError(f"resolution must be positive, got {cfg['resolution']}")
     return cfg
-
-
-def schedule_from(cfg):
-    return NoiseSchedule(**{f.name: cfg[f.name] for f in fields(NoiseSchedule) if f.init})
-
-
-#################################################################################
-#                                     Data                                      #
-#################################################################################
-
-class LatentSource:
-    """One latent folder with its caption split, as arrays: keys, token ids (n, 77) and, for the first
-    `n_ram` samples, the latents in RAM (the others are read from disk batch by batch)."""
-
-    def __init__(self, name, root, keys, ids, latent_shape, info, ram=None):
-        self.name, self.root, self.keys, self.ids, self.info = name, root, keys, ids, info
-        self.latent_shape = tuple(latent_shape)
-        self.ram = ram if ram is not None else np.empty((0, *self.latent_shape), np.float16)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def read_one(self, i):
-        path = latent_path(self.root, self.keys[i])
-        try:
-            x = np.load(path)
-        except (OSError, ValueError) as e:
-            raise UserError(f"unreadable latent '{path}' ({type(e).__name__}: {e})") from None
-        if x.shape != self.latent_shape or x.dtype != np.float16:
-            raise UserError(f"latent '{path}' is {x.dtype}{list(x.shape)}, but latent_info.json of "
-                            f"'{self.root}' promises float16{list(self.latent_shape)}")
-        return x
-
-    def load_into_ram(self, fraction, pool, show):
-        n = round(fraction * len(self))
-        self.ram = np.empty((n, *self.latent_shape), np.float16)
-
-        def read(i):
-            self.ram[i] = self.read_one(i)
-        list(tqdm(pool.map(read, range(n)), total=n, disable=not show or n == 0, desc=f"loading {self.name}",
-                  unit="latent", mininterval=2))
-
-    def read(self, idx, pool):
-        """Latents of sample indices `idx` as (len(idx), 4, h, w) float16."""
-        out = np.empty((len(idx), *self.latent_shape), np.float16)
-        in_ram = idx < len(self.ram)
-        out[in_ram] = self.ram[idx[in_ram]]
-        disk = np.flatnonzero(~in_ram)
-        for j, x in zip(disk, pool.map(self.read_one, idx[disk])):
-            out[j] = x
-        return out
-
-
-def open_source(spec, split, resolution, in_channels, text):
-    """A LatentSource for one `datasets` entry, or a clear error for every way it can fail to fit."""
-    import pyarrow.compute as pc
-    root, captions = Path(spec["latents"]), Path(spec["captions"])
-    info = load_latent_info(root)
-    if info.get("resolution") != resolution:
-        raise UserError(f"latents in '{root}' were encoded at {info.get('resolution')} px but this phase trains at "
-                        f"{resolution} px; encode them at {resolution} or set --resolution")
-    shape = list(info.get("latent_shape", []))
-    # square latents of in_channels whose side divides the resolution (by the VAE's factor: SD's 8, the demo's 4)
-    if len(shape) != 3 or shape[0] != in_channels or shape[1] != shape[2] or resolution % shape[1] or \
-            info.get("dtype") != "float16":
-        raise UserError(f"latent_info.json of '{root}' says {info.get('dtype')}{shape}; this UNet trains on "
-                        f"float16[{in_channels}, {resolution}/f, {resolution}/f] (f: the VAE's downsampling)")
-    ds = open_captions(captions, split)
-    missing = {"image_key", "input_ids"} - set(ds.column_names)
-    if missing:
-        raise UserError(f"caption dataset '{captions}' ({split}) lacks columns {sorted(missing)}")
-    if len(ds) == 0:
-        raise UserError(f"caption dataset '{captions}' has an empty '{split}' split")
-    if ds.data.num_rows != len(ds):                  # an index mapping (select/shuffle) over the Arrow table
-        ds = ds.flatten_indices()
-    table = ds.data.table                            # the memory-mapped Arrow table: no copy of the captions
-    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
-    if (lengths != TOKENS).any():
-        raise UserError(f"{int((lengths != TOKENS).sum())} captions in '{captions}' ({split}) have token id lists of "
-                        f"length {sorted(set(lengths.tolist()) - {TOKENS})[:5]}, not {TOKENS}; tokenize them with "
-                        "the text encoder's tokenizer padded to 77 (04_preprocess_to_cache.py)")
-    keys = table.column("image_key").to_pylist()
-    ids = table.column("input_ids").combine_chunks().flatten().to_numpy().reshape(-1, TOKENS)
-    if "caption" in table.column_names:
-        # CLIP-L and OpenCLIP-H share a vocabulary but pad differently (end-of-text vs "!"): SD1 token ids fed to
-        # SD2 pass every size check and silently train on the wrong padding. Re-tokenize a few captions to see.
-        probe = table.column("caption").slice(0, 8).to_pylist()
-        if (text.tokenize(probe).numpy() != ids[:len(probe)]).any():
-            raise UserError(f"the token ids in '{captions}' are not what '{text.name}' gives for their captions; "
-                            f"they were tokenized for another text encoder: rerun 04_preprocess_to_cache.py with "
-                            f"--tokenizer {text.name} and 05_build_hf_dataset.py")
-    have = existing_latent_keys(root)
-    keep = [i for i, k in enumerate(keys) if k in have]
-    if not keep:
-        raise UserError(f"none of the {len(keys)} '{split}' captions in '{captions}' has a latent in '{root}'; "
-                        "encode the same image keys with encode_latents.py")
-    source = LatentSource(f"{root.name}:{split}", root, [keys[i] for i in keep], ids[keep].astype(np.int64),
-                          shape, info)
-    source.read_one(0)                               # the first file must match latent_info.json too
-    return source, len(keys) - len(keep)
-
-
-def synthetic_source(n, shape, text, seed, name):
-    """n random latents and short captions: the data contract without data."""
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn((n, *shape), generator=g).half().numpy()
-    ids = text.tokenize([f"a photo of synthetic sample {i}" for i in range(n)]).numpy().astype(np.int64)
-    return LatentSource(name, None, None, ids, shape, {}, ram=latents)
-
-
-def mix_counts(sizes, ratios, epoch_samples):
-    """Samples each source contributes per epoch: its ratio share of epoch_samples (largest remainder)."""
-    total = epoch_samples or sum(sizes)
-    share = np.asarray(ratios, np.float64) / sum(ratios) * total
-    counts = np.floor(share).astype(np.int64)
-    counts[np.argsort(-(share - counts), kind="stable")[:total - counts.sum()]] += 1
-    return counts
-
-
-def epoch_order(sizes, ratios, epoch_samples, seed, epoch):
-    """The epoch's samples as (n, 2) [source, index] rows, the same on every rank: each source gives its ratio
-    share from reshuffled passes over itself, then everything is shuffled together. Seeded by (seed, epoch)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    parts = []
-    for s, (n, c) in enumerate(zip(sizes, mix_counts(sizes, ratios, epoch_samples))):
-        passes = [torch.randperm(n, generator=g) for _ in range(-(-int(c) // n))]
-        idx = torch.cat(passes)[:c] if passes else torch.zeros(0, dtype=torch.int64)
-        parts.append(torch.stack([torch.full_like(idx, s), idx], 1))
-    order = torch.cat(parts)
-    return order[torch.randperm(len(order), generator=g)].numpy()
-
-
-def micro_slice(step_in_epoch, micro, rank, batch_size, grad_accum, world):
-    """Positions in the epoch order of one rank's micro-batch. An optimizer step takes the next
-    batch_size x grad_accum x world samples; micro-step a of rank r takes block a * world + r of it, so
-    (B, accum 2) == (2B, accum 1) and (B, 2 ranks) == (2B, 1 rank) see the same samples."""
-    start = step_in_epoch * batch_size * grad_accum * world + (micro * world + rank) * batch_size
-    return range(start, start + batch_size)
-
-
-def sample_randomness(seed, epoch, positions, shape, num_timesteps, cfg_dropout, noise_offset=0.0):
-    """Timestep, CFG-dropout coin and noise (plus noise_offset x a per-channel constant) of each sample, a pure
-    function of (seed, epoch, position in the epoch): the same sample gets the same draws whatever the world
-    size, micro-batching or resume point, which is what makes DDP == one process, accumulation == a bigger
-    batch and resume == no interruption.
-    A counter-based Philox stream per sample (key = seed, epoch; counter = position) keeps every stream
-    distinct; torch's CPU generator would keep only 32 bits of a combined seed."""
-    t, drop, noise = [], [], []
-    for p in positions:
-        rng = np.random.Generator(np.random.Philox(counter=[0, p, 0, 0], key=[seed, epoch]))
-        t.append(rng.integers(0, num_timesteps))
-        drop.append(rng.random() < cfg_dropout)
-        noise.append(rng.standard_normal(tuple(shape), dtype=np.float32))
-        if noise_offset:                                  # drawn last: offset 0 leaves every other draw as it was
-            noise[-1] += noise_offset * rng.standard_normal((shape[0], 1, 1), dtype=np.float32)
-    return torch.tensor(t, dtype=torch.long), torch.tensor(drop), torch.from_numpy(np.stack(noise))
-
-
-class LatentMix:
-    """All sources of a phase: reads batches of (source, index) rows from RAM or disk."""
-
-    def __init__(self, sources, ratios, epoch_samples, pool):
-        self.sources, self.ratios, self.epoch_samples, self.pool = sources, ratios, epoch_samples, pool
-        self.sizes = [len(s) for s in sources]
-
-    def __len__(self):
-        return self.epoch_samples or sum(self.sizes)
-
-    def read(self, rows):
-        """(latents (N, 4, h, w) float16, token ids (N, 77) int64) of `rows` [(source, index)], in order."""
-        latents = np.empty((len(rows), *self.sources[0].latent_shape), np.float16)
-        ids = np.empty((len(rows), TOKENS), np.int64)
-        for s, source in enumerate(self.sources):
-            at = np.flatnonzero(rows[:, 0] == s)
-            if len(at):
-                latents[at] = source.read(rows[at, 1], self.pool)
-                ids[at] = source.ids[rows[at, 1]]
-        return torch.from_numpy(latents), torch.from_numpy(ids)
-
-
-def step_batches(mix, order, first_step, cfg, world, rank, epoch, num_timesteps, pin):
-    """Yield (step_in_epoch, [micro-batch dicts]) from `first_step` on; skipped steps load nothing."""
-    B, A = cfg["batch_size"], cfg["grad_accum"]
-    for p in range(first_step, len(order) // (B * A * world)):
-        micro = []
-        for a in range(A):
-            pos = micro_slice(p, a, rank, B, A, world)
-            latents, ids = mix.read(order[pos.start:pos.stop])
-            t, drop, noise = sample_randomness(cfg["seed"], epoch, pos, latents.shape[1:], num_timesteps,
-                                               cfg["cfg_dropout"], cfg["noise_offset"])
-            mb = {"latents": latents, "ids": ids, "t": t, "drop": drop, "noise": noise}
-            micro.append({k: v.pin_memory() for k, v in mb.items()} if pin else mb)
-        yield p, micro
-
-
-def prefetch(items, depth=2):
-    """Iterate `items` in a background thread, `depth` ahead: the next batches are read while the GPU works."""
-    q, done = Queue(depth), object()
-
-    def run():
-        try:
-            for item in items:
-                q.put(item)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(e)
-        q.put(done)
-    threading.Thread(target=run, daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
 
 
 #################################################################################
 #                          Loss, EMA and LR Schedule                            #
 #################################################################################
 
-def diffusion_loss(model, schedule, x0, context, t, noise, snr_gamma):
-    """(per-sample MSE to the schedule's target, per-sample Min-SNR-gamma weight or ones)."""
+def diffusion_loss(model, schedule, x0, context, t, noise, weighting="none", gamma=5.0):
+    """(per-sample MSE to the schedule's target, per-sample weight of `weighting`: SD_Model.LOSS_WEIGHTINGS)."""
     x_t = schedule.q_sample(x0, t, noise)
     pred = model(x_t, t, context)
     per_sample = F.mse_loss(pred.float(), schedule.target(x0, t, noise).float(), reduction="none").mean((1, 2, 3))
-    weight = schedule.min_snr_weight(t, snr_gamma) if snr_gamma > 0 else torch.ones_like(per_sample)
-    return per_sample, weight
+    return per_sample, schedule.loss_weight(t, weighting, gamma).to(per_sample.device)
 
 
 def apply_cfg_dropout(context, uncond, drop):
@@ -573,17 +375,17 @@ def save_checkpoint(path, unet, optimizer, ema, names, scheduler, scaler, progre
     if rank == 0:
         state.update(lr_scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), progress=progress, rng=rngs,
                      meta=meta)
-        _atomic(path, lambda p: torch.save(state, p))
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
         if keep_last > 0:
             for _, old in list_checkpoints(path.parent.parent)[:-keep_last]:
                 old.unlink()
     dist.barrier()
 
 
-def load_checkpoint(path, unet, optimizer, ema, names, scheduler, scaler, rank, world):
-    """Restore everything save_checkpoint wrote; returns the checkpoint's progress and meta."""
+def load_checkpoint(ckpt, unet, optimizer, ema, names, scheduler, scaler, rank, world):
+    """Restore everything save_checkpoint wrote (read by SD_Model.read_training_checkpoint); returns progress."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(unet, ckpt["unet"], options=opts)
     set_optimizer_state_dict(unet, optimizer, ckpt["optimizer"], options=opts)
@@ -597,7 +399,7 @@ def load_checkpoint(path, unet, optimizer, ema, names, scheduler, scaler, rank, 
         set_rng_state(ckpt["rng"][rank])
     elif rank == 0:
         print(f"note: checkpoint written by {len(ckpt['rng'])} ranks, resumed on {world}; RNG states not restored")
-    return ckpt["progress"], ckpt["meta"]
+    return ckpt["progress"]
 
 
 def _shard_like(full, like):
@@ -608,21 +410,33 @@ def _shard_like(full, like):
     return full.to(like.device)
 
 
-def find_resume(cfg):
+def find_resume(cfg, say):
+    """(path, checkpoint) to continue from, or (None, None) for a fresh start. `auto` takes the newest readable
+    checkpoint of out_dir: a newest one cut short by a full disk or a dead node costs only its own steps."""
     if not cfg["resume"]:
-        return None
-    if cfg["resume"] == "auto":
-        found = list_checkpoints(cfg["out_dir"])
-        return found[-1][1] if found else None
-    path = Path(cfg["resume"])
-    if not path.is_file():
-        raise UserError(f"--resume: checkpoint '{path}' does not exist")
-    return path
+        return None, None
+    if cfg["resume"] != "auto":
+        return Path(cfg["resume"]), read_training_checkpoint(cfg["resume"])
+    for _, path in reversed(list_checkpoints(cfg["out_dir"])):
+        try:
+            return path, read_training_checkpoint(path)
+        except UserError as e:
+            say(f"note: skipping damaged checkpoint ({e})")
+    return None, None
 
 
 # Options that fix which sample and which noise every step sees; a resume that changes them is another run.
 RUN_IDENTITY = ("seed", "datasets", "synthetic", "epoch_samples", "resolution", "cfg_dropout", "num_train_timesteps",
                 "noise_offset")
+
+
+def check_same_run(path, run_config, cfg, global_batch):
+    """A resume must continue the same run: same data order, noise and global batch."""
+    changed = [k for k in RUN_IDENTITY if run_config.get(k, OPTIONS[k][1]) != cfg[k]]
+    old_g = run_config["batch_size"] * run_config["grad_accum"] * run_config.get("world_size", 1)
+    if changed or old_g != global_batch:
+        raise UserError(f"--resume {path}: that run used different {changed or ['global batch']}; resuming with them "
+                        "changed would not continue it (use --init to start a new phase from its weights)")
 
 
 #################################################################################
@@ -646,7 +460,7 @@ def validate(ema_unet, schedule, text, vae, val_mix, cfg, device, amp, step, out
         for t in cfg["val_timesteps"]:
             tt = torch.full((len(x0),), t, device=device, dtype=torch.long)
             with amp():
-                per_sample, _ = diffusion_loss(ema_unet, schedule, x0, context, tt, noise, 0.0)
+                per_sample, _ = diffusion_loss(ema_unet, schedule, x0, context, tt, noise)
             metrics[f"val/loss_t{t}"] = per_sample.mean().item()
             losses.append(metrics[f"val/loss_t{t}"])
         metrics["val/loss"] = sum(losses) / len(losses)
@@ -678,6 +492,51 @@ def flops_per_sample(unet, shape, context_shape, device, amp):
     unet.grad_ckpt = ckpt
     unet.zero_grad(set_to_none=True)
     return counter.get_total_flops()
+
+
+class LossWindow:
+    """Training metrics averaged over the steps since the last log line: loss, mse per t quartile (guided-
+    diffusion's diagnostic), lr, grad norm, img/s, and on CUDA MFU and peak memory."""
+
+    def __init__(self, global_batch, world, cfg, device, flops, amp_dtype):
+        self.G, self.world, self.device, self.flops, self.amp_dtype = global_batch, world, device, flops, amp_dtype
+        self.peak = (cfg["peak_tflops"] or peak_tflops(device)) if device.type == "cuda" else 0.0
+        self.reset()
+
+    def reset(self):
+        self.weighted, self.mse, self.n, self.t0 = 0.0, 0.0, 0, time.time()
+        self.q_sum, self.q_n = torch.zeros(4), torch.zeros(4)
+
+    def add(self, stats, grad_norm, lr):
+        """One step's stats from train_step (the .item() here is the loop's one host sync per step)."""
+        stats = stats.cpu()
+        self.weighted += stats[0].item()
+        self.mse += stats[1].item()
+        self.q_sum += stats[2:6]
+        self.q_n += stats[6:10]
+        self.n += 1
+        self.grad_norm, self.lr = grad_norm, lr
+
+    def flush(self, log, step, total_steps, epoch):
+        img_s = self.n * self.G / (time.time() - self.t0)
+        q = (self.q_sum / self.q_n).tolist()                                    # nan: no sample in that quartile
+        values = {"train/loss": self.weighted / self.n, "train/mse": self.mse / self.n, "train/lr": self.lr,
+                  "train/grad_norm": self.grad_norm, "train/img_per_s": img_s,
+                  **{f"train/mse_q{i}": v for i, v in enumerate(q)}}
+        line = (f"step {step}/{total_steps} | epoch {epoch} | loss {values['train/loss']:.4f} | mse "
+                f"{values['train/mse']:.4f} (t quartiles {' '.join(f'{v:.3f}' for v in q)}) | lr {self.lr:.3e} | "
+                f"grad {self.grad_norm:.3f} | {img_s:.1f} img/s")
+        if self.device.type == "cuda":
+            values["train/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            if self.peak and self.amp_dtype is not None:
+                values["train/mfu"] = self.flops * img_s / self.world / (self.peak * 1e12)
+                line += f" | MFU {100 * values['train/mfu']:.1f}%"
+            line += f" | mem {values['train/peak_mem_gb']:.1f} GB"
+        else:
+            line += f" | rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB"
+        log.print(line)
+        log.metrics(values, step)
+        self.reset()
 
 
 class RunLog:
@@ -723,88 +582,76 @@ class RunLog:
 #################################################################################
 
 def setup_distributed(cfg):
-    """(rank, local_rank, world, device): torchrun's env when present, else a one-process group, so every code
-    path (collectives included) is the same with 1 or N processes. NCCL on CUDA, gloo on CPU."""
-    want_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise UserError("--device cuda, but torch sees no CUDA device")
+    """(rank, world, device): torchrun's env when present, else a one-process group, so every code path
+    (collectives included) is the same with 1 or N processes. NCCL on CUDA, gloo on CPU."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
-    if want_cuda:
+    if cfg["device"] == "auto":                      # training runs on CUDA or CPU (no MPS: no NCCL/gloo there)
+        device = pick_device("cuda" if torch.cuda.is_available() else "cpu", index=local_rank)
+    else:
+        device = pick_device(cfg["device"], index=local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = "nccl" if want_cuda else "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if "RANK" in os.environ:
-        dist.init_process_group(backend, device_id=device if want_cuda else None)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), local_rank, dist.get_world_size(), device
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def main(args):
     cfg = resolve_config(args)
-    rank, local_rank, world, device = setup_distributed(cfg)
+    rank, world, device = setup_distributed(cfg)
     try:
         train(cfg, rank, world, device)
     finally:
         dist.destroy_process_group()
 
 
-def train(cfg, rank, world, device):
-    configure_cuda_backends()
-    if not cfg["datasets"] and not cfg["synthetic"]:
-        raise UserError(f"phase '{cfg['phase']}' names no datasets; pass --datasets LATENTS:CAPTIONS or --synthetic N")
-    out_dir = Path(cfg["out_dir"])
+def plan_run(cfg, world, device, say):
+    """Batch arithmetic, precision, where the run starts (resume / init / scratch) and the UNet config: a
+    checkpoint's own config wins over the phase's named one."""
     if cfg["global_batch"]:
         if cfg["global_batch"] % (cfg["batch_size"] * world):
             raise UserError(f"global_batch {cfg['global_batch']} is not a multiple of batch_size x GPUs = "
                             f"{cfg['batch_size']} x {world}")
         cfg["grad_accum"] = cfg["global_batch"] // (cfg["batch_size"] * world)
-    B, A = cfg["batch_size"], cfg["grad_accum"]
-    G = B * A * world
-    precision = cfg["precision"] if cfg["precision"] != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
-    show = rank == 0
-
-    # Resume point and model config: a checkpoint's own config wins over the phase's named one.
-    resume_path = find_resume(cfg)
-    if resume_path is not None:
-        ckpt_meta = torch.load(resume_path, map_location="cpu", weights_only=True, mmap=True)["meta"]
-        changed = [k for k in RUN_IDENTITY if ckpt_meta["run_config"].get(k, OPTIONS[k][1]) != cfg[k]]
-        old_g = ckpt_meta["run_config"]["batch_size"] * ckpt_meta["run_config"]["grad_accum"] * \
-            ckpt_meta["run_config"].get("world_size", 1)
-        if changed or old_g != G:
-            raise UserError(f"--resume {resume_path}: that run used different {changed or ['global batch']}; "
-                            "resuming with them changed would not continue it (use --init to start a new phase "
-                            "from its weights)")
-        model_cfg, init_sd, init_meta = unet_config(ckpt_meta["model_config"]), None, ckpt_meta
+    run = SimpleNamespace(B=cfg["batch_size"], A=cfg["grad_accum"], world=world, device=device)
+    run.G = run.B * run.A * world
+    run.precision = cfg["precision"] if cfg["precision"] != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    run.amp_dtype = None if run.precision == "fp32" else pick_dtype(device, run.precision)
+    run.amp = lambda: torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None)
+    run.resume_path, run.resume = find_resume(cfg, say)
+    if run.resume is not None:
+        check_same_run(run.resume_path, run.resume["meta"]["run_config"], cfg, run.G)
+        run.model_cfg, run.init_sd, run.init_meta = unet_config(run.resume["meta"]["model_config"]), None, \
+            run.resume["meta"]
     elif cfg["init"] == "scratch":
-        model_cfg, init_sd, init_meta = unet_config(cfg["model"]), None, {}
+        run.model_cfg, run.init_sd, run.init_meta = unet_config(cfg["model"]), None, {}
     else:
-        init_sd, model_cfg, init_meta = read_unet_state(cfg["init"])
+        run.init_sd, run.model_cfg, run.init_meta = read_unet_state(cfg["init"])
+    return run
 
-    # Frozen text encoder, and the data (every check that can fail runs here, before any GPU work).
-    text_dtype = amp_dtype if device.type == "cuda" else torch.float32
-    text = FrozenTextEncoder(cfg["text_encoder"], device=device, dtype=text_dtype, layer=cfg["text_layer"])
-    if text.context_dim != model_cfg.context_dim:
-        raise UserError(f"text encoder '{cfg['text_encoder']}' gives {text.context_dim}-d context but the UNet "
-                        f"cross-attends to {model_cfg.context_dim}-d; pick the matching --text_encoder or --model")
-    shape = (model_cfg.in_channels, cfg["resolution"] // 8, cfg["resolution"] // 8)   # SD's VAE; datasets set theirs
+
+def open_data(cfg, run, text, show):
+    """The phase's training and validation latents (or synthetic ones), checked against each other, the text
+    encoder and the start weights: every check that can fail runs here, before any GPU work."""
     pool = ThreadPoolExecutor(cfg["loader_threads"])
-    if cfg["synthetic"]:
+    if cfg["synthetic"]:                             # latents of SD's VAE (8x down): no VAE needed to make them
+        shape = (run.model_cfg.in_channels, cfg["resolution"] // 8, cfg["resolution"] // 8)
         sources = [synthetic_source(cfg["synthetic"], shape, text, cfg["seed"], "synthetic")]
         val_sources = [synthetic_source(max(cfg["val_samples"], 1), shape, text, cfg["seed"] + 1, "synthetic-val")]
-        ratios, vae_id = [1.0], cfg["vae"] or DEFAULT_VAE
-        scaling_factor = init_meta.get("scaling_factor")
+        ratios, vae_id, scaling_factor = [1.0], cfg["vae"] or DEFAULT_VAE, run.init_meta.get("scaling_factor")
     else:
         sources, val_sources = [], []
         for spec in cfg["datasets"]:
-            source, dropped = open_source(spec, "train", cfg["resolution"], model_cfg.in_channels, text)
+            source, dropped = open_source(spec, "train", cfg["resolution"], run.model_cfg.in_channels, text)
             sources.append(source)
             if show and dropped:
                 print(f"note: {dropped} captions in '{spec['captions']}' have no latent in '{spec['latents']}'; skipped")
             try:
-                val_sources.append(open_source(spec, "validation", cfg["resolution"], model_cfg.in_channels, text)[0])
+                val_sources.append(open_source(spec, "validation", cfg["resolution"], run.model_cfg.in_channels,
+                                               text)[0])
             except UserError as e:
                 if show:
                     print(f"note: no validation latents from '{spec['latents']}' ({e})")
@@ -812,57 +659,37 @@ def train(cfg, rank, world, device):
         latent_spaces = {(s.info.get("vae"), s.info.get("scaling_factor")) for s in sources}
         if len(latent_spaces) > 1:
             raise UserError("the datasets were encoded by different VAEs / scaling factors "
-                            f"{sorted(map(str, latent_spaces))}; "
-                            "one model trains in one latent space")
+                            f"{sorted(map(str, latent_spaces))}; one model trains in one latent space")
         vae_id, scaling_factor = latent_spaces.pop()
         vae_id = cfg["vae"] or vae_id
-        shape = sources[0].latent_shape              # one VAE and one resolution: one latent shape
     for s in sources:
         if s.ids.max() >= text.model.config.vocab_size:
             raise UserError(f"token ids in '{s.name}' reach {s.ids.max()} but '{cfg['text_encoder']}' has "
                             f"{text.model.config.vocab_size}; the captions were tokenized for another text encoder")
-    if None not in (init_meta.get("scaling_factor"), scaling_factor) and init_meta["scaling_factor"] != scaling_factor:
-        raise UserError(f"--init weights were trained on latents x {init_meta['scaling_factor']} "
-                        f"('{init_meta.get('vae')}'), these datasets are x {scaling_factor} ('{vae_id}')")
+    init_sf = run.init_meta.get("scaling_factor")
+    if None not in (init_sf, scaling_factor) and init_sf != scaling_factor:
+        raise UserError(f"--init weights were trained on latents x {init_sf} ('{run.init_meta.get('vae')}'), these "
+                        f"datasets are x {scaling_factor} ('{vae_id}')")
     mix = LatentMix(sources, ratios, cfg["epoch_samples"], pool)
-    steps_per_epoch = len(mix) // G                  # from the loader, after grad accumulation (the seed's bug)
+    steps_per_epoch = len(mix) // run.G              # from the loader, after grad accumulation (the seed's bug)
     if steps_per_epoch == 0:
-        raise UserError(f"an epoch of {len(mix)} samples is less than one optimizer step of {G} samples "
-                        f"(batch_size {B} x grad_accum {A} x {world} GPUs)")
-    total_steps = cfg["epochs"] * steps_per_epoch
+        raise UserError(f"an epoch of {len(mix)} samples is less than one optimizer step of {run.G} samples "
+                        f"(batch_size {run.B} x grad_accum {run.A} x {run.world} GPUs)")
     val_mix = LatentMix(val_sources, [1.0] * len(val_sources), 0, pool) if val_sources else None
-    vae = None
-    if rank == 0 and cfg["val_prompts"]:
-        vae = FrozenVAE(vae_id, device=device, dtype=amp_dtype if device.type == "cuda" else torch.float32)
-        scaling_factor = scaling_factor if scaling_factor is not None else vae.scaling_factor
-    meta = {"model_config": asdict(model_cfg), "vae": vae_id, "scaling_factor": scaling_factor,
-            "text_encoder": cfg["text_encoder"], "text_layer": cfg["text_layer"],
-            "resolution": cfg["resolution"],          # the samplers' default image size
-            "schedule": {f.name: cfg[f.name] for f in fields(NoiseSchedule) if f.init},
-            "run_config": dict(cfg, world_size=world)}
+    return SimpleNamespace(mix=mix, val_mix=val_mix, pool=pool, shape=sources[0].latent_shape, vae_id=vae_id,
+                           scaling_factor=scaling_factor, steps_per_epoch=steps_per_epoch,
+                           total_steps=cfg["epochs"] * steps_per_epoch, sources=sources + val_sources)
 
-    # Run folder: partial checkpoints of a write that was killed (regular *.tmp files, up to ~13 GB each) are
-    # removed, the resolved config is saved.
-    if rank == 0:
-        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        for tmp in (out_dir / "checkpoints").glob("step_*.pt.tmp"):
-            if tmp.is_file():
-                tmp.unlink()
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(meta["run_config"], sort_keys=False))
-        print(f"resolved config of phase '{cfg['phase']}':\n" + yaml.safe_dump(meta["run_config"], sort_keys=False))
-    dist.barrier()
-    log = RunLog(cfg, rank)
-    for s in sources + val_sources:
-        if s.root is not None:                       # synthetic sources are born in RAM
-            s.load_into_ram(cfg["latent_fraction"], pool, show)
 
-    # Model, EMA, optimizer, schedule. Same seed on every rank -> same init (DDP also broadcasts it).
+def build_model(cfg, run, data, device, world):
+    """The UNet (same seed on every rank -> same init; DDP also broadcasts it), wrapped for DDP or FSDP2, and its
+    fp32 EMA shadow on the same device (sharded like the params under FSDP)."""
     torch.manual_seed(cfg["seed"])
-    unet = build_unet(model_cfg, init_sd, source=f"--init '{cfg['init']}'").to(device)
+    unet = build_unet(run.model_cfg, run.init_sd, source=f"--init '{cfg['init']}'").to(device)
     unet.set_grad_checkpointing(cfg["grad_checkpointing"])
     if cfg["channels_last"]:
         unet.to(memory_format=torch.channels_last)
-    flops = flops_per_sample(unet, shape, (TOKENS, model_cfg.context_dim), device, amp()) \
+    flops = flops_per_sample(unet, data.shape, (run.tokens, run.model_cfg.context_dim), device, run.amp()) \
         if device.type == "cuda" else None
     if cfg["compile"]:
         unet.compile()                               # in place: parameter names stay clean
@@ -878,39 +705,126 @@ def train(cfg, rank, world, device):
                     gradient_as_bucket_view=True, find_unused_parameters=False)
     else:
         model = unet
-    names, params = zip(*[(n, p) for n, p in unet.named_parameters()])
-    params = [p.detach() for p in params]
-    ema = [p.clone() for p in params]                # on device, fp32, sharded like the params under FSDP
-    optimizer = build_optimizer(unet.parameters(), cfg)
-    scheduler = build_lr_scheduler(optimizer, cfg["lr"], cfg["warmup_steps"], total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    schedule = schedule_from(cfg)
+    names, params = zip(*[(n, p.detach()) for n, p in unet.named_parameters()])
+    return SimpleNamespace(unet=unet, model=model, names=names, params=params, ema=[p.clone() for p in params],
+                           flops=flops)
+
+
+def train_step(net, micro, text, uncond, schedule, scaler, cfg, run):
+    """One optimizer step's forward and backward passes over its micro-batches (gradients synced on the last).
+    Returns stats summed over ranks: [weighted loss, mse, mse sum per t quartile (4), count per quartile (4)]."""
+    stats = torch.zeros(10, device=run.device)
+    for a, mb in enumerate(micro):
+        x0 = mb["latents"].to(run.device, non_blocking=True).float()
+        noise = mb["noise"].to(run.device, non_blocking=True)
+        t = mb["t"].to(run.device, non_blocking=True)
+        if cfg["channels_last"]:
+            x0, noise = (z.contiguous(memory_format=torch.channels_last) for z in (x0, noise))
+        with grad_sync(net.model, cfg["fsdp"], sync=a == run.A - 1):
+            with run.amp():
+                context = apply_cfg_dropout(text.encode_ids(mb["ids"].to(run.device, non_blocking=True)), uncond,
+                                            mb["drop"])
+                per_sample, weight = diffusion_loss(net.model, schedule, x0, context, t, noise,
+                                                    cfg["loss_weighting"], cfg["min_snr_gamma"])
+                loss = (per_sample * weight).mean() / run.A
+            scaler.scale(loss).backward()
+        quartile = (t * 4 // cfg["num_train_timesteps"]).clamp(max=3)
+        stats[0] += loss.detach()
+        stats[1] += per_sample.detach().mean() / run.A
+        stats[2:6].index_add_(0, quartile, per_sample.detach().float())
+        stats[6:10].index_add_(0, quartile, torch.ones_like(per_sample))
+    dist.all_reduce(stats)
+    stats[:2] /= run.world
+    return stats
+
+
+def apply_step(net, optimizer, scaler, stats, step, cfg):
+    """Clip, then step the optimizer and the EMA unless the loss or gradients are non-finite. fp16: the scaler
+    skips inf/nan gradients itself (and lowers its scale). Returns (grad norm, whether the step was taken)."""
+    scaler.unscale_(optimizer)
+    grad_norm = _full(torch.nn.utils.clip_grad_norm_(net.unet.parameters(), cfg["grad_clip"])).item()
+    ok = math.isfinite(stats[0].item()) and (math.isfinite(grad_norm) or scaler.is_enabled())
+    if ok:
+        scaler.step(optimizer)
+        ema_update_(net.ema, net.params, ema_decay_at(step, cfg["ema_decay"]))
+    scaler.update()                                  # also after a skipped step: unscale_ needs a fresh update
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, ok
+
+
+def train(cfg, rank, world, device):
+    configure_cuda_backends()
+    if not cfg["datasets"] and not cfg["synthetic"]:
+        raise UserError(f"phase '{cfg['phase']}' names no datasets; pass --datasets LATENTS:CAPTIONS or --synthetic N")
+    show = rank == 0
+    say = (lambda msg: print(msg, flush=True)) if show else (lambda msg: None)
+    out_dir = check_writable(cfg["out_dir"], "--out_dir") if show else Path(cfg["out_dir"])
+
+    # Setup: where the run starts, the frozen text encoder and the data (every check before any GPU work).
+    run = plan_run(cfg, world, device, say)
+    text = FrozenTextEncoder(cfg["text_encoder"], device=device, dtype=run.amp_dtype if device.type == "cuda"
+                             else torch.float32, layer=cfg["text_layer"])
+    run.tokens = text.max_length
+    if text.context_dim != run.model_cfg.context_dim:
+        raise UserError(f"text encoder '{cfg['text_encoder']}' gives {text.context_dim}-d context but the UNet "
+                        f"cross-attends to {run.model_cfg.context_dim}-d; pick the matching --text_encoder or --model")
+    data = open_data(cfg, run, text, show)
+    vae = None
+    if show and cfg["val_prompts"]:
+        vae = FrozenVAE(data.vae_id, device=device, dtype=run.amp_dtype if device.type == "cuda" else torch.float32)
+        data.scaling_factor = data.scaling_factor if data.scaling_factor is not None else vae.scaling_factor
+    schedule = NoiseSchedule.from_dict(cfg)
+    meta = checkpoint_meta(run.model_cfg, schedule, data.vae_id, data.scaling_factor, cfg["text_encoder"],
+                           cfg["text_layer"], cfg["resolution"], dict(cfg, world_size=world))
+
+    # Run folder: partial checkpoints of a write that was killed (up to ~13 GB each) go, the config is saved.
+    if show:
+        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for tmp in (out_dir / "checkpoints").glob(".step_*.pt.tmp*"):
+            tmp.unlink()
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(meta["run_config"], sort_keys=False))
+        print(f"resolved config of phase '{cfg['phase']}':\n" + yaml.safe_dump(meta["run_config"], sort_keys=False))
+    dist.barrier()
+    log = RunLog(cfg, rank)
+    for s in data.sources:
+        if s.root is not None:                       # synthetic sources are born in RAM
+            s.load_into_ram(cfg["latent_fraction"], data.pool, show)
+
+    # Model + EMA, optimizer, LR schedule, loss scaler; then the resume point.
+    net = build_model(cfg, run, data, device, world)
+    optimizer = build_optimizer(net.unet.parameters(), cfg)
+    scheduler = build_lr_scheduler(optimizer, cfg["lr"], cfg["warmup_steps"], data.total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
     uncond = text.encode([""])                                                  # (1, 77, D)
-    epoch, first_step, step, bad_total = 0, 0, 0, 0
-    if resume_path is not None:
-        progress, _ = load_checkpoint(resume_path, unet, optimizer, ema, names, scheduler, scaler, rank, world)
-        epoch, first_step, step = progress["epoch"], progress["batch"], progress["step"]
-        bad_total = progress["bad_steps"]
-        log.print(f"resumed from {resume_path} at step {step} (epoch {epoch}, batch {first_step})")
-    log.print(f"{sum(p.numel() for p in params):,} UNet parameters | {len(mix):,} samples/epoch | global batch {G} "
-              f"({B} x {A} accum x {world} ranks) | {steps_per_epoch} steps/epoch x {cfg['epochs']} epochs = "
-              f"{total_steps} steps | {precision} on {device.type}")
+    progress = {"epoch": 0, "batch": 0, "step": 0, "bad_steps": 0}
+    if run.resume is not None:
+        progress = load_checkpoint(run.resume, net.unet, optimizer, net.ema, net.names, scheduler, scaler, rank,
+                                   world)
+        log.print(f"resumed from {run.resume_path} at step {progress['step']} (epoch {progress['epoch']}, "
+                  f"batch {progress['batch']})")
+        run.resume = None                            # the memory-mapped file is not needed any more
+    epoch, first_step, step, bad_total = progress["epoch"], progress["batch"], progress["step"], progress["bad_steps"]
+    log.print(f"{sum(p.numel() for p in net.params):,} UNet parameters | {len(data.mix):,} samples/epoch | global "
+              f"batch {run.G} ({run.B} x {run.A} accum x {world} ranks) | {data.steps_per_epoch} steps/epoch x "
+              f"{cfg['epochs']} epochs = {data.total_steps} steps | {run.precision} on {device.type}")
 
     def save(progress):
         path = checkpoint_path(out_dir, step)
-        save_checkpoint(path, unet, optimizer, ema, names, scheduler, scaler, progress, meta, rank, cfg["keep_last"])
+        save_checkpoint(path, net.unet, optimizer, net.ema, net.names, scheduler, scaler, progress, meta, rank,
+                        cfg["keep_last"])
         log.print(f"saved {path}")
 
     def ema_state():
-        return {n: _full(e).detach().cpu() for n, e in zip(names, ema)}
+        return {n: _full(e).detach().cpu() for n, e in zip(net.names, net.ema)}
 
     def run_validation():
-        if val_mix is None and vae is None:
+        if data.val_mix is None and vae is None:
             return
         full = ema_state()                           # every rank joins the FSDP gathers
         if rank == 0:
-            ema_unet = build_unet(model_cfg, full).to(device).eval()
-            metrics, image = validate(ema_unet, schedule, text, vae, val_mix, cfg, device, amp, step,
+            with torch.random.fork_rng(devices=[]):  # building the EMA UNet draws init weights: keep the run's RNG
+                ema_unet = build_unet(run.model_cfg, full).to(device).eval()
+            metrics, image = validate(ema_unet, schedule, text, vae, data.val_mix, cfg, device, run.amp, step,
                                       out_dir)
             log.print(f"validation at step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
                       (f" | grid {image}" if image else ""))
@@ -919,94 +833,39 @@ def train(cfg, rank, world, device):
         dist.barrier()
 
     # The loop: one optimizer step per iteration; per-sample randomness comes with the batch.
-    max_steps = cfg["max_steps"] or total_steps
-    bar = tqdm(total=min(max_steps, total_steps), initial=step, disable=not show, desc=cfg["phase"], unit="step",
-               dynamic_ncols=True)
-    window = {"loss": 0.0, "weighted": 0.0, "n": 0, "q_sum": torch.zeros(4), "q_n": torch.zeros(4), "t0": time.time()}
-    bad_in_row, stopped = 0, False
+    max_steps = min(cfg["max_steps"] or data.total_steps, data.total_steps)
+    bar = tqdm(total=max_steps, initial=step, disable=not show, desc=cfg["phase"], unit="step", dynamic_ncols=True)
+    window = LossWindow(run.G, world, cfg, device, net.flops, run.amp_dtype)
+    bad_in_row = 0
     while epoch < cfg["epochs"] and step < max_steps:
-        order = epoch_order(mix.sizes, mix.ratios, mix.epoch_samples, cfg["seed"], epoch)
-        batches = step_batches(mix, order, first_step, cfg, world, rank, epoch, cfg["num_train_timesteps"],
+        order = epoch_order(data.mix.sizes, data.mix.ratios, data.mix.epoch_samples, cfg["seed"], epoch)
+        batches = step_batches(data.mix, order, first_step, cfg, world, rank, epoch, cfg["num_train_timesteps"],
                                pin=device.type == "cuda")
         for p, micro in prefetch(batches):
-            model.train()
-            stats = torch.zeros(10, device=device)   # weighted loss, loss, 4 quartile sums, 4 quartile counts
-            for a, mb in enumerate(micro):
-                x0 = mb["latents"].to(device, non_blocking=True).float()
-                noise = mb["noise"].to(device, non_blocking=True)
-                t = mb["t"].to(device, non_blocking=True)
-                if cfg["channels_last"]:
-                    x0, noise = (z.contiguous(memory_format=torch.channels_last) for z in (x0, noise))
-                with grad_sync(model, cfg["fsdp"], sync=a == A - 1):
-                    with amp():
-                        context = apply_cfg_dropout(text.encode_ids(mb["ids"].to(device, non_blocking=True)), uncond,
-                                                    mb["drop"])
-                        per_sample, weight = diffusion_loss(model, schedule, x0, context, t, noise,
-                                                            cfg["min_snr_gamma"])
-                        loss = (per_sample * weight).mean() / A
-                    scaler.scale(loss).backward()
-                quartile = (t * 4 // cfg["num_train_timesteps"]).clamp(max=3)
-                stats[0] += loss.detach()
-                stats[1] += per_sample.detach().mean() / A
-                stats[2:6].index_add_(0, quartile, per_sample.detach().float())
-                stats[6:10].index_add_(0, quartile, torch.ones_like(per_sample))
-            dist.all_reduce(stats)
-            stats[:2] /= world
-            scaler.unscale_(optimizer)
-            grad_norm = _full(torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg["grad_clip"])).item()
-            weighted_loss = stats[0].item()
-            if math.isfinite(weighted_loss) and (math.isfinite(grad_norm) or scaler.is_enabled()):
-                scaler.step(optimizer)               # with fp16, the scaler itself skips inf/nan gradients
-                scaler.update()
-                ema_update_(ema, params, ema_decay_at(step, cfg["ema_decay"]))
-                bad_in_row = 0
-            else:
-                bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
-                log.print(f"step {step + 1}: non-finite loss {weighted_loss} / grad norm {grad_norm}; step skipped "
+            net.model.train()
+            stats = train_step(net, micro, text, uncond, schedule, scaler, cfg, run)
+            lr = optimizer.param_groups[0]["lr"]      # the LR this step uses
+            grad_norm, ok = apply_step(net, optimizer, scaler, stats, step, cfg)
+            bad_in_row, bad_total = (0, bad_total) if ok else (bad_in_row + 1, bad_total + 1)
+            if not ok:
+                log.print(f"step {step + 1}: non-finite loss {stats[0].item()} / grad norm {grad_norm}; step skipped "
                           f"({bad_in_row} in a row, {bad_total} in all)")
                 if bad_in_row >= cfg["max_bad_steps"]:
                     found = list_checkpoints(out_dir)
                     raise UserError(f"{bad_in_row} non-finite losses in a row (steps {step + 2 - bad_in_row}-"
-                                    f"{step + 1});"
-                                    f" stopped without saving. Last good checkpoint: "
+                                    f"{step + 1}); stopped without saving. Last good checkpoint: "
                                     f"{found[-1][1] if found else 'none'}. Lower --lr or check the data, then --resume")
-            optimizer.zero_grad(set_to_none=True)
-            lr = optimizer.param_groups[0]["lr"]      # the LR this step used
             scheduler.step()
             step += 1
             bar.update(1)
 
-            # Bookkeeping: window stats, then log / checkpoint / validate as due.
-            window["weighted"] += weighted_loss
-            window["loss"] += stats[1].item()
-            window["n"] += 1
-            window["q_sum"] += stats[2:6].cpu()
-            window["q_n"] += stats[6:10].cpu()
-            epoch_done = p + 1 == steps_per_epoch
+            # Bookkeeping: log, checkpoint, validate as due.
+            window.add(stats, grad_norm, lr)
+            epoch_done = p + 1 == data.steps_per_epoch
             progress = {"epoch": epoch + 1 if epoch_done else epoch, "batch": 0 if epoch_done else p + 1,
                         "step": step, "bad_steps": bad_total}
             if step % cfg["log_every"] == 0 or step == max_steps:
-                elapsed = time.time() - window["t0"]
-                img_s = window["n"] * G / elapsed
-                q = (window["q_sum"] / window["q_n"]).tolist()                  # nan: no sample in that quartile
-                values = {"train/loss": window["weighted"] / window["n"], "train/mse": window["loss"] / window["n"],
-                          "train/lr": lr, "train/grad_norm": grad_norm,
-                          "train/img_per_s": img_s, **{f"train/mse_q{i}": v for i, v in enumerate(q)}}
-                line = (f"step {step}/{total_steps} | epoch {epoch} | loss {values['train/loss']:.4f} | mse "
-                        f"{values['train/mse']:.4f} (t quartiles {' '.join(f'{v:.3f}' for v in q)}) | lr "
-                        f"{values['train/lr']:.3e} | grad {grad_norm:.3f} | {img_s:.1f} img/s")
-                if device.type == "cuda":
-                    peak = cfg["peak_tflops"] or peak_tflops(device)
-                    values["train/peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-                    if peak and amp_dtype is not None:
-                        values["train/mfu"] = flops * img_s / world / (peak * 1e12)
-                        line += f" | MFU {100 * values['train/mfu']:.1f}%"
-                    line += f" | mem {values['train/peak_mem_gb']:.1f} GB"
-                else:
-                    line += f" | rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB"
-                log.print(line)
-                log.metrics(values, step)
-                window.update(loss=0.0, weighted=0.0, n=0, q_sum=torch.zeros(4), q_n=torch.zeros(4), t0=time.time())
+                window.flush(log, step, data.total_steps, epoch)
             if epoch_done or (cfg["save_steps"] and step % cfg["save_steps"] == 0) or step >= max_steps:
                 if bad_in_row == 0:
                     save(progress)
@@ -1015,20 +874,21 @@ def train(cfg, rank, world, device):
             if epoch_done or (cfg["val_steps"] and step % cfg["val_steps"] == 0):
                 run_validation()
             if step >= max_steps:
-                stopped = True
                 break
-        epoch, first_step = (epoch + 1, 0) if not stopped else (epoch, first_step)
+        if (progress["epoch"], progress["batch"]) == (epoch, first_step):   # nothing was left of this epoch
+            progress = dict(progress, epoch=epoch + 1, batch=0)
+        epoch, first_step = progress["epoch"], progress["batch"]
     bar.close()
 
     # Phase end: a slim export of the EMA weights (fp16 safetensors) for inference and the next phase's --init.
     export = out_dir / "ema_final.safetensors"
     full = ema_state()
     if rank == 0:
-        save_unet({k: v.half() for k, v in full.items()}, model_cfg, export, "ours", meta)
+        save_unet({k: v.half() for k, v in full.items()}, run.model_cfg, export, "ours", meta)
         log.print(f"done at step {step}: exported EMA weights to {export}")
     dist.barrier()
     log.close()
-    pool.shutdown()
+    data.pool.shutdown()
 
 
 def build_parser():
@@ -1058,9 +918,4 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     faulthandler.enable()                            # a native crash (segfault in a kernel, a library) prints
-    try:                                             # every thread's Python stack: days-long jobs need the clue
-        main(parse_args())
-    except UserError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    run_main(lambda argv: main(parse_args(argv)), None)   # every thread's Python stack: days-long jobs need it

@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 import SD_Model
 import sd_data
+import sd_latents
+from sd_common import UserError, pick_device, pick_dtype, run_main
 
 DONE = object()  # end-of-stream marker passed down the queues
 
@@ -85,7 +87,7 @@ def run_pipeline(args, tars, done_keys, encode, on_batch):
     shard_q = queue.Queue(maxsize=args.prefetch_shards)            # stage 1 -> 2: whole tar bytes
     chunk_q = queue.Queue(maxsize=max(2, args.workers * 4))       # stage 2 -> 3: pending decode jobs
     batch_q = queue.Queue(maxsize=args.prefetch_batches)           # stage 3 -> 4: ready batches
-    pin = torch.cuda.is_available() and args.device.startswith("cuda")
+    pin = args.device.type == "cuda"
     lock = threading.Lock()
 
     def count(c):
@@ -114,8 +116,8 @@ def run_pipeline(args, tars, done_keys, encode, on_batch):
                     local["already encoded"] += 1
                     continue
                 done_keys.add(key)  # a key repeated in a later shard is encoded once
-                try:
-                    chunk.append((key, sd_data.sample_image(sample)))
+                try:   # the same check as 04, so captions and latents hold the same keys
+                    chunk.append((key, sd_data.usable_sample(sample, args.min_image_size)[0]))
                 except sd_data.BadSample as e:
                     local[f"skipped: {e}"] += 1
                 if len(chunk) == args.chunk_size:
@@ -185,33 +187,27 @@ def main(args):
     tars = sd_data.list_files(args.tars, [".tar"], "tar")[rank::world]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.device == "cuda" and world > 1:
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-    device = args.device if not args.device.startswith("cuda") or torch.cuda.is_available() else "cpu"
-    if device != args.device:
-        print("CUDA not available: encoding on CPU")
-    args.device = device
-    if device.startswith("cuda"):
+    device = args.device = pick_device(args.device, index=int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # conv/matmul speed; bf16 weights dominate anyway
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # fixed input shape: pick the fastest conv kernels once
 
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    vae = SD_Model.FrozenVAE(args.vae, device=device, dtype=dtype)
+    vae = SD_Model.FrozenVAE(args.vae, device=device, dtype=pick_dtype(device, gpu="bf16"))
     if args.resolution % vae.factor:
-        raise sd_data.user_error(f"--resolution must be a multiple of {vae.factor} (the VAE downsamples "
+        raise UserError(f"--resolution must be a multiple of {vae.factor} (the VAE downsamples "
                                  f"{vae.factor}x), not {args.resolution}")
     lat = args.resolution // vae.factor
     info = {"vae": vae.name, "scaling_factor": vae.scaling_factor, "resolution": args.resolution,
             "latent_shape": [vae.vae.config.latent_channels, lat, lat], "dtype": "float16"}
-    if (out / sd_data.LATENT_INFO).exists():
-        old = sd_data.load_latent_info(out)
+    if (out / sd_latents.LATENT_INFO).exists():
+        old = sd_latents.load_latent_info(out)
         clash = {k: (old.get(k), v) for k, v in info.items() if old.get(k) != v}
         if clash:
-            raise sd_data.user_error(f"'{out}' holds latents made with other settings {clash}; pick a new --out")
-    done_keys = sd_data.existing_latent_keys(out)
+            raise UserError(f"'{out}' holds latents made with other settings {clash}; pick a new --out")
+    done_keys = sd_latents.existing_latent_keys(out)
     already = len(done_keys)
-    sd_data.write_latent_info(out, dict(info, count=already))
+    sd_latents.write_latent_info(out, dict(info, count=already))
 
     encode_fn = torch.compile(vae.encode) if args.compile else vae.encode
 
@@ -225,7 +221,7 @@ def main(args):
     def writer():
         while (item := write_q.get()) is not DONE:
             for key, latent in zip(*item):
-                sd_data.write_latent(out, key, latent)
+                sd_latents.write_latent(out, key, latent)
                 written[0] += 1
 
     writer_thread = Stage(writer, "writer")
@@ -246,14 +242,14 @@ def main(args):
         writer_thread.join()
         bar.close()
         # count what is on disk (all processes' work), so an interrupted run leaves a truthful latent_info.json
-        sd_data.write_latent_info(out, dict(info, count=len(sd_data.existing_latent_keys(out))))
+        sd_latents.write_latent_info(out, dict(info, count=len(sd_latents.existing_latent_keys(out))))
     if writer_thread.error is not None:
         raise writer_thread.error
     seconds = time.time() - start
     counts["encoded now"] = written[0]
     rows = [("shards", len(tars))] + sd_data.count_rows(counts, ("truncated tar", "samples in", "already encoded",
                                                                  "encoded now"))
-    rows += [("latents in folder", len(sd_data.existing_latent_keys(out))),
+    rows += [("latents in folder", len(sd_latents.existing_latent_keys(out))),
              ("img/s", f"{written[0] / max(seconds, 1e-9):.1f}")]
     part = f", shards {rank}::{world}" if world > 1 else ""
     sd_data.print_summary(f"encode_latents ({device}{part}, {vae.name}) -> {out}", rows)
@@ -277,6 +273,7 @@ if __name__ == "__main__":
     parser.add_argument("--prefetch_shards", type=int, default=2, help="tar files read ahead")
     parser.add_argument("--prefetch_batches", type=int, default=4, help="decoded batches queued for the VAE")
     parser.add_argument("--min_image_size", type=int, default=64, help="skip images whose shorter side is smaller")
-    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu; falls back to cpu without CUDA")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu; "
+                                                         "under torchrun each process takes GPU LOCAL_RANK")
     parser.add_argument("--compile", action="store_true", help="torch.compile the VAE encoder (~20-30%% faster on GPU per the seed)")
-    sd_data.run_main(main, parser.parse_args())
+    run_main(main, parser.parse_args())

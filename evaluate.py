@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import SD_Model as M
-from SD_ImageGen import default_dtype, save_png
+from sd_common import atomic_path, pick_dtype, run_main
+from SD_ImageGen import save_png
 from SD_ImageGen import main as imagegen_main
 
 NEMO_GUIDANCE_SCALES = (1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)   # NeMo's FID-vs-CLIP sweep
@@ -484,10 +485,9 @@ def generate_missing(pipe, prompts, folder, scale, args, resolution):
         for i, (image, prompt) in enumerate(zip(images, chunk), start=k):
             if not paths[i].exists():
                 # Written under a temp name first: an interrupted write never counts as a finished image.
-                tmp = paths[i].with_name(paths[i].stem + ".tmp.png")
-                save_png(image, tmp, dict(prompt=prompt, index=i, seed=args.seed + k, cfg=scale, steps=args.steps,
-                                          sampler=args.sampler, checkpoint=args.ckpt))
-                tmp.replace(paths[i])
+                with atomic_path(paths[i], fsync=False) as tmp:
+                    save_png(image, tmp, dict(prompt=prompt, index=i, seed=args.seed + k, guidance_scale=scale,
+                                              steps=args.steps, sampler=args.sampler, checkpoint=args.ckpt))
                 made += 1
     return paths, made
 
@@ -557,10 +557,10 @@ def run(args, device):
         raise M.UserError(f"--ref_images '{args.ref_images}' is neither a folder of images nor a statistics .npz")
     if args.save_ref_stats and not (args.ref_images and Path(args.ref_images).is_dir()):
         raise M.UserError("--save_ref_stats writes the statistics of a --ref_images folder; pass one")
-    M.check_sampling_args(args.resolution or 8, args.resolution or 8, args.sampler)
+    M.check_sampling_args(args.resolution or 8, args.resolution or 8, args.sampler, args.steps)
     inception = load_inception(args.inception, device) if args.ref_images and not args.shapes else None
     clip = None if args.shapes else ClipScore(args.clip, device)
-    pipe = M.load_pipeline(args.ckpt, device, default_dtype(device, args.dtype), args.weights, args.vae,
+    pipe = M.load_pipeline(args.ckpt, device, pick_dtype(device, args.dtype), args.weights, args.vae,
                            args.text_encoder)
     resolution = args.resolution or pipe.meta.get("resolution", 512)
     ref = reference_stats(args, inception, resolution) if inception else None
@@ -623,5 +623,5 @@ if __name__ == "__main__":
                    help="text encoder + tokenizer hub id or folder (default: the checkpoint's)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="sampling dtype (default: fp16 on CUDA, fp32 on CPU); Inception and CLIP run in fp32")
-    p.add_argument("--device", default=None, help="cuda / cpu / mps (default: cuda if available)")
-    main(p.parse_args())
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu")
+    run_main(main, p.parse_args())

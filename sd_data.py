@@ -1,17 +1,16 @@
 """Data helpers shared by the pipeline scripts (01-05, encode_latents) and their tests: LAION column
-normalisation, image probe/decode/resize, the webdataset tar reader, atomic writes, the latent-dataset
-contract that SD_Train.py reads, the summary table every script prints at the end, and the loopback HTTP
-server through which the demo and the tests hand local images to img2dataset.
+normalisation, image probe/decode/resize, the webdataset tar reader and writer, the summary table every script
+prints at the end, and the loopback HTTP server through which the demo and the tests hand local images to
+img2dataset. (The latent format that encode_latents writes and SD_Train reads is sd_latents.py.)
 
 Reads top to bottom: summary table -> LAION metadata -> captions and keys -> images -> tar shards ->
-fetching sources and the loopback server -> latent dataset contract.
+fetching sources and the loopback server.
 """
 import functools
 import hashlib
 import http.server
 import io
 import json
-import os
 import re
 import tarfile
 import threading
@@ -20,25 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from sd_common import UserError, atomic_path, commit, temp_name
+
 
 class BadSample(Exception):
     """A sample that cannot be used; str(e) is the reason counted in a script's summary table."""
-
-
-def user_error(msg):
-    """The project's one-line user-facing error (SD_Model.UserError), imported lazily so the data scripts
-    that never touch a model do not import torch."""
-    from SD_Model import UserError
-    return UserError(msg)
-
-
-def run_main(main, args):
-    """Run an entry script's main(args), printing a UserError as one line instead of a traceback."""
-    from SD_Model import UserError
-    try:
-        main(args)
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 #################################################################################
@@ -116,7 +101,7 @@ def normalize_laion_columns(table):
             i = table.column_names.index(canon)
             table = table.set_column(i, canon, table.column(canon).cast(pa.type_for_alias(typ), safe=False))
     if "url" not in table.column_names:
-        raise user_error(f"no URL column among {names}; expected one of {LAION_COLUMNS['url']}")
+        raise UserError(f"no URL column among {names}; expected one of {LAION_COLUMNS['url']}")
     return table
 
 
@@ -124,10 +109,10 @@ def list_files(folder, suffixes, what):
     """Sorted files in `folder` ending with one of `suffixes`; a clear error when there are none."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise user_error(f"{what} folder '{folder}' does not exist")
+        raise UserError(f"{what} folder '{folder}' does not exist")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(tuple(suffixes)))
     if not files:
-        raise user_error(f"no {'/'.join(suffixes)} files in {what} folder '{folder}'")
+        raise UserError(f"no {'/'.join(suffixes)} files in {what} folder '{folder}'")
     return files
 
 
@@ -279,14 +264,13 @@ def write_square_shard(samples, dst, size, quality=95, min_size=64, counts=None)
     try:
         for key, data, caption, meta in samples:
             try:
-                if caption is None or not str(caption).strip():
-                    raise BadSample("no caption")
+                caption = clean_caption(caption)
                 img = data if isinstance(data, np.ndarray) else decode_image(data, min_size)
                 jpeg = encode_jpeg(resize_center_crop(img, size), quality)
             except BadSample as e:
                 counts[f"skipped: {e}"] = counts.get(f"skipped: {e}", 0) + 1
                 continue
-            writer.write(key, jpeg, str(caption).strip(), meta)
+            writer.write(key, jpeg, caption, meta)
     except BaseException:
         writer.abort()
         raise
@@ -370,14 +354,20 @@ def sample_caption(sample):
     return data.decode("utf-8", errors="replace") if data is not None else None
 
 
-def write_atomic(path, data):
-    """Write bytes to `path` through a temporary name and os.replace, so an interrupted run never leaves
-    a half-written file that a resume would take as done."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+def clean_caption(caption):
+    """The caption stripped, or BadSample when there is none: an image without words teaches nothing."""
+    if caption is None or not str(caption).strip():
+        raise BadSample("no caption")
+    return str(caption).strip()
+
+
+def usable_sample(sample, min_size=64):
+    """(image bytes, caption) of a tar sample every later step can use, else BadSample with the reason: the
+    header-only probe (no pixel decode) that encode_latents runs before decoding, and a caption, so 03b, 04 and
+    encode_latents drop the same samples."""
+    image = sample_image(sample)
+    probe_image(image, min_size=min_size)
+    return image, clean_caption(sample_caption(sample))
 
 
 class TarShardWriter:
@@ -387,7 +377,7 @@ class TarShardWriter:
     def __init__(self, path):
         import webdataset as wds
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self.tmp = temp_name(self.path)
         self.writer = wds.TarWriter(str(self.tmp))
         self.count = 0
 
@@ -400,7 +390,7 @@ class TarShardWriter:
 
     def close(self):
         self.writer.close()
-        os.replace(self.tmp, self.path)
+        commit(self.tmp, self.path)
 
     def abort(self):
         self.writer.close()
@@ -417,7 +407,7 @@ def is_url(source):
 
 def fetch(source, rel, cache_dir, timeout=60, retries=3):
     """Path of `rel` under `source`, a local folder or a base URL. URLs are downloaded once into
-    `cache_dir` (via a .part file renamed when complete, so a re-run skips finished files and redoes
+    `cache_dir` (through a temp name renamed when complete, so a re-run skips finished files and redoes
     interrupted ones). Returns None for a 404 (a part that does not exist)."""
     if not is_url(source):
         path = Path(source) / rel
@@ -427,22 +417,21 @@ def fetch(source, rel, cache_dir, timeout=60, retries=3):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     url = f"{str(source).rstrip('/')}/{rel}"
-    part = dest.with_name(dest.name + ".part")
     for attempt in range(retries + 1):
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
+            with atomic_path(dest, fsync=False) as part, urllib.request.urlopen(url, timeout=timeout) as r, \
+                    open(part, "wb") as f:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
-            os.replace(part, dest)
             return dest
         except urllib.error.HTTPError as e:
             if e.code == 404:
                 return None
             if attempt == retries:
-                raise user_error(f"download of {url} failed: HTTP {e.code}") from None
+                raise UserError(f"download of {url} failed: HTTP {e.code}") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             if attempt == retries:
-                raise user_error(f"download of {url} failed: {e}") from None
+                raise UserError(f"download of {url} failed: {e}") from None
     return None
 
 
@@ -489,69 +478,3 @@ def parse_ranges(spec):
         elif part:
             out.append(int(part))
     return out
-
-
-#################################################################################
-#                            Latent Dataset Contract                            #
-#################################################################################
-# encode_latents.py writes, SD_Train.py reads:
-#   OUT/latent_info.json                    {"vae", "scaling_factor", "resolution", "latent_shape",
-#                                            "dtype": "float16", "count"}
-#   OUT/latents/<key[:5]>/<key>.npy          float16 latent_shape (4, res/f, res/f for a VAE downsampling f),
-#                                            already x scaling_factor
-# 05_build_hf_dataset.py writes the captions: a DatasetDict ("train", "validation") of
-# (image_key, caption, input_ids[77]) saved with save_to_disk.
-
-LATENT_INFO = "latent_info.json"
-
-
-def latent_path(root, key):
-    """Where the latent of `key` lives: sharded by the key's first 5 characters so no folder holds
-    millions of files."""
-    return Path(root) / "latents" / key[:5] / f"{key}.npy"
-
-
-def write_latent(root, key, latent):
-    """Save one fp16 latent atomically (temp name, then os.replace)."""
-    path = latent_path(root, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(latent, dtype=np.float16))
-    write_atomic(path, buf.getvalue())
-
-
-def read_latent(root, key):
-    """(4, h, w) float16 array of `key`."""
-    return np.load(latent_path(root, key))
-
-
-def existing_latent_keys(root):
-    """Keys whose latent file is already written (one scandir per shard folder, not a stat per key)."""
-    base = Path(root) / "latents"
-    if not base.is_dir():
-        return set()
-    return {e.name[:-4] for d in os.scandir(base) if d.is_dir()
-            for e in os.scandir(d.path) if e.name.endswith(".npy")}
-
-
-def load_latent_info(root):
-    """latent_info.json of a latent folder, with a clear error when it is not one."""
-    path = Path(root) / LATENT_INFO
-    if not path.exists():
-        raise user_error(f"'{root}' is not a latent folder (no {LATENT_INFO}); run encode_latents.py first")
-    return json.loads(path.read_text())
-
-
-def write_latent_info(root, info):
-    write_atomic(Path(root) / LATENT_INFO, (json.dumps(info, indent=2) + "\n").encode())
-
-
-def open_captions(root, split):
-    """The (image_key, caption, input_ids) split written by 05_build_hf_dataset.py."""
-    import datasets
-    if not (Path(root) / "dataset_dict.json").exists():
-        raise user_error(f"'{root}' is not a caption dataset; run 05_build_hf_dataset.py first")
-    dd = datasets.load_from_disk(str(root))
-    if split not in dd:
-        raise user_error(f"caption dataset '{root}' has no split '{split}' (has {list(dd)})")
-    return dd[split]

@@ -73,12 +73,13 @@ def save_tiny_clip(out_dir, hidden=32, layers=2, heads=2, words=WORDS, seed=0, m
 
 
 def save_tiny_vae(out_dir, seed=0, scaling_factor=0.18215, channels=(8, 16, 16, 16), layers=1, groups=8):
-    """A random 4-level AutoencoderKL: SD's factor-8 downsampling at a fraction of the width. SD's own VAE is
-    channels=(128, 256, 512, 512), layers=2, groups=32."""
+    """A random AutoencoderKL with one level per entry of `channels`: 4 levels are SD's factor-8 downsampling at a
+    fraction of the width (SD's own VAE is channels=(128, 256, 512, 512), layers=2, groups=32), 3 the demo's 4x."""
     from diffusers import AutoencoderKL
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=channels,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        down_block_types=("DownEncoderBlock2D",) * len(channels),
+                        up_block_types=("UpDecoderBlock2D",) * len(channels),
                         layers_per_block=layers, norm_num_groups=groups, sample_size=32, scaling_factor=scaling_factor)
     vae.eval().save_pretrained(out_dir)
     return Path(out_dir)

@@ -14,6 +14,8 @@ import torch
 
 from common import append_results  # noqa: I001 (puts the repo on sys.path)
 import sd_data
+import sd_latents
+from sd_common import pick_device, run_main
 
 
 def make_jpeg(i, w, h):
@@ -68,7 +70,7 @@ def save_vae(path, arch):
 
 def main(args):
     import SD_Model
-    device = args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu"
+    device = pick_device(args.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -107,7 +109,7 @@ def main(args):
         def vae_only():
             for _ in range(n_batches):
                 vae.encode(sd_data.images_to_tensor(batch.to(device)))
-            if device.startswith("cuda"):
+            if device.type == "cuda":
                 torch.cuda.synchronize()
         vae_stage = rate(vae_only, n_batches * args.batch_size)
         slowest = min(decode_stage, vae_stage)
@@ -121,14 +123,14 @@ def main(args):
         lat = args.resolution // 8
         keys = [f"{i:09d}" for i in range(args.latents)]
         for k in keys:
-            sd_data.write_latent(lat_dir, k, np.zeros((4, lat, lat), np.float16))
+            sd_latents.write_latent(lat_dir, k, np.zeros((4, lat, lat), np.float16))
         with ThreadPoolExecutor(args.load_threads) as ex:
-            load_rate = rate(lambda: list(ex.map(lambda k: sd_data.read_latent(lat_dir, k), keys)), len(keys))
+            load_rate = rate(lambda: list(ex.map(lambda k: sd_latents.read_latent(lat_dir, k), keys)), len(keys))
         rows.append((f"latent load to RAM ({args.load_threads} threads, 4x{lat}x{lat} fp16)", f"{load_rate:.0f} latents/s"))
 
     settings = dict(images=args.images, source=f"{args.source_width}x{args.source_height}", vae=args.vae,
                     resolution=args.resolution, cpu_cores=os.cpu_count())
-    append_results(torch.device(device), "Data pipeline (bench/data_pipeline.py)", settings, ["what", "value"], rows)
+    append_results(device, "Data pipeline (bench/data_pipeline.py)", settings, ["what", "value"], rows)
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -142,6 +144,6 @@ if __name__ == "__main__":
     parser.add_argument("--shard_size", type=int, default=32, help="images per generated tar")
     parser.add_argument("--latents", type=int, default=4000, help="latent files loaded in the RAM test")
     parser.add_argument("--load_threads", type=int, default=16, help="loader threads (the seed used 16)")
-    parser.add_argument("--device", default="cuda", help="cuda or cpu (falls back to cpu)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the VAE in the pipeline run")
-    sd_data.run_main(main, parser.parse_args())
+    run_main(main, parser.parse_args())

@@ -16,6 +16,7 @@ import torch
 from common import append_results, device_name, peak_flops, sync  # noqa: I001 (sets sys.path)
 from unet_step import count_flops, make_step
 import SD_Model as M
+from sd_common import UserError, pick_device, run_main
 
 
 def largest_fitting(fits, limit):
@@ -69,9 +70,9 @@ def probe(model, cfg, args, device, batch, timed_steps=0):
 
 
 def main(args):
-    device = torch.device(args.device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise SystemExit("error: the largest batch is a GPU-memory figure; run this on a CUDA device")
+    device = pick_device(args.device)
+    if device.type != "cuda":
+        raise UserError("the largest batch is a GPU-memory figure; run this on a CUDA device")
     M.configure_cuda_backends()
     cfg = M.unet_config(args.config)
     model = M.UNet(cfg).initialize_weights().to(device).train()
@@ -111,4 +112,4 @@ if __name__ == "__main__":
     p.add_argument("--limit", type=int, default=1024, help="largest batch tried")
     p.add_argument("--steps", type=int, default=5, help="timed steps at the largest batch")
     p.add_argument("--device", default="cuda", help="a CUDA device")
-    main(p.parse_args())
+    run_main(main, p.parse_args())

@@ -12,6 +12,7 @@ import torch
 
 from common import append_results, device_name, time_interleaved  # noqa: I001 (sets sys.path)
 import SD_Model as M
+from sd_common import pick_device, pick_dtype
 from tiny_models import save_tiny_clip, save_tiny_vae
 
 # Full size is SD1's: CLIP-L text tower (768 wide, 12 layers) and the sd-vae-ft-mse architecture.
@@ -49,8 +50,8 @@ def build(args, device, dtype, workdir):
 
 
 def main(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    device = pick_device(args.device)
+    dtype = pick_dtype(device, args.dtype)
     M.configure_cuda_backends()
     with tempfile.TemporaryDirectory() as tmp:
         ours, theirs = build(args, device, dtype, Path(tmp))
@@ -83,5 +84,5 @@ if __name__ == "__main__":
     p.add_argument("--compile", default=None, help="torch.compile mode for both UNets, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--repeats", type=int, default=3, help="timed images per implementation")
     p.add_argument("--warmup", type=int, default=1, help="untimed images per implementation")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu")
     main(p.parse_args())

@@ -15,6 +15,7 @@ import tempfile
 import torch
 
 from common import ROOT, append_results  # noqa: I001 (sets sys.path)
+from sd_common import pick_device
 
 LINE = re.compile(r"step (\d+)/\d+ .*?\| ([\d.]+) img/s(?: \| MFU ([\d.]+)%)?(?: \| mem ([\d.]+) GB)?")
 
@@ -54,7 +55,7 @@ def main(args, extra):
     img_s = sum(float(w[1]) for w in steady) / len(steady)
     mfu = f"{sum(float(w[2]) for w in steady) / len(steady):.1f}%" if steady[0][2] else "n/a"
     mem = steady[-1][3] or "n/a"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("cuda" if torch.cuda.is_available() else "cpu")   # where SD_Train.py --device auto runs
     overrides = " ".join(a if not a.startswith(out) else "<random CLIP>" for a in extra)
     settings = dict(phase=args.phase, nproc=args.nproc, steps=args.steps, warmup_steps_excluded=args.warmup,
                     overrides=overrides or "none")

@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import append_results, device_name, peak_flops, time_interleaved  # noqa: I001 (sets sys.path)
 import SD_Model as M
+from sd_common import pick_device, pick_dtype
 
 
 def build_models(args, device):
@@ -43,7 +44,7 @@ def build_models(args, device):
 def make_step(model, is_ours, args, device, batch):
     x, t, ctx, target = batch
     forward = torch.compile(model) if args.compile else model
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = None if args.dtype == "fp32" else pick_dtype(device, args.dtype)    # None: no autocast
     opt = ema = None
     if args.optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -75,7 +76,7 @@ def count_flops(model, batch):
 
 
 def main(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     M.configure_cuda_backends()
     cfg, models = build_models(args, device)
     h = args.res // 8
@@ -120,5 +121,5 @@ if __name__ == "__main__":
     p.add_argument("--optimizer", action="store_true", help="include clip + AdamW + EMA update in the step")
     p.add_argument("--steps", type=int, default=10, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per model")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu")
     main(p.parse_args())

@@ -11,7 +11,6 @@ it with `--vae DIR` exactly as they load sd-vae-ft-mse.
 """
 import argparse
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 import sd_data
+from sd_common import UserError, atomic_folder, run_main
 
 
 def load_images(tars, resolution, min_size):
@@ -33,7 +33,7 @@ def load_images(tars, resolution, min_size):
             except sd_data.BadSample:
                 skipped += 1
     if not images:
-        raise sd_data.user_error(f"no usable images in {len(tars)} tars")
+        raise UserError(f"no usable images in {len(tars)} tars")
     return torch.from_numpy(np.stack([images[k] for k in sorted(images)])), skipped
 
 
@@ -108,11 +108,8 @@ def main(args):
     vae.eval()
     std, psnr = latent_stats(vae, probe, args.batch_size)
     vae.register_to_config(scaling_factor=1.0 / std, sample_size=args.resolution)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)                                               # our own interrupted save
-    vae.save_pretrained(tmp)
-    tmp.replace(out)
+    with atomic_folder(out) as tmp:
+        vae.save_pretrained(tmp)
     sd_data.print_summary(f"demo VAE -> {out}", [
         ("images", len(images)), ("skipped: unusable image", skipped), ("steps", args.steps),
         ("batch size", args.batch_size), ("parameters", sum(p.numel() for p in vae.parameters())),
@@ -140,4 +137,4 @@ if __name__ == "__main__":
     parser.add_argument("--stat_images", type=int, default=512, help="images that measure the latent std and PSNR")
     parser.add_argument("--log_every", type=int, default=25, help="steps between progress-bar loss updates")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init, the batches and the posterior samples")
-    sd_data.run_main(main, parser.parse_args())
+    run_main(main, parser.parse_args())

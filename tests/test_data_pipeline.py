@@ -10,6 +10,7 @@ import torch
 
 import SD_Model
 import sd_data
+import sd_latents
 from data_fixtures import (LoopbackServer, bad_image_bytes, good_jpeg, laion_rows, natural_image, run_script,
                            summary_value, to_bytes, write_parquet, write_tar)
 from tiny_models import save_tiny_tokenizer, save_tiny_vae
@@ -163,7 +164,7 @@ def test_pipeline_end_to_end(tmp_path, models):
 
     # 05: DatasetDict with a deterministic split
     out = run_script("05_build_hf_dataset.py", "--batches", d["tokens"], "--out", d["hf"], "--val_fraction", 0.25).stdout
-    train, val = sd_data.open_captions(d["hf"], "train"), sd_data.open_captions(d["hf"], "validation")
+    train, val = sd_latents.open_captions(d["hf"], "train"), sd_latents.open_captions(d["hf"], "validation")
     assert len(train) + len(val) == n_captioned
     assert summary_value(out, "validation") == len(val) > 0 and len(train) > 0
     assert all(sd_data.is_validation_key(k, 0.25) for k in val["image_key"])
@@ -180,13 +181,13 @@ def test_pipeline_end_to_end(tmp_path, models):
     assert summary_value(out, "truncated tar") == 1
     assert summary_value(out, "skipped: not an image") == 1
     assert summary_value(out, "encoded now") == n_latents
-    info = sd_data.load_latent_info(d["latents"])
+    info = sd_latents.load_latent_info(d["latents"])
     vae = SD_Model.FrozenVAE(vae_dir)
     assert info == {"vae": vae_dir, "scaling_factor": 0.5, "resolution": RES, "latent_shape": [4, RES // 8, RES // 8],
                     "dtype": "float16", "count": n_latents}
-    assert len(sd_data.existing_latent_keys(d["latents"])) == n_latents
+    assert len(sd_latents.existing_latent_keys(d["latents"])) == n_latents
     for k in list(train["image_key"]) + list(val["image_key"]):  # every captioned key has its latent
-        assert sd_data.latent_path(d["latents"], k).exists()
+        assert sd_latents.latent_path(d["latents"], k).exists()
 
     # the stored latents are exactly what the VAE gives for the same preprocessed image (fp16 tolerance),
     # and decode to the same images
@@ -194,7 +195,7 @@ def test_pipeline_end_to_end(tmp_path, models):
     keys = sorted(k for k in samples if k != "html2")[:6]
     images = np.stack([sd_data.load_image_square(sd_data.sample_image(samples[k]), RES) for k in keys])
     direct = vae.encode(sd_data.images_to_tensor(torch.from_numpy(images)))
-    stored = torch.from_numpy(np.stack([sd_data.read_latent(d["latents"], k) for k in keys]))
+    stored = torch.from_numpy(np.stack([sd_latents.read_latent(d["latents"], k) for k in keys]))
     assert stored.dtype == torch.float16 and stored.shape == (6, 4, RES // 8, RES // 8)
     torch.testing.assert_close(stored.float(), direct, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(vae.decode(stored.float()), vae.decode(direct.half().float()), rtol=1e-4, atol=1e-4)
@@ -215,7 +216,7 @@ def test_pipeline_end_to_end(tmp_path, models):
     # an interrupted encode (two latents missing) resumes with exactly those two, here as two torchrun-style
     # processes that split the shards between them
     for k in keys[:2]:
-        sd_data.latent_path(d["latents"], k).unlink()
+        sd_latents.latent_path(d["latents"], k).unlink()
     outs = [run_script("encode_latents.py", *enc_args, env={"RANK": str(r), "WORLD_SIZE": "2"}).stdout for r in (0, 1)]
     assert sum(summary_value(o, "encoded now") for o in outs) == 2
     assert sum(summary_value(o, "already encoded") for o in outs) == n_latents - 2

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import sd_data
+import sd_latents
 from data_fixtures import (bad_image_bytes, good_jpeg, laion_rows, natural_image, run_script, summary_value,
                            to_bytes, write_parquet, write_tar)
 
@@ -162,18 +163,18 @@ def test_validation_split_is_stable_and_sized():
 
 def test_latent_roundtrip_and_layout(tmp_path):
     lat = np.random.default_rng(0).standard_normal((4, 8, 8)).astype(np.float32)
-    sd_data.write_latent(tmp_path, "000123456", lat)
+    sd_latents.write_latent(tmp_path, "000123456", lat)
     path = tmp_path / "latents" / "00012" / "000123456.npy"
-    assert sd_data.latent_path(tmp_path, "000123456") == path and path.exists()
-    back = sd_data.read_latent(tmp_path, "000123456")
+    assert sd_latents.latent_path(tmp_path, "000123456") == path and path.exists()
+    back = sd_latents.read_latent(tmp_path, "000123456")
     assert back.dtype == np.float16
     np.testing.assert_array_equal(back, lat.astype(np.float16))
-    assert sd_data.existing_latent_keys(tmp_path) == {"000123456"}
+    assert sd_latents.existing_latent_keys(tmp_path) == {"000123456"}
     assert sorted(p.name for p in path.parent.iterdir()) == ["000123456.npy"]  # no temp file left
     with pytest.raises(Exception, match="is not a latent folder"):
-        sd_data.load_latent_info(tmp_path)
-    sd_data.write_latent_info(tmp_path, {"count": 1})
-    assert sd_data.load_latent_info(tmp_path) == {"count": 1}
+        sd_latents.load_latent_info(tmp_path)
+    sd_latents.write_latent_info(tmp_path, {"count": 1})
+    assert sd_latents.load_latent_info(tmp_path) == {"count": 1}
 
 
 #################################################################################
@@ -233,7 +234,7 @@ def test_build_dataset_without_validation_rows(tmp_path):
                      "--val_fraction", "0").stdout
     assert summary_value(out, "train") == 2 and summary_value(out, "validation") == 0
     assert summary_value(out, "skipped: duplicate key") == 1
-    assert len(sd_data.open_captions(tmp_path / "hf", "train")) == 2
+    assert len(sd_latents.open_captions(tmp_path / "hf", "train")) == 2
     from SD_Model import UserError
     with pytest.raises(UserError, match="no split 'validation'"):
-        sd_data.open_captions(tmp_path / "hf", "validation")
+        sd_latents.open_captions(tmp_path / "hf", "validation")

@@ -70,8 +70,7 @@ def tiny_ckpt(tmp_path_factory):
     unet = M.UNet(M.unet_config("small"))
     for name, p in unet.named_parameters():   # strong cross-attention so that prompts visibly matter
         torch.nn.init.normal_(p, std=1.0 if "attn2" in name else 0.1)
-    meta = {"vae": str(vae), "text_encoder": str(clip), "schedule": M.schedule_config(M.NoiseSchedule()),
-            "resolution": 32}
+    meta = M.checkpoint_meta("small", M.NoiseSchedule(), vae, M.FrozenVAE(vae).scaling_factor, clip, "last", 32)
     M.save_unet(unet.state_dict(), "small", root / "tiny.safetensors", "ours", meta)
     return root / "tiny.safetensors"
 

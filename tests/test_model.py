@@ -262,14 +262,35 @@ def test_schedule_matches_diffusers(schedule, zero_snr):
     assert torch.allclose(ours.target(x0, t, noise), ref.get_velocity(x0, noise, t), atol=1e-6)
 
 
-def test_min_snr_weight_formula():
-    s = M.NoiseSchedule()
-    t = torch.tensor([0, 100, 500, 999])
-    abar = s.alphas_cumprod[t]
-    snr = abar / (1 - abar)
-    assert torch.allclose(s.min_snr_weight(t, 5.0), torch.minimum(snr, torch.tensor(5.0)) / snr)
-    s.prediction_type = "v_prediction"
-    assert torch.allclose(s.min_snr_weight(t, 5.0), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_every_loss_weighting_matches_its_formula(prediction_type):
+    """Each named weighting against its paper's formula, written from diffusers' alphas in float64: the x0-space
+    weight divided by SNR (eps loss) or SNR + 1 (v loss); debiased as kohya's --debiased_estimation_loss."""
+    from diffusers import DDPMScheduler
+    abar = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod.double()
+    s = M.NoiseSchedule(prediction_type=prediction_type)
+    t = torch.tensor([0, 1, 100, 300, 500, 750, 999])
+    snr, gamma = abar[t] / (1 - abar[t]), 3.0
+    space = snr if prediction_type == "epsilon" else snr + 1
+    expected = {"none": torch.ones_like(snr),
+                "min_snr": torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) / space,
+                "soft_min_snr": 1 / (1 / snr + 1 / gamma) / space,
+                "debiased": (1 / snr.clamp(max=1000).sqrt() if prediction_type == "epsilon"
+                             else 1 / (snr.clamp(max=1000) + 1))}
+    assert set(expected) == set(M.LOSS_WEIGHTINGS)
+    for name, want in expected.items():
+        torch.testing.assert_close(s.loss_weight(t, name, gamma).double(), want, rtol=2e-5, atol=0, msg=name)
+    # the soft form lies below the hard one and meets it far from SNR = gamma
+    assert (s.loss_weight(t, "soft_min_snr", gamma) <= s.loss_weight(t, "min_snr", gamma) + 1e-7).all()
+    with pytest.raises(M.UserError, match="unknown loss weighting 'snr'"):
+        s.loss_weight(t, "snr", gamma)
+
+
+def test_loss_weightings_are_finite_at_zero_terminal_snr():
+    s = M.NoiseSchedule(prediction_type="v_prediction", zero_terminal_snr=True)
+    t = torch.tensor([0, 500, 999])                  # SNR(999) = 0
+    for name in M.LOSS_WEIGHTINGS:
+        assert torch.isfinite(s.loss_weight(t, name, 5.0)).all(), name
 
 
 # --- samplers --------------------------------------------------------------------------------------------

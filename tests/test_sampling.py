@@ -65,15 +65,14 @@ def test_imagegen_draws_diffusers_image(tiny_pipeline, tmp_path):
     assert np.abs(no_negative - ref).mean() > 2.0           # the negative prompt really changes the image
     info = Image.open(tmp_path / "img.png").text
     assert info["prompt"] == PROMPT and info["negative"] == NEGATIVE and info["seed"] == str(SEED)
-    assert info["steps"] == str(STEPS) and info["cfg"] == str(CFG) and info["checkpoint"] == str(tiny_pipeline)
+    assert info["steps"] == str(STEPS) and info["guidance_scale"] == str(CFG) and info["checkpoint"] == str(tiny_pipeline)
 
 
 def test_our_checkpoint_exports_to_diffusers_and_single_file(tiny_pipeline, tmp_path):
     """Our slim checkpoint (as SD_Train writes it) -> --export diffusers -> StableDiffusionPipeline draws our
     image; --export single-file -> diffusers' from_single_file and our load_unet read the same weights."""
     sd, cfg, _ = M.read_unet_state(tiny_pipeline)
-    meta = {"vae": str(tiny_pipeline / "vae"), "text_encoder": str(tiny_pipeline),
-            "schedule": M.schedule_config(M.NoiseSchedule()), "resolution": 64}
+    meta = M.checkpoint_meta(cfg, M.NoiseSchedule(), tiny_pipeline / "vae", 0.18215, tiny_pipeline, "last", 64)
     M.save_unet({k: v.half() for k, v in sd.items()}, cfg, tmp_path / "ours.safetensors", "ours", meta)
     r = imagegen(tmp_path, tmp_path / "ours.safetensors", "--prompt", PROMPT, "--negative", NEGATIVE)
     assert r.returncode == 0, r.stderr
@@ -104,9 +103,32 @@ def test_grid_prompts_file_and_inference_front_end(tiny_pipeline, tmp_path):
     assert np.abs(same - diffusers_image(tiny_pipeline)).mean() <= 0.5   # negative prompt wired (the seed's bug)
 
 
+def test_export_records_the_vaes_own_downsampling(tmp_path):
+    """A VAE that downsamples 4x (the demo's): the diffusers export's sample_size is 64 px / 4 = 16 latents, and
+    loading the export gives back 64 px, where a literal 8 gave 8 and 64 px images came out 32 px."""
+    clip, vae = save_tiny_clip(tmp_path / "clip"), save_tiny_vae(tmp_path / "vae", channels=(8, 16, 16))
+    assert M.FrozenVAE(vae).factor == 4
+    meta = M.checkpoint_meta("small", M.NoiseSchedule(), vae, 1.0, clip, "last", 64)
+    M.save_unet(M.UNet(M.unet_config("small")).initialize_weights().state_dict(), "small",
+                tmp_path / "ours.safetensors", "ours", meta)
+    r = imagegen(tmp_path, tmp_path / "ours.safetensors", "--export", "diffusers", str(tmp_path / "exp"))
+    assert r.returncode == 0, r.stderr
+    import json
+    assert json.loads((tmp_path / "exp" / "unet" / "config.json").read_text())["sample_size"] == 16
+    assert M.load_pipeline(tmp_path / "exp").meta["resolution"] == 64
+    r = imagegen(tmp_path, tmp_path / "exp", "--prompt", "a red circle", "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "img.png").size == (64, 64)
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--prompt", "x", "--height", "60"], "multiples of 8"),
+    (["--prompt", "x", "--height", "-64"], "positive multiples of 8"),
     (["--prompt", "x", "--sampler", "euler"], "unknown sampler 'euler'"),
+    (["--prompt", "x", "--steps", "0"], "steps must be at least 1, got 0"),
+    (["--prompt", "x", "--steps", "-5"], "steps must be at least 1, got -5"),
+    (["--prompt", "x", "--n", "0"], "images per prompt must be at least 1"),
+    (["--prompt", "x", "--device", "cuda"], "torch sees no CUDA device"),
     ([], "no prompt"),
 ])
 def test_bad_input_gives_one_clear_error(tiny_pipeline, tmp_path, extra, message):

@@ -21,7 +21,8 @@ import torch
 
 import SD_Model
 import SD_Train
-import sd_data
+import sd_common
+import sd_latents
 from tiny_models import save_tiny_clip, save_tiny_vae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +43,8 @@ def write_dataset(root, name, n_train, n_val, tokenizer, seed, scaling_factor, v
     keys = [f"{name}{i:05d}" for i in range(n_train + n_val)]
     lat.mkdir(parents=True)
     for k in (keys if latents_for is None else latents_for):
-        sd_data.write_latent(lat, k, rng.standard_normal(LATENT).astype(np.float16))
-    sd_data.write_latent_info(lat, {"vae": str(vae), "scaling_factor": scaling_factor, "resolution": RES,
+        sd_latents.write_latent(lat, k, rng.standard_normal(LATENT).astype(np.float16))
+    sd_latents.write_latent_info(lat, {"vae": str(vae), "scaling_factor": scaling_factor, "resolution": RES,
                                     "latent_shape": list(LATENT), "dtype": "float16", "count": len(keys)})
     words = ["red circle", "blue square", "green triangle", "yellow circle"]
     caps = [f"a photo of a {words[i % 4]}" for i in range(len(keys))]
@@ -193,25 +194,6 @@ def resolve(*argv):
     return SD_Train.resolve_config(SD_Train.parse_args(list(argv)))
 
 
-def test_every_phase_resolves_with_the_seed_and_nemo_values():
-    import yaml
-    phases = yaml.safe_load(SD_Train.PHASES_FILE.read_text())
-    seed = [f"phase{i}" for i in range(1, 8)]
-    nemo = ["nemo_pretrain_256", "sd11", "sd12", "sd15", "sd2_pretrain_256", "sd2_base_512"]
-    assert set(seed + nemo + ["tiny", "demo"]) <= set(phases)
-    cfg = {name: resolve("--phase", name) for name in phases}
-    assert [cfg[p]["lr"] for p in seed] == [1e-5, 1e-5, 1e-5, 2e-6, 1.5e-6, 1e-6, 1e-6]
-    assert [cfg[p]["warmup_steps"] for p in seed] == [500, 500, 500, 200, 150, 100, 150]
-    assert [cfg[p]["cfg_dropout"] for p in seed] == [0.05, 0.05, 0.05, 0.15, 0.15, 0.15, 0.15]
-    assert [d["ratio"] for d in cfg["phase6"]["datasets"]] == [0.6, 0.2, 0.2]
-    assert [d["ratio"] for d in cfg["phase7"]["datasets"]] == [0.37, 0.44, 0.09, 0.10]
-    assert cfg["phase1"]["batch_size"] * cfg["phase1"]["grad_accum"] * 2 == 96
-    assert [cfg[p]["resolution"] for p in nemo] == [256, 512, 512, 512, 256, 512]
-    assert all(cfg[p]["global_batch"] == 8192 and cfg[p]["precision"] == "fp16" for p in nemo)
-    assert cfg["sd2_base_512"]["text_layer"] == "penultimate" and cfg["sd2_base_512"]["model"] == "sd2"
-    assert cfg["sd11"]["init"] == "runs/nemo_pretrain_256/ema_final.safetensors"
-
-
 def test_flags_override_phases_with_type_checks(tmp_path):
     cfg = resolve("--phase", "phase4", "--lr", "3e-4", "--fsdp", "true", "--val_prompts", "a cat|a dog, at night",
                   "--datasets", "x/lat:x/cap:0.7,y/lat:y/cap")
@@ -270,7 +252,7 @@ def test_min_snr_weights_and_targets_match_the_formula(prediction_type):
     t = torch.tensor([0, 1, 50, 200, 500, 999])
     x0, noise = torch.randn(6, *LATENT), torch.randn(6, *LATENT)
     zero_model = lambda x, tt, c: torch.zeros_like(x)  # noqa: E731 - the loss is then the target's square
-    per_sample, weight = SD_Train.diffusion_loss(zero_model, schedule, x0, None, t, noise, gamma)
+    per_sample, weight = SD_Train.diffusion_loss(zero_model, schedule, x0, None, t, noise, "min_snr", gamma)
     a = ref[t]
     snr = a / (1 - a)
     expected_w = torch.clamp(snr, max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
@@ -278,7 +260,7 @@ def test_min_snr_weights_and_targets_match_the_formula(prediction_type):
     target = noise.double() if prediction_type == "epsilon" else \
         a.sqrt()[:, None, None, None] * noise.double() - (1 - a).sqrt()[:, None, None, None] * x0.double()
     torch.testing.assert_close(per_sample.double(), target.square().mean((1, 2, 3)), rtol=1e-5, atol=1e-7)
-    _, ones = SD_Train.diffusion_loss(lambda x, tt, c: x, schedule, x0, None, t, noise, 0.0)
+    _, ones = SD_Train.diffusion_loss(lambda x, tt, c: x, schedule, x0, None, t, noise, "none")
     assert torch.equal(ones, torch.ones(6))
 
 
@@ -302,10 +284,10 @@ def test_ema_matches_a_hand_computation():
 
 def test_cfg_dropout_rate_and_substitution():
     p, n = 0.15, 4000
-    _, drop, _ = SD_Train.sample_randomness(0, 0, range(n), (1, 1, 1), 1000, p)
+    _, drop, _ = sd_latents.sample_randomness(0, 0, range(n), (1, 1, 1), 1000, p)
     tolerance = 4 * math.sqrt(p * (1 - p) / n)                                  # 4 sigma
     assert abs(drop.float().mean().item() - p) < tolerance
-    _, none, _ = SD_Train.sample_randomness(0, 0, range(100), (1, 1, 1), 1000, 0.0)
+    _, none, _ = sd_latents.sample_randomness(0, 0, range(100), (1, 1, 1), 1000, 0.0)
     assert not none.any()
     context, uncond = torch.randn(6, 77, 32), torch.randn(1, 77, 32)
     drop = torch.tensor([True, False, False, True, False, False])
@@ -314,17 +296,17 @@ def test_cfg_dropout_rate_and_substitution():
 
 
 def test_sample_randomness_is_a_function_of_the_sample_position_only():
-    whole = SD_Train.sample_randomness(3, 2, range(8), LATENT, 1000, 0.5)
-    halves = [SD_Train.sample_randomness(3, 2, r, LATENT, 1000, 0.5) for r in (range(0, 4), range(4, 8))]
+    whole = sd_latents.sample_randomness(3, 2, range(8), LATENT, 1000, 0.5)
+    halves = [sd_latents.sample_randomness(3, 2, r, LATENT, 1000, 0.5) for r in (range(0, 4), range(4, 8))]
     for i in range(3):
         assert torch.equal(whole[i], torch.cat([h[i] for h in halves]))
-    other_epoch = SD_Train.sample_randomness(3, 3, range(8), LATENT, 1000, 0.5)
+    other_epoch = sd_latents.sample_randomness(3, 3, range(8), LATENT, 1000, 0.5)
     assert not torch.equal(whole[2], other_epoch[2])
 
 
 def test_noise_offset_adds_one_constant_per_sample_and_channel():
-    t, drop, noise = SD_Train.sample_randomness(3, 2, range(8), LATENT, 1000, 0.5)
-    t_off, drop_off, noise_off = SD_Train.sample_randomness(3, 2, range(8), LATENT, 1000, 0.5, noise_offset=0.1)
+    t, drop, noise = sd_latents.sample_randomness(3, 2, range(8), LATENT, 1000, 0.5)
+    t_off, drop_off, noise_off = sd_latents.sample_randomness(3, 2, range(8), LATENT, 1000, 0.5, noise_offset=0.1)
     assert torch.equal(t, t_off) and torch.equal(drop, drop_off)          # the other draws are unchanged
     offset = noise_off - noise                                             # (8, C, h, w)
     assert torch.allclose(offset, offset[:, :, :1, :1].expand_as(offset), atol=1e-6)
@@ -333,17 +315,17 @@ def test_noise_offset_adds_one_constant_per_sample_and_channel():
 
 def test_epoch_order_mixes_by_ratio_and_shards_consistently():
     sizes, ratios = [10, 30], [0.5, 0.5]
-    order = SD_Train.epoch_order(sizes, ratios, 40, seed=1, epoch=0)
+    order = sd_latents.epoch_order(sizes, ratios, 40, seed=1, epoch=0)
     assert len(order) == 40 and (order[:, 0] == 0).sum() == 20 and (order[:, 0] == 1).sum() == 20
     small = np.sort(order[order[:, 0] == 0, 1])
     assert np.array_equal(small, np.repeat(np.arange(10), 2))                    # two full passes over source 0
-    assert np.array_equal(order, SD_Train.epoch_order(sizes, ratios, 40, seed=1, epoch=0))
-    assert not np.array_equal(order, SD_Train.epoch_order(sizes, ratios, 40, seed=1, epoch=1))
-    assert list(SD_Train.mix_counts([213, 250, 51, 58], [0.37, 0.44, 0.09, 0.10], 572)) == [212, 252, 51, 57]
+    assert np.array_equal(order, sd_latents.epoch_order(sizes, ratios, 40, seed=1, epoch=0))
+    assert not np.array_equal(order, sd_latents.epoch_order(sizes, ratios, 40, seed=1, epoch=1))
+    assert list(sd_latents.mix_counts([213, 250, 51, 58], [0.37, 0.44, 0.09, 0.10], 572)) == [212, 252, 51, 57]
     # (batch 2, 2 ranks, accum 2) covers exactly the positions of (batch 8, 1 rank, accum 1), step by step
     for step in range(3):
-        many = [i for a in range(2) for r in range(2) for i in SD_Train.micro_slice(step, a, r, 2, 2, 2)]
-        assert sorted(many) == list(SD_Train.micro_slice(step, 0, 0, 8, 1, 1))
+        many = [i for a in range(2) for r in range(2) for i in sd_latents.micro_slice(step, a, r, 2, 2, 2)]
+        assert sorted(many) == list(sd_latents.micro_slice(step, 0, 0, 8, 1, 1))
 
 
 #################################################################################
@@ -424,14 +406,14 @@ def test_sigkill_between_saves_then_resume_auto_is_bitwise_exact(tiny, ref_run):
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one_and_resume_picks_it(tiny, ref_run):
-    """Deterministic kill mid-write, no hook in the loop: the temp name that SD_Model._atomic writes through is
+    """Deterministic kill mid-write, no hook in the loop: the temp name that sd_common.atomic_path writes through is
     made a FIFO before the run starts. The save of step 8 opens it and streams the checkpoint into it; the test
     reads the first 64 KiB (so the write has provably started), stops reading (the writer blocks with the
     checkpoint half written) and SIGKILLs every process. The FIFO is then replaced by the bytes it received: the
     on-disk state a kill at any instant of a write leaves (a partial temp file, the final name absent, older
     checkpoints untouched). Resume must drop the partial file, pick step 4 and finish bitwise equal."""
     out = tiny.root / "killed_mid_write"
-    fifo = ckpt(out, 8).with_name(ckpt(out, 8).name + ".tmp")
+    fifo = sd_common.temp_name(ckpt(out, 8))
     fifo.parent.mkdir(parents=True)
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
@@ -520,7 +502,7 @@ def test_tiny_config_overfits_a_small_fixed_set(tiny):
     out = tiny.root / "overfit"
     use_wandb = importlib.util.find_spec("wandb") is not None
     run_train(["--phase", "tiny", "--synthetic", 4, "--text_encoder", tiny.clip, "--out_dir", out, "--val_prompts",
-               "", "--epoch_samples", 400, "--epochs", 2, "--cfg_dropout", 0, "--min_snr_gamma", 0, "--lr", "2e-3",
+               "", "--epoch_samples", 400, "--epochs", 2, "--cfg_dropout", 0, "--loss_weighting", "none", "--lr", "2e-3",
                "--warmup_steps", 10, "--log_every", 20, "--wandb", "offline" if use_wandb else "disabled"])
     mse = logged(out, "mse")
     first, last = mse[20], mse[200]
