@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: test demo setup clean-venv
+.PHONY: test test-fast demo setup clean-venv
 
 setup: $(VENV)/.installed
 
@@ -14,8 +14,13 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# Everything, what CI runs (.ci/run): the unit tests and the real scripts end to end on tiny local models and data.
 test: setup
 	$(PY) -m pytest -q tests
+
+# The inner loop: pure pieces and in-process tests (no script launched, no full-size model), under 2 minutes.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 # The whole pipeline, offline, on generated colored shapes: ~20 minutes on 2 CPU cores (plus the install), everything under data/demo/
 # (a re-run reuses finished steps; delete data/demo/ to start over). Ends with `prompt-following: color C shape S`.

@@ -17,7 +17,7 @@ def save_png(image, path, info):
     for k, v in info.items():
         meta.add_text(k, str(v))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, pnginfo=meta)
+    Image.fromarray(image).save(path, format="PNG", pnginfo=meta)   # PNG whatever the name (temp names too)
 
 
 def read_prompts(args):
@@ -41,14 +41,14 @@ def run(args, device):
         pipe = M.load_pipeline(args.ckpt, "cpu", torch.float32, args.weights, args.vae, args.text_encoder)
         fmt, dst = args.export
         res = args.height or pipe.meta.get("resolution", 512)
-        M.export_pipeline(dst, fmt, pipe.unet.state_dict(), pipe.unet.cfg, pipe.vae, pipe.text_encoder,
+        M.export_pipeline(dst, fmt, pipe.unet.state_dict(), pipe.unet.config, pipe.vae, pipe.text_encoder,
                           pipe.schedule, sample_size=res // pipe.vae.factor, dtype=pick_dtype(device, args.export_dtype))
         print(f"exported {args.weights} weights of {args.ckpt} as {fmt} to {dst}")
         return [Path(dst)]
 
     prompts = read_prompts(args)
     # fail before loading anything (the VAE's factor is checked again once it is loaded)
-    M.check_sampling_args(args.height or 8, args.width or 8, args.sampler, args.steps, 1, args.n)
+    M.check_sampling_args(args.height, args.width, args.sampler, args.steps, None, args.n)
     pipe = M.load_pipeline(args.ckpt, device, dtype, args.weights, args.vae, args.text_encoder)
     if args.compile:
         pipe.unet = torch.compile(pipe.unet, mode=args.compile)    # attribute access passes through to the UNet
@@ -81,7 +81,7 @@ def main(args, run_fn=run):
     return run_fn(args, pick_device(args.device))
 
 
-if __name__ == "__main__":
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True,
@@ -111,4 +111,8 @@ if __name__ == "__main__":
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "DST"), default=None,
                    help="instead of sampling, export: 'diffusers DIR' or 'single-file FILE.safetensors'")
     p.add_argument("--export_dtype", default="fp16", choices=["fp32", "fp16", "bf16"], help="dtype of exported weights")
-    run_main(main, p.parse_args())
+    return p
+
+
+if __name__ == "__main__":
+    run_main(main, build_parser().parse_args())

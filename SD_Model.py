@@ -256,7 +256,7 @@ class UNet(nn.Module):
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg                             # the UNetConfig, saved in every checkpoint
         self.grad_ckpt = False
         ch0 = cfg.model_channels
         time_dim = ch0 * 4
@@ -336,7 +336,7 @@ class UNet(nn.Module):
     def forward(self, x, t, context):
         ckpt = self.grad_ckpt and self.training
         t = t.reshape(-1).expand(x.shape[0])                                   # scalar or (N,) -> (N,)
-        temb = timestep_embedding(t, self.cfg.model_channels, self.cfg.flip_sin_to_cos, self.cfg.freq_shift)
+        temb = timestep_embedding(t, self.config.model_channels, self.config.flip_sin_to_cos, self.config.freq_shift)
         temb = self.time_embedding(temb.to(x.dtype))                           # (N, 4*C0)
 
         h = self.conv_in(x)                                                    # (N, C0, H, W)
@@ -1070,15 +1070,22 @@ def read_unet_state(path, prefer_ema=True):
 
 
 def build_unet(cfg, state_dict=None, source="checkpoint"):
-    """A UNet on CPU in fp32; with a state dict, loaded strictly with a readable list of key mismatches."""
-    unet = UNet(unet_config(cfg))
+    """A UNet on CPU in fp32: freshly initialized, or with a state dict built on the meta device and given copies
+    of its tensors (no random init of 860M parameters that the load would overwrite), checked strictly first,
+    with a readable list of what does not fit."""
+    cfg = unet_config(cfg)
     if state_dict is None:
-        return unet.initialize_weights()
-    missing, unexpected = _key_diff(unet.state_dict(), state_dict)
-    if missing or unexpected:
+        return UNet(cfg).initialize_weights()
+    with torch.device("meta"):
+        unet = UNet(cfg)
+    expected = unet.state_dict()
+    missing, unexpected = _key_diff(expected, state_dict)
+    wrong = [f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
         raise UserError(f"{source} does not fit UNet config: {len(missing)} missing keys {missing[:6]}, "
-                        f"{len(unexpected)} unexpected keys {unexpected[:6]}")
-    unet.load_state_dict({k: v.float() for k, v in state_dict.items()})
+                        f"{len(unexpected)} unexpected keys {unexpected[:6]}, {len(wrong)} wrong shapes {wrong[:3]}")
+    unet.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in state_dict.items()}, assign=True)
     return unet
 
 
@@ -1276,11 +1283,14 @@ def initial_latents(n, channels, height, width, seed, device, factor):
     return torch.randn((n, channels, height // factor, width // factor), generator=g).to(device), g
 
 
-def check_sampling_args(height, width, sampler, steps, factor=8, images_per_prompt=1):
-    """Every sampling argument checked before any model is loaded: one line each."""
-    if height <= 0 or width <= 0 or height % factor or width % factor:
-        raise UserError(f"height and width must be positive multiples of {factor} (the VAE's downsampling), "
-                        f"got {height}x{width}")
+def check_sampling_args(height, width, sampler, steps, factor=None, images_per_prompt=1):
+    """Every sampling argument checked before any model is loaded: one line each. A size left None (the
+    checkpoint's resolution) is not checked; `factor` (the VAE's downsampling) is known once the VAE is loaded."""
+    for name, side in (("height", height), ("width", width)):
+        if side is not None and side <= 0:
+            raise UserError(f"{name} must be positive, got {side}")
+        if side is not None and factor and side % factor:
+            raise UserError(f"{name} must be a multiple of {factor} (the VAE's downsampling), got {side}")
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler '{sampler}'; choose one of {sorted(SAMPLERS)}")
     if steps < 1:
@@ -1302,7 +1312,7 @@ def generate(pipe, prompts, negative="", steps=50, guidance_scale=7.5, sampler="
     dtype = next(pipe.unet.parameters()).dtype
     cond = te.encode(prompts).to(device, dtype)
     uncond = te.encode([negative] * len(prompts)).to(device, dtype)
-    x, g = initial_latents(len(prompts), pipe.unet.cfg.in_channels, height, width, seed, device, pipe.vae.factor)
+    x, g = initial_latents(len(prompts), pipe.unet.config.in_channels, height, width, seed, device, pipe.vae.factor)
     kw = dict(spacing=pipe.spacing, steps_offset=pipe.steps_offset, generator=g, clip_x0=clip_x0)
     if eta is not None:   # else each sampler's own default: DDIM deterministic, DDPM full ancestral noise
         kw["eta"] = eta

@@ -781,7 +781,8 @@ def train(cfg, rank, world, device):
     if show:
         (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         for tmp in (out_dir / "checkpoints").glob(".step_*.pt.tmp*"):
-            tmp.unlink()
+            if tmp.is_file():
+                tmp.unlink()
         (out_dir / "config.yaml").write_text(yaml.safe_dump(meta["run_config"], sort_keys=False))
         print(f"resolved config of phase '{cfg['phase']}':\n" + yaml.safe_dump(meta["run_config"], sort_keys=False))
     dist.barrier()

@@ -557,7 +557,7 @@ def run(args, device):
         raise M.UserError(f"--ref_images '{args.ref_images}' is neither a folder of images nor a statistics .npz")
     if args.save_ref_stats and not (args.ref_images and Path(args.ref_images).is_dir()):
         raise M.UserError("--save_ref_stats writes the statistics of a --ref_images folder; pass one")
-    M.check_sampling_args(args.resolution or 8, args.resolution or 8, args.sampler, args.steps)
+    M.check_sampling_args(args.resolution, args.resolution, args.sampler, args.steps)
     inception = load_inception(args.inception, device) if args.ref_images and not args.shapes else None
     clip = None if args.shapes else ClipScore(args.clip, device)
     pipe = M.load_pipeline(args.ckpt, device, pick_dtype(device, args.dtype), args.weights, args.vae,
@@ -583,7 +583,7 @@ def main(args):
     imagegen_main(args, run)
 
 
-if __name__ == "__main__":
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True,
@@ -624,4 +624,8 @@ if __name__ == "__main__":
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="sampling dtype (default: fp16 on CUDA, fp32 on CPU); Inception and CLIP run in fp32")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu")
-    run_main(main, p.parse_args())
+    return p
+
+
+if __name__ == "__main__":
+    run_main(main, build_parser().parse_args())

@@ -9,7 +9,7 @@ from sd_common import pick_device, pick_dtype, run_main
 def main(args):
     M.configure_cuda_backends()
     device = pick_device(args.device)
-    M.check_sampling_args(args.size or 8, args.size or 8, "ddim", args.steps, 1)   # before loading anything
+    M.check_sampling_args(args.size, args.size, "ddim", args.steps)   # before loading anything
     pipe = M.load_pipeline(args.ckpt, device, pick_dtype(device, args.dtype))
     res = args.size or pipe.meta.get("resolution", 512)
     image = M.generate(pipe, [args.prompt], args.negative, args.steps, args.guidance_scale, "ddim", seed=args.seed,

@@ -1,11 +1,14 @@
 """evaluate.py: the FID Inception network against the pt_inception-2015-12-05 file layout, the Frechet distance
 against closed forms and pytorch-fid's sqrtm formula, CLIP score against CLIPModel's own cosine, prompt
 files, and the CLI end to end on a tiny checkpoint (two guidance scales, resume, reference stats, --shapes)."""
+import contextlib
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from PIL import Image
 import SD_Model as M
 import evaluate as E
 from conftest import ROOT
+from sd_common import run_main
 from tiny_models import save_tiny_clip, save_tiny_tokenizer, save_tiny_vae
 
 
@@ -226,9 +230,25 @@ def test_prompt_files_txt_coco_csv_tsv_parquet(tmp_path):
 
 # --------------------------------------------------------------------------- CLI end to end
 
-def evaluate(tmp_path, ckpt, *extra, env=None):
-    cmd = [sys.executable, "evaluate.py", "--ckpt", str(ckpt), "--steps", "2", "--batch_size", "2",
-           "--out", str(tmp_path / "eval"), *extra]
+def evaluate_argv(tmp_path, ckpt, *extra):
+    return ["--ckpt", str(ckpt), "--steps", "2", "--batch_size", "2", "--out", str(tmp_path / "eval"), *extra]
+
+
+def evaluate(tmp_path, ckpt, *extra):
+    """evaluate.py's command line run in this process as its __main__ runs it (run_main: one-line error, exit
+    status), without a new process's imports; an unexpected exception fails the test outright."""
+    out_buf, err_buf, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out_buf), contextlib.redirect_stderr(err_buf):
+        try:
+            run_main(E.main, E.build_parser().parse_args(evaluate_argv(tmp_path, ckpt, *extra)))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return SimpleNamespace(returncode=code, stdout=out_buf.getvalue(), stderr=err_buf.getvalue())
+
+
+def evaluate_script(tmp_path, ckpt, *extra, env=None):
+    """The real script in its own process."""
+    cmd = [sys.executable, "evaluate.py", *evaluate_argv(tmp_path, ckpt, *extra)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
 
 
@@ -292,7 +312,7 @@ def test_cli_two_guidance_scales_results_table_and_resume(tiny_ckpt, tiny_clip_m
 ])
 def test_bad_input_gives_one_clear_error(tiny_ckpt, tiny_clip_model, inception_file, eval_inputs, tmp_path, extra,
                                          message):
-    r = evaluate(tmp_path, tiny_ckpt, "--prompts", str(eval_inputs / "prompts.txt"), "--ref_images",
+    r = evaluate_script(tmp_path, tiny_ckpt, "--prompts", str(eval_inputs / "prompts.txt"), "--ref_images",
                  str(eval_inputs / "ref"), "--clip", str(tiny_clip_model), "--inception", str(inception_file), *extra,
                  env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr

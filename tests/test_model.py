@@ -102,7 +102,7 @@ def test_parity_from_foreign_original_single_file(tmp_path, sd2):
         expected = ref(x, t, ctx).sample
         for f in ("sd.safetensors", "sd.ckpt", "sd.nemo"):
             ours = M.load_unet(tmp_path / f).eval()
-            assert ours.cfg == cfg
+            assert ours.config == cfg
             assert rel_err(expected, ours(x, t, ctx)) <= 1e-4
 
 
@@ -110,7 +110,7 @@ def test_parity_full_size_sd1():
     torch.manual_seed(0)
     ref = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8).eval()  # diffusers' SD1 defaults
     ours = M.build_unet(M.config_from_diffusers(dict(ref.config)), ref.state_dict()).eval()
-    assert ours.cfg == M.unet_config("sd1")
+    assert ours.config == M.unet_config("sd1")
     x = torch.randn(1, 4, 32, 32)
     ctx = torch.randn(1, 77, 768)
     t = torch.tensor([500])

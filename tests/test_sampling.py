@@ -1,15 +1,22 @@
 """SD_ImageGen.py / inference.py against diffusers' StableDiffusionPipeline on a tiny random pipeline saved in
 the diffusers layout, and the export formats round-tripped through diffusers."""
+import contextlib
+import functools
+import io
+import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import SD_ImageGen
 import SD_Model as M
 from conftest import ROOT
+from sd_common import run_main
 from tiny_models import save_tiny_clip, save_tiny_vae
 
 PROMPT, NEGATIVE, SEED, STEPS, CFG = "a red circle on a gray background", "blue", 3, 10, 7.5
@@ -36,6 +43,7 @@ def tiny_pipeline(tmp_path_factory):
     return root / "sd"
 
 
+@functools.lru_cache(maxsize=None)
 def diffusers_image(folder, prompt=PROMPT, negative=NEGATIVE, seed=SEED, single_file=None):
     from diffusers import StableDiffusionPipeline
     if single_file:
@@ -49,10 +57,29 @@ def diffusers_image(folder, prompt=PROMPT, negative=NEGATIVE, seed=SEED, single_
     return (out.images[0] * 255).round().astype(np.float64)
 
 
+def imagegen_argv(tmp_path, ckpt, *extra, out="img.png"):
+    return ["--ckpt", str(ckpt), "--steps", str(STEPS), "--cfg", str(CFG), "--seed", str(SEED), "--height", "64",
+            "--width", "64", "--out", str(tmp_path / out), *map(str, extra)]
+
+
 def imagegen(tmp_path, ckpt, *extra, out="img.png"):
-    cmd = [sys.executable, "SD_ImageGen.py", "--ckpt", str(ckpt), "--steps", str(STEPS), "--cfg", str(CFG),
-           "--seed", str(SEED), "--height", "64", "--width", "64", "--out", str(tmp_path / out), *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    """SD_ImageGen.py's command line run in this process, as its __main__ runs it (flags, run_main's one-line
+    error, exit status), without paying the imports of a new process each time; an unexpected exception fails
+    the test outright. test_the_real_script_* runs the script itself."""
+    out_buf, err_buf, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out_buf), contextlib.redirect_stderr(err_buf):
+        try:
+            run_main(SD_ImageGen.main, SD_ImageGen.build_parser().parse_args(imagegen_argv(tmp_path, ckpt, *extra,
+                                                                                          out=out)))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return SimpleNamespace(returncode=code, stdout=out_buf.getvalue(), stderr=err_buf.getvalue())
+
+
+def imagegen_script(tmp_path, ckpt, *extra, out="img.png"):
+    """The real script in its own process."""
+    cmd = [sys.executable, "SD_ImageGen.py", *imagegen_argv(tmp_path, ckpt, *extra, out=out)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
 
 
 def test_imagegen_draws_diffusers_image(tiny_pipeline, tmp_path):
@@ -122,8 +149,8 @@ def test_export_records_the_vaes_own_downsampling(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--prompt", "x", "--height", "60"], "multiples of 8"),
-    (["--prompt", "x", "--height", "-64"], "positive multiples of 8"),
+    (["--prompt", "x", "--height", "60"], "height must be a multiple of 8 (the VAE's downsampling), got 60"),
+    (["--prompt", "x", "--height", "-64"], "height must be positive, got -64"),
     (["--prompt", "x", "--sampler", "euler"], "unknown sampler 'euler'"),
     (["--prompt", "x", "--steps", "0"], "steps must be at least 1, got 0"),
     (["--prompt", "x", "--steps", "-5"], "steps must be at least 1, got -5"),
@@ -137,11 +164,11 @@ def test_bad_input_gives_one_clear_error(tiny_pipeline, tmp_path, extra, message
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and message in r.stderr
 
 
-def test_missing_or_wrong_checkpoint(tmp_path):
-    r = imagegen(tmp_path, tmp_path / "nope.pt", "--prompt", "x")
+def test_the_real_script_gives_one_line_for_a_missing_or_wrong_checkpoint(tmp_path):
+    r = imagegen_script(tmp_path, tmp_path / "nope.pt", "--prompt", "x")
     assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "wrong.pt").write_bytes(b"garbage")
-    r = imagegen(tmp_path, tmp_path / "wrong.pt", "--prompt", "x")
+    r = imagegen_script(tmp_path, tmp_path / "wrong.pt", "--prompt", "x")
     assert r.returncode != 0 and "not a readable weights file" in r.stderr and "Traceback" not in r.stderr
 
 
