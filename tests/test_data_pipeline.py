@@ -15,6 +15,9 @@ from data_fixtures import (LoopbackServer, bad_image_bytes, good_jpeg, laion_row
                            summary_value, to_bytes, write_parquet, write_tar)
 from tiny_models import save_tiny_tokenizer, save_tiny_vae
 
+pytestmark = pytest.mark.slow                     # every test here runs the real scripts
+
+
 RES = 64
 N_GOOD_JPEG, N_GOOD_PNG = 20, 4
 SERVED_OK = ["cmyk_jpeg", "png16", "alpha_png"]          # awkward but decodable: img2dataset keeps them

@@ -12,6 +12,9 @@ import sd_data
 from data_fixtures import (LoopbackServer, bad_image_bytes, good_jpeg, natural_image, run_script, summary_value,
                            to_bytes, write_tar)
 
+pytestmark = pytest.mark.slow                     # every test here runs the real scripts
+
+
 RES = 64
 
 

@@ -188,6 +188,7 @@ def test_latent_roundtrip_and_layout(tmp_path):
     ("encode_latents.py", ["--tars", "/nonexistent/tars"]),
     ("01_download_metadata.py", ["--source", "/nonexistent/src"]),
 ])
+@pytest.mark.slow
 def test_wrong_paths_give_one_line_errors(script, args):
     proc = run_script(script, *args, check=False)
     assert proc.returncode == 1

@@ -96,6 +96,7 @@ def test_metadata_passes_02_as_the_demo_runs_it(tmp_path):
     assert kept["url"] == [f"http://127.0.0.1:9/{i:06d}.png" for i in range(40)]
 
 
+@pytest.mark.slow
 def test_demo_vae_trains_and_loads_like_sd_vae(tmp_path):
     """demo/train_vae.py on a tar of shapes: a save_pretrained folder that FrozenVAE loads as it loads
     sd-vae-ft-mse, 4x downsampling, its scaling factor making the encoded latents unit-std (as 0.18215 does

@@ -310,6 +310,7 @@ def test_cli_two_guidance_scales_results_table_and_resume(tiny_ckpt, tiny_clip_m
     (["--inception", "someone/fid-inception"], "weights 'someone/fid-inception' is not in the local Hugging Face cache"),
     (["--ref_images", "nowhere"], "neither a folder of images nor a statistics .npz"),
 ])
+@pytest.mark.slow
 def test_bad_input_gives_one_clear_error(tiny_ckpt, tiny_clip_model, inception_file, eval_inputs, tmp_path, extra,
                                          message):
     r = evaluate_script(tmp_path, tiny_ckpt, "--prompts", str(eval_inputs / "prompts.txt"), "--ref_images",

@@ -49,6 +49,7 @@ def test_parameter_counts(name, count):
         assert M.count_params(M.UNet(M.unet_config(name))) == count
 
 
+@pytest.mark.slow
 def test_info_cli_prints_count():
     out = subprocess.run([sys.executable, "SD_Model.py", "info", "--config", "sd1"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
@@ -106,6 +107,7 @@ def test_parity_from_foreign_original_single_file(tmp_path, sd2):
             assert rel_err(expected, ours(x, t, ctx)) <= 1e-4
 
 
+@pytest.mark.slow
 def test_parity_full_size_sd1():
     torch.manual_seed(0)
     ref = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8).eval()  # diffusers' SD1 defaults
@@ -226,6 +228,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7) for n in grads[0])
 
 
+@pytest.mark.slow
 def test_channels_last_and_compile_match_eager():
     unet = _random_small("small_sd2").eval()
     x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.randn(2, 7, 48)
@@ -406,6 +409,7 @@ def test_frozen_parts_load_locally_and_match_libraries(tmp_path):
     assert vae.decode(vae.encode(img)).shape == img.shape
 
 
+@pytest.mark.slow
 def test_unreachable_hub_id_gives_one_clear_error(tmp_path):
     """Run offline with an empty cache (huggingface_hub reads HF_HUB_OFFLINE at import, hence a subprocess)."""
     code = ("import SD_Model as M\n"

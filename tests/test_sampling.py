@@ -114,6 +114,7 @@ def test_our_checkpoint_exports_to_diffusers_and_single_file(tiny_pipeline, tmp_
     assert all(torch.equal(back[k], sd[k].half().float()) for k in sd)
 
 
+@pytest.mark.slow
 def test_grid_prompts_file_and_inference_front_end(tiny_pipeline, tmp_path):
     (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")
     r = imagegen(tmp_path, tiny_pipeline, "--prompts", str(tmp_path / "prompts.txt"), "--n", "3", "--grid")
@@ -164,6 +165,7 @@ def test_bad_input_gives_one_clear_error(tiny_pipeline, tmp_path, extra, message
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and message in r.stderr
 
 
+@pytest.mark.slow
 def test_the_real_script_gives_one_line_for_a_missing_or_wrong_checkpoint(tmp_path):
     r = imagegen_script(tmp_path, tmp_path / "nope.pt", "--prompt", "x")
     assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr

@@ -336,11 +336,16 @@ def run_main(*argv):
     SD_Train.main(SD_Train.parse_args([str(a) for a in argv]))
 
 
-def test_each_bad_input_gets_its_clear_error(tiny, ref_run, tmp_path, monkeypatch):
+def test_each_bad_input_gets_its_clear_error(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     out = tmp_path / "run"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint")
+    slim = tmp_path / "ema_final.safetensors"
+    SD_Model.save_unet(SD_Model.build_unet("small").state_dict(), "small", slim)
+    (tmp_path / "file.txt").write_text("a file where a folder should be")
     cases = [
         (base_args(tiny, out) + ["--resolution", "128"], r"encoded at 64 px but this phase trains at 128 px"),
         (base_args(tiny, out, tiny.short_ids), r"8 captions .* have token id lists of length \[76\], not 77"),
@@ -354,12 +359,25 @@ def test_each_bad_input_gets_its_clear_error(tiny, ref_run, tmp_path, monkeypatc
         (base_args(tiny, out) + ["--resume", tmp_path / "missing.pt"], r"checkpoint '.*missing.pt' does not exist"),
         (base_args(tiny, out) + ["--init", tmp_path / "missing.pt"], r"checkpoint '.*missing.pt' does not exist"),
         (["--phase", "tiny", "--out_dir", out], r"names no datasets"),
-        (ref_args(tiny, out, "--resume", ckpt(ref_run, 4), "--seed", 1), r"that run used different \['seed'\]"),
+        (base_args(tiny, out) + ["--resume", notes], r"--resume: '.*notes.txt' is not a readable training checkpoint"),
+        (base_args(tiny, out) + ["--resume", slim], r"is a weights-only export .* start a new phase from it with --init"),
+        (base_args(tiny, out) + ["--loss_weighting", "minsnr"], r"'minsnr' is not one of \['none', 'min_snr'"),
+        (base_args(tiny, out) + ["--loss_weighting", "min_snr", "--min_snr_gamma", 0], r"needs min_snr_gamma > 0"),
+        (base_args(tiny, out) + ["--max_steps", -1], r"max_steps must be 0 or more \(got -1\)"),
+        (base_args(tiny, out) + ["--epochs", 0], r"epochs must be at least 1 \(got 0\)"),
+        (base_args(tiny, out) + ["--device", "cuda"], r"--device cuda, but torch sees no CUDA device"),
+        (base_args(tiny, tmp_path / "file.txt" / "run"), r"--out_dir '.*file.txt/run' is not writable"),
     ]
     for argv, message in cases:
         with pytest.raises(SD_Model.UserError, match=message):
             run_main(*argv)
     assert not (out / "checkpoints").exists()                                   # nothing ran
+
+
+@pytest.mark.slow
+def test_resume_with_another_seed_is_refused(tiny, ref_run, tmp_path):
+    with pytest.raises(SD_Model.UserError, match=r"that run used different \['seed'\]"):
+        run_main(*ref_args(tiny, tmp_path / "run", "--resume", ckpt(ref_run, 4), "--seed", 1))
 
 
 #################################################################################
@@ -388,6 +406,7 @@ def ckpt(out, step):
     return SD_Train.checkpoint_path(out, step)
 
 
+@pytest.mark.slow
 def test_sigkill_between_saves_then_resume_auto_is_bitwise_exact(tiny, ref_run):
     out = tiny.root / "killed"
     output = tiny.root / "killed.out"
@@ -405,6 +424,7 @@ def test_sigkill_between_saves_then_resume_auto_is_bitwise_exact(tiny, ref_run):
         assert_same_state(ckpt(ref_run, step), ckpt(out, step))
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_the_previous_one_and_resume_picks_it(tiny, ref_run):
     """Deterministic kill mid-write, no hook in the loop: the temp name that sd_common.atomic_path writes through is
     made a FIFO before the run starts. The save of step 8 opens it and streams the checkpoint into it; the test
@@ -443,12 +463,14 @@ def single_run(tiny):
     return out
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_at_the_same_global_batch(ref_run, single_run):
     # Same samples, timesteps and noise per step (sample_randomness); only the float summation order differs.
     for key in ("unet", "ema"):
         assert max_diff(ckpt(ref_run, REF_STEPS), ckpt(single_run, REF_STEPS), key) < 5e-6, key
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_a_bigger_batch(tiny, single_run):
     out = tiny.root / "accum"
     run_train(ref_args(tiny, out, "--grad_accum", 2))
@@ -462,6 +484,7 @@ def test_grad_accumulation_equals_a_bigger_batch(tiny, single_run):
         assert lr[s] == pytest.approx(expected, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_ema_in_the_run_matches_a_hand_computation(single_run):
     for step in (1, 5, 9):                        # ema_s = d * ema_{s-1} + (1 - d) * params_s, d = decay_at(s - 1)
         prev, cur = load_ckpt(ckpt(single_run, step)), load_ckpt(ckpt(single_run, step + 1))
@@ -470,6 +493,7 @@ def test_ema_in_the_run_matches_a_hand_computation(single_run):
             torch.testing.assert_close(e, d * prev["ema"][k] + (1 - d) * cur["unet"][k], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_fsdp2_runs_validates_checkpoints_and_resumes(tiny):
     def fsdp_args(out, *extra):
         return base_args(tiny, out) + ["--fsdp", "true", "--batch_size", 2, "--max_steps", 6, "--save_steps", 3,
@@ -496,6 +520,7 @@ def test_fsdp2_runs_validates_checkpoints_and_resumes(tiny):
     assert_same_state(ckpt(out, 6), ckpt(resumed, 6))
 
 
+@pytest.mark.slow
 def test_tiny_config_overfits_a_small_fixed_set(tiny):
     """--synthetic 4: four fixed random latents and captions, seen 200 times; also logs to wandb offline (when
     wandb, an optional package, is installed)."""
@@ -511,6 +536,7 @@ def test_tiny_config_overfits_a_small_fixed_set(tiny):
         assert list((out / "wandb").glob("offline-run-*")) and (out / "wandb_id.txt").exists()
 
 
+@pytest.mark.slow
 def test_init_loads_unet_weights_only(tiny, ref_run):
     out = tiny.root / "init"
     export = ref_run / "ema_final.safetensors"
@@ -522,6 +548,7 @@ def test_init_loads_unet_weights_only(tiny, ref_run):
     assert next(iter(state["optimizer"]["state"].values()))["step"].item() == 1
 
 
+@pytest.mark.slow
 def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tiny):
     out = tiny.root / "diverged"
     proc = run_train(base_args(tiny, out) + ["--lr", "1e30", "--warmup_steps", 0, "--max_bad_steps", 2,
@@ -535,3 +562,23 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tiny):
     assert Path(m.group(3)) == ckpt(out, first_bad - 1)
     assert [s for s, _ in SD_Train.list_checkpoints(out)] == list(range(1, first_bad))
     assert load_ckpt(ckpt(out, first_bad - 1))["progress"]["step"] == first_bad - 1
+
+
+@pytest.mark.slow
+def test_the_runs_own_export_samples_and_exports_with_no_model_flags(ref_run, tmp_path):
+    """After a phase, as a user: SD_ImageGen.py samples ema_final.safetensors with no model flags (its meta names
+    the VAE, text encoder, schedule and resolution, written by the run itself), and its diffusers export draws
+    the same image."""
+    import SD_ImageGen
+    from PIL import Image
+    export = ref_run / "ema_final.safetensors"
+
+    def imagegen(*argv):
+        SD_ImageGen.main(SD_ImageGen.build_parser().parse_args(["--ckpt", *map(str, argv), "--prompt", "a red circle",
+                                                                "--steps", "3", "--seed", "1", "--device", "cpu"]))
+    imagegen(export, "--out", tmp_path / "ours.png")
+    ours = np.asarray(Image.open(tmp_path / "ours.png"), dtype=np.float64)
+    assert ours.shape == (RES, RES, 3)                                          # the run's resolution
+    imagegen(export, "--export", "diffusers", tmp_path / "exp", "--export_dtype", "fp32")
+    imagegen(tmp_path / "exp", "--out", tmp_path / "exp.png")
+    assert np.abs(np.asarray(Image.open(tmp_path / "exp.png"), dtype=np.float64) - ours).mean() <= 0.5
