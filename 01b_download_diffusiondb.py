@@ -7,7 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 import sd_data
-from sd_common import UserError, run_main
+from sd_common import run_main
+
+SHARD_NAME = "ddb-part-{:06d}.tar"                  # one tar per DiffusionDB part
 
 # DiffusionDB 2M layout (poloclub/diffusiondb): images/part-000001.zip holds ~1000 images and
 # part-000001.json = {image file name: {"p": prompt, "se": seed, "c": cfg, "st": steps, "sa": sampler}}.
@@ -36,7 +38,7 @@ def convert_part(part, args):
                             "steps": info.get("st"), "sampler": info.get("sa")}
                     yield Path(name).stem, zf.read(name), info.get("p"), meta
 
-            dst = Path(args.out) / f"ddb-part-{part:06d}.tar"
+            dst = Path(args.out) / SHARD_NAME.format(part)
             counts["kept"] += sd_data.write_square_shard(samples(), dst, args.resolution, args.jpeg_quality,
                                                          args.min_image_size, counts)
     except (zipfile.BadZipFile, json.JSONDecodeError, EOFError) as e:
@@ -48,13 +50,8 @@ def convert_part(part, args):
 
 
 def main(args):
-    if not sd_data.is_url(args.source) and not Path(args.source).is_dir():
-        raise UserError(f"--source '{args.source}' is neither a URL nor an existing folder")
-    parts = sd_data.parse_ranges(args.parts)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [p for p in parts if not (out / f"ddb-part-{p:06d}.tar").exists()]
-    total = Counter({"parts": len(parts), "parts already done": len(parts) - len(todo)})
+    parts, todo, total = sd_data.pending_parts(args.source, args.parts, "--parts", out, SHARD_NAME.format, "parts")
     sd_data.run_jobs(convert_part, [(p, args) for p in todo], args.workers, "diffusiondb", "part", total)
     rows = sd_data.count_rows(total, ("parts", "parts already done", "parts converted", "parts missing at source",
                                       "images in", "kept"))

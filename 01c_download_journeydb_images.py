@@ -9,6 +9,8 @@ from pathlib import Path, PurePosixPath
 import sd_data
 from sd_common import UserError, run_main
 
+SHARD_NAME = "jdb-{:03d}.tar"                        # one tar per JourneyDB archive
+
 # JourneyDB layout (JourneyDB/JourneyDB): data/train/imgs/000.tgz ... each unpacking to 000/<hash>.jpg, and
 # data/train/train_anno_realease_repath.jsonl.tgz (sic) with one json per line:
 # {"img_path": "./imgs/000/<hash>.jpg", "prompt": "...", "Task2": {"Caption": "..."}, ...}
@@ -68,7 +70,7 @@ def convert_archive(num, captions, args):
                     meta = {"source": "journeydb", "archive": num}
                     yield stem, tf.extractfile(m).read(), captions.get(stem), meta
 
-            dst = Path(args.out) / f"jdb-{num:03d}.tar"
+            dst = Path(args.out) / SHARD_NAME.format(num)
             counts["kept"] += sd_data.write_square_shard(samples(), dst, args.resolution, args.jpeg_quality,
                                                          args.min_image_size, counts)
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -80,13 +82,9 @@ def convert_archive(num, captions, args):
 
 
 def main(args):
-    if not sd_data.is_url(args.source) and not Path(args.source).is_dir():
-        raise UserError(f"--source '{args.source}' is neither a URL nor an existing folder")
-    archives = sd_data.parse_ranges(args.archives)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [a for a in archives if not (out / f"jdb-{a:03d}.tar").exists()]
-    total = Counter({"archives": len(archives), "archives already done": len(archives) - len(todo)})
+    archives, todo, total = sd_data.pending_parts(args.source, args.archives, "--archives", out, SHARD_NAME.format,
+                                                  "archives")
     if todo:
         anno = sd_data.fetch(args.source, args.annotations, args.download_dir, timeout=args.timeout)
         if anno is None:

@@ -81,18 +81,25 @@ def main(args, run_fn=run):
     return run_fn(args, pick_device(args.device))
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_sampling_flags(p):
+    """The flags every sampling front end shares (this script, inference.py)."""
     p.add_argument("--ckpt", required=True,
                    help="our checkpoint (.pt/.safetensors), a diffusers UNet or pipeline folder, or an original single file")
-    p.add_argument("--prompt", default=None, help="the prompt")
-    p.add_argument("--prompts", default=None, help="a file with one prompt per line (instead of --prompt)")
     p.add_argument("--negative", default="", help="negative prompt: replaces the empty prompt in the CFG branch")
     p.add_argument("--steps", type=int, default=100, help="sampling steps (the seed found 50 too few for faces)")
     p.add_argument("--guidance_scale", "--cfg", dest="guidance_scale", type=float, default=7.5,
                    help="classifier-free guidance scale (1 = off; the seed: 7.5 scenes, 8.5 portraits)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (diffusers' convention)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on a GPU, fp32 on CPU")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_sampling_flags(p)
+    p.add_argument("--prompt", default=None, help="the prompt")
+    p.add_argument("--prompts", default=None, help="a file with one prompt per line (instead of --prompt)")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--height", type=int, default=None, help="image height, multiple of 8 (default: the training resolution)")
     p.add_argument("--width", type=int, default=None, help="image width, multiple of 8 (default: the training resolution)")
@@ -101,8 +108,6 @@ def build_parser():
     p.add_argument("--weights", default="ema", choices=["ema", "live"], help="which weights of a training checkpoint")
     p.add_argument("--vae", default=None, help="VAE hub id or folder (default: the one the checkpoint names)")
     p.add_argument("--text_encoder", default=None, help="text encoder + tokenizer hub id or folder (default: the checkpoint's)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu")
     p.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the UNet; reduce-overhead replays CUDA graphs (batch-1 sampling on a GPU is "
                         "launch-bound). Compiling takes a minute or more: worth it for many images")

@@ -467,14 +467,34 @@ class LoopbackServer:
         self.httpd.server_close()
 
 
-def parse_ranges(spec):
-    """'0-3,7' -> [0, 1, 2, 3, 7]."""
+def parse_ranges(spec, flag="--parts"):
+    """'0-3,7' -> [0, 1, 2, 3, 7]; anything else (letters, a range that runs backwards, nothing) is one line."""
     out = []
     for part in str(spec).split(","):
         part = part.strip()
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1))
-        elif part:
-            out.append(int(part))
+        try:
+            if "-" in part:
+                a, b = (int(x) for x in part.split("-", 1))
+                if b < a:
+                    raise ValueError
+                out.extend(range(a, b + 1))
+            elif part:
+                out.append(int(part))
+        except ValueError:
+            raise UserError(f"{flag} '{spec}': '{part}' is not a number or a range like 1-500") from None
+    if not out:
+        raise UserError(f"{flag} '{spec}' names nothing to do; pass numbers or ranges like 1-500,7")
     return out
+
+
+def pending_parts(source, spec, flag, out, shard_name, what):
+    """The numbered parts of a source (DiffusionDB part zips, JourneyDB archives) still to convert: checks the
+    source and `spec`, makes `out`, and returns (parts, parts whose shard `out / shard_name(n)` is not there
+    yet, the summary's first two counts). A re-run converts only what is missing."""
+    from collections import Counter
+    if not is_url(source) and not Path(source).is_dir():
+        raise UserError(f"--source '{source}' is neither a URL nor an existing folder")
+    parts = parse_ranges(spec, flag)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    todo = [n for n in parts if not (Path(out) / shard_name(n)).exists()]
+    return parts, todo, Counter({what: len(parts), f"{what} already done": len(parts) - len(todo)})
