@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import sd_data
-from sd_common import UserError, atomic_path, run_main
+from sd_common import UserError, atomic_path, check_writable, run_main
 
 
 def download(args):
@@ -54,7 +54,7 @@ def main(args):
     if not shards:
         raise UserError(f"no .parquet files under '{src_dir}'")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "--out")
 
     counts = {"shards": len(shards), "already done": 0, "normalised": 0, "unreadable": 0, "rows": 0}
     for src in tqdm(shards, desc="normalise", unit="shard"):

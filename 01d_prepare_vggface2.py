@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 import sd_data
-from sd_common import UserError, run_main
+from sd_common import UserError, check_writable, run_main
 
 # VGGFace2 layout (the release, after unpacking vggface2_train.tar.gz and the meta files):
 #   train/n000002/0001_01.jpg ...
@@ -115,7 +115,7 @@ def main(args):
     meta_path = Path(args.source) / IDENTITY_META
     genders = read_genders(meta_path) if meta_path.exists() else {}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "--out")
     n = args.identities_per_shard
     shards = [(i, identities[s:s + n]) for i, s in enumerate(range(0, len(identities), n))]
     todo = [(i, ids, {k: genders[k] for k in ids if k in genders}, args) for i, ids in shards

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import sd_data
-from sd_common import UserError, run_main
+from sd_common import UserError, check_writable, run_main
 
 # detection-datasets/coco: data/{train,val}-000NN-of-000MM-<hash>.parquet, rows of image_id, image {bytes,
 # path}, width, height, objects {bbox_id, category, bbox, area}; category is the index in COCO's 80 names.
@@ -147,7 +147,7 @@ def main(args):
     if args.captions:
         read_captions(args.captions)                 # a bad file fails here, once, before any worker starts
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "--out")
     todo = [(str(f), str(out / f"{f.stem}.tar"), args) for f in files if not (out / f"{f.stem}.tar").exists()]
     total = Counter({"parquet files": len(files), "files already done": len(files) - len(todo)})
     sd_data.run_jobs(convert_file, todo, args.workers, "coco", "file", total)

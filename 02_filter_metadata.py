@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import sd_data
-from sd_common import UserError, atomic_path, run_main, write_atomic
+from sd_common import UserError, atomic_path, check_writable, run_main, write_atomic
 
 # The seed's phases (003 summary, "Training Phases"). Phase 1 says "no watermark/NSFW" without a number:
 # we read it as LAION's predicted probabilities < 0.5. Phase 2 is a stricter cut of phase 1's pool, so it
@@ -104,7 +104,7 @@ def filter_shard(src, dst, thr, args, seen):
 def main(args):
     shards = sd_data.list_files(args.meta, [".parquet"], "metadata")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "--out")
     thr = resolve_thresholds(args)
     config = dict(thr, min_caption_chars=args.min_caption_chars, max_caption_chars=args.max_caption_chars)
     config_path = out / "filter_config.json"

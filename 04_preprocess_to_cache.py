@@ -6,7 +6,7 @@ from pathlib import Path
 
 import SD_Model
 import sd_data
-from sd_common import atomic_path, run_main
+from sd_common import atomic_path, check_writable, run_main
 
 _tokenizer = None
 
@@ -45,7 +45,7 @@ def process_shard(tar, dst, tokenizer_name, min_size, batch):
 def main(args):
     tars = sd_data.list_files(args.tars, [".tar"], "tar")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "--out")
     SD_Model.load_tokenizer(args.tokenizer)  # fail fast, with one line, before starting workers
 
     todo = [t for t in tars if not (out / f"{t.stem}.parquet").exists()]

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 import SD_Model as M
-from sd_common import pick_device, pick_dtype, run_main
+from sd_common import check_writable, pick_device, pick_dtype, run_main
 
 
 def save_png(image, path, info):
@@ -36,6 +36,9 @@ def read_prompts(args):
 def run(args, device):
     """Load, sample, write; returns the written paths."""
     dtype = pick_dtype(device, args.dtype)
+    where = Path(args.export[1]) if args.export else Path(args.out)
+    check_writable(where if args.export and args.export[0] == "diffusers" else where.parent,
+                   "--export" if args.export else "--out")                     # before minutes of loading
     if args.export:
         # Export keeps full precision for loading, then casts the weights it writes.
         pipe = M.load_pipeline(args.ckpt, "cpu", torch.float32, args.weights, args.vae, args.text_encoder)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 import SD_Model
 import sd_data
 import sd_latents
-from sd_common import UserError, pick_device, pick_dtype, run_main
+from sd_common import UserError, check_writable, pick_device, pick_dtype, run_main
 
 DONE = object()  # end-of-stream marker passed down the queues
 
@@ -186,7 +186,7 @@ def main(args):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     tars = sd_data.list_files(args.tars, [".tar"], "tar")[rank::world]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "--out")
     device = args.device = pick_device(args.device, index=int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # conv/matmul speed; bf16 weights dominate anyway

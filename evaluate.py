@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import SD_Model as M
-from sd_common import atomic_path, pick_dtype, run_main
+from sd_common import atomic_path, check_writable, pick_dtype, run_main
 from SD_ImageGen import save_png
 from SD_ImageGen import main as imagegen_main
 
@@ -558,6 +558,7 @@ def run(args, device):
     if args.save_ref_stats and not (args.ref_images and Path(args.ref_images).is_dir()):
         raise M.UserError("--save_ref_stats writes the statistics of a --ref_images folder; pass one")
     M.check_sampling_args(args.resolution, args.resolution, args.sampler, args.steps)
+    check_writable(args.out, "--out")
     inception = load_inception(args.inception, device) if args.ref_images and not args.shapes else None
     clip = None if args.shapes else ClipScore(args.clip, device)
     pipe = M.load_pipeline(args.ckpt, device, pick_dtype(device, args.dtype), args.weights, args.vae,

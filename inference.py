@@ -1,15 +1,17 @@
 """Quick, portable sampling: picks CUDA, then Apple's MPS, then CPU, and draws one prompt with EMA weights."""
 import argparse
+from pathlib import Path
 
 import SD_Model as M
 from SD_ImageGen import add_sampling_flags, save_png
-from sd_common import pick_device, pick_dtype, run_main
+from sd_common import check_writable, pick_device, pick_dtype, run_main
 
 
 def main(args):
     M.configure_cuda_backends()
     device = pick_device(args.device)
     M.check_sampling_args(args.size, args.size, "ddim", args.steps)   # before loading anything
+    check_writable(Path(args.out).parent, "--out")
     pipe = M.load_pipeline(args.ckpt, device, pick_dtype(device, args.dtype))
     res = args.size or pipe.meta.get("resolution", 512)
     image = M.generate(pipe, [args.prompt], args.negative, args.steps, args.guidance_scale, "ddim", seed=args.seed,

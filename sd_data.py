@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sd_common import UserError, atomic_path, commit, temp_name
+from sd_common import UserError, atomic_path, check_writable, commit, temp_name
 
 
 class BadSample(Exception):
@@ -495,6 +495,6 @@ def pending_parts(source, spec, flag, out, shard_name, what):
     if not is_url(source) and not Path(source).is_dir():
         raise UserError(f"--source '{source}' is neither a URL nor an existing folder")
     parts = parse_ranges(spec, flag)
-    Path(out).mkdir(parents=True, exist_ok=True)
+    check_writable(out, "--out")
     todo = [n for n in parts if not (Path(out) / shard_name(n)).exists()]
     return parts, todo, Counter({what: len(parts), f"{what} already done": len(parts) - len(todo)})
