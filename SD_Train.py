@@ -18,12 +18,14 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import argparse
 import difflib
+import hashlib
 import faulthandler
 import math
 import random
 import re
 import resource
 import secrets
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -117,8 +119,11 @@ OPTIONS = {
     "init": (str, "scratch", "'scratch' (zero-init UNet) or UNet weights to start from: a previous phase's "
                              "export or checkpoint, a diffusers folder, an original single file. Weights only: "
                              "optimizer, LR schedule and step start fresh"),
-    "resume": (str, "", "'auto' (latest checkpoint in out_dir, or a fresh start when there is none) or a "
-                        "checkpoint path: continue that run exactly"),
+    "resume": (str, "", "'auto' (latest checkpoint in out_dir that verifies, or a fresh start when there is none) "
+                        "or a checkpoint path: continue that run exactly"),
+    "resume_override": (_str_list, [], "options a --resume may change on purpose ('lr|grad_clip'; 'world_size' to "
+                                       "resume on another GPU count, 'data_fingerprint' on changed datasets); any "
+                                       "other change of the run's maths is refused"),
     # model and frozen parts
     "model": (str, "sd1", "UNet config name from SD_Model.UNET_CONFIGS (a checkpoint's own config wins)"),
     "text_encoder": (str, DEFAULT_TEXT_ENCODER["sd1"], "frozen CLIP text encoder: hub id or local folder"),
@@ -307,12 +312,14 @@ def build_lr_scheduler(optimizer, lr, warmup_steps, total_steps):
 
 
 def build_optimizer(params, cfg):
-    """AdamW (betas .9/.999, eps 1e-8), fused where this torch build and device support it."""
+    """AdamW (betas .9/.999, eps 1e-8): fused on CUDA (the seed's; one kernel for all tensors), the foreach
+    implementation elsewhere (fused AdamW builds on any device and fails only at its first step where it has no
+    kernel, so the choice is made here, by device)."""
+    params = list(params)
     kw = dict(lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg["weight_decay"])
-    try:
+    if all(p.device.type == "cuda" for p in params):
         return torch.optim.AdamW(params, fused=True, **kw)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(params, foreach=True, **kw)
+    return torch.optim.AdamW(params, foreach=True, **kw)
 
 
 def grad_sync(model, fsdp, sync):
@@ -410,33 +417,52 @@ def _shard_like(full, like):
     return full.to(like.device)
 
 
+def verified_checkpoint(path):
+    """A training checkpoint that loads, has every part a resume restores and finite weights, or UserError."""
+    ckpt = read_training_checkpoint(path)
+    for part in ("unet", "ema"):
+        bad = next((k for k, v in ckpt[part].items() if not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise UserError(f"'{path}' holds non-finite {part} weights ({bad})")
+    return ckpt
+
+
 def find_resume(cfg, say):
-    """(path, checkpoint) to continue from, or (None, None) for a fresh start. `auto` takes the newest readable
-    checkpoint of out_dir: a newest one cut short by a full disk or a dead node costs only its own steps."""
+    """(path, checkpoint) to continue from, or (None, None) for a fresh start. `auto` takes the newest checkpoint
+    of out_dir that verifies: one cut short by a full disk or a dead node costs only its own steps (and is
+    left on disk, named, for a look)."""
     if not cfg["resume"]:
         return None, None
     if cfg["resume"] != "auto":
-        return Path(cfg["resume"]), read_training_checkpoint(cfg["resume"])
+        return Path(cfg["resume"]), verified_checkpoint(cfg["resume"])
     for _, path in reversed(list_checkpoints(cfg["out_dir"])):
         try:
-            return path, read_training_checkpoint(path)
+            return path, verified_checkpoint(path)
         except UserError as e:
-            say(f"note: skipping damaged checkpoint ({e})")
+            say(f"note: skipping checkpoint {path.name}, it does not verify ({e}); kept on disk")
     return None, None
 
 
-# Options that fix which sample and which noise every step sees; a resume that changes them is another run.
+# Options that fix the maths of every step (which sample, which noise, the loss, the update, the schedule): a
+# resume that changes one is another run, unless named in --resume_override.
 RUN_IDENTITY = ("seed", "datasets", "synthetic", "epoch_samples", "resolution", "cfg_dropout", "num_train_timesteps",
-                "noise_offset")
+                "noise_offset", "beta_start", "beta_end", "beta_schedule", "prediction_type", "zero_terminal_snr",
+                "loss_weighting", "min_snr_gamma", "ema_decay", "grad_clip", "lr", "warmup_steps", "weight_decay",
+                "epochs", "batch_size", "grad_accum", "model", "text_encoder", "text_layer", "precision", "world_size")
 
 
-def check_same_run(path, run_config, cfg, global_batch):
-    """A resume must continue the same run: same data order, noise and global batch."""
-    changed = [k for k in RUN_IDENTITY if run_config.get(k, OPTIONS[k][1]) != cfg[k]]
-    old_g = run_config["batch_size"] * run_config["grad_accum"] * run_config.get("world_size", 1)
-    if changed or old_g != global_batch:
-        raise UserError(f"--resume {path}: that run used different {changed or ['global batch']}; resuming with them "
-                        "changed would not continue it (use --init to start a new phase from its weights)")
+def check_same_run(path, meta, cfg, world, data_fingerprint=None):
+    """A resume must continue the same run: every RUN_IDENTITY option as it was (or named in --resume_override)
+    and, once the data is open, the same sample keys in every dataset (a fingerprint of the key lists)."""
+    old = dict(meta["run_config"], data_fingerprint=meta.get("data_fingerprint"))
+    new = dict(cfg, world_size=world, data_fingerprint=data_fingerprint)
+    keys = ["data_fingerprint"] if data_fingerprint is not None else RUN_IDENTITY
+    changed = {k: (old.get(k, OPTIONS[k][1] if k in OPTIONS else None), new[k]) for k in keys
+               if old.get(k, OPTIONS[k][1] if k in OPTIONS else None) != new[k] and k not in cfg["resume_override"]}
+    if changed:
+        raise UserError(f"--resume {path}: that run differs in {changed} (then, now); resuming would not continue it. "
+                        f"Name what you change on purpose with --resume_override '{'|'.join(changed)}', or start a "
+                        "new phase from its weights with --init")
 
 
 #################################################################################
@@ -506,6 +532,16 @@ class LossWindow:
     def reset(self):
         self.weighted, self.mse, self.n, self.t0 = 0.0, 0.0, 0, time.time()
         self.q_sum, self.q_n = torch.zeros(4), torch.zeros(4)
+
+    def state(self):
+        """The sums so far, saved with a checkpoint: a resumed run logs the averages the uninterrupted one does."""
+        return {"weighted": self.weighted, "mse": self.mse, "n": self.n, "q_sum": self.q_sum.tolist(),
+                "q_n": self.q_n.tolist(), "grad_norm": getattr(self, "grad_norm", 0.0), "lr": getattr(self, "lr", 0.0)}
+
+    def load(self, state):
+        self.weighted, self.mse, self.n = state["weighted"], state["mse"], state["n"]
+        self.q_sum, self.q_n = torch.tensor(state["q_sum"]), torch.tensor(state["q_n"])
+        self.grad_norm, self.lr = state["grad_norm"], state["lr"]
 
     def add(self, stats, grad_norm, lr):
         """One step's stats from train_step (the .item() here is the loop's one host sync per step)."""
@@ -581,6 +617,27 @@ class RunLog:
 #                                     Main                                      #
 #################################################################################
 
+class StopSignals:
+    """SIGTERM (a pod's preemption notice; torchrun forwards it to every rank), SIGINT (Ctrl-C) and SIGUSR1
+    (SLURM's warning before the time limit) only set a flag: the loop finishes the optimizer step it is in, the
+    ranks agree through that step's all-reduce, all of them join the checkpoint of that step, and the run exits
+    non-zero with one line. A second signal during the save changes nothing (the flag is already set and the
+    write is atomic)."""
+    NAMES = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+    def __enter__(self):
+        self.received = None
+        self.previous = {name: signal.signal(getattr(signal, name), self._note) for name in self.NAMES}
+        return self
+
+    def _note(self, signum, frame):
+        self.received = self.received or signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for name, handler in self.previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
 def setup_distributed(cfg):
     """(rank, world, device): torchrun's env when present, else a one-process group, so every code path
     (collectives included) is the same with 1 or N processes. NCCL on CUDA, gloo on CPU."""
@@ -603,7 +660,8 @@ def main(args):
     cfg = resolve_config(args)
     rank, world, device = setup_distributed(cfg)
     try:
-        train(cfg, rank, world, device)
+        with StopSignals() as stop:
+            train(cfg, rank, world, device, stop)
     finally:
         dist.destroy_process_group()
 
@@ -623,7 +681,7 @@ def plan_run(cfg, world, device, say):
     run.amp = lambda: torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None)
     run.resume_path, run.resume = find_resume(cfg, say)
     if run.resume is not None:
-        check_same_run(run.resume_path, run.resume["meta"]["run_config"], cfg, run.G)
+        check_same_run(run.resume_path, run.resume["meta"], cfg, world)
         run.model_cfg, run.init_sd, run.init_meta = unet_config(run.resume["meta"]["model_config"]), None, \
             run.resume["meta"]
     elif cfg["init"] == "scratch":
@@ -676,9 +734,13 @@ def open_data(cfg, run, text, show):
         raise UserError(f"an epoch of {len(mix)} samples is less than one optimizer step of {run.G} samples "
                         f"(batch_size {run.B} x grad_accum {run.A} x {run.world} GPUs)")
     val_mix = LatentMix(val_sources, [1.0] * len(val_sources), 0, pool) if val_sources else None
+    fingerprint = hashlib.sha256()                   # the sample keys of every dataset: a resume needs the same
+    for s in sources + val_sources:
+        fingerprint.update(f"{s.name}:{len(s)}\n".encode() + "\n".join(s.keys or []).encode())
     return SimpleNamespace(mix=mix, val_mix=val_mix, pool=pool, shape=sources[0].latent_shape, vae_id=vae_id,
                            scaling_factor=scaling_factor, steps_per_epoch=steps_per_epoch,
-                           total_steps=cfg["epochs"] * steps_per_epoch, sources=sources + val_sources)
+                           total_steps=cfg["epochs"] * steps_per_epoch, sources=sources + val_sources,
+                           fingerprint=fingerprint.hexdigest()[:16])
 
 
 def build_model(cfg, run, data, device, world):
@@ -710,10 +772,11 @@ def build_model(cfg, run, data, device, world):
                            flops=flops)
 
 
-def train_step(net, micro, text, uncond, schedule, scaler, cfg, run):
+def train_step(net, micro, text, uncond, schedule, scaler, cfg, run, stop):
     """One optimizer step's forward and backward passes over its micro-batches (gradients synced on the last).
-    Returns stats summed over ranks: [weighted loss, mse, mse sum per t quartile (4), count per quartile (4)]."""
-    stats = torch.zeros(10, device=run.device)
+    Returns stats summed over ranks: [weighted loss, mse, mse sum per t quartile (4), count per quartile (4),
+    ranks asked to stop] (the stop flag rides on the step's one all-reduce, so all ranks stop after one step)."""
+    stats = torch.zeros(11, device=run.device)
     for a, mb in enumerate(micro):
         x0 = mb["latents"].to(run.device, non_blocking=True).float()
         noise = mb["noise"].to(run.device, non_blocking=True)
@@ -733,6 +796,7 @@ def train_step(net, micro, text, uncond, schedule, scaler, cfg, run):
         stats[1] += per_sample.detach().mean() / run.A
         stats[2:6].index_add_(0, quartile, per_sample.detach().float())
         stats[6:10].index_add_(0, quartile, torch.ones_like(per_sample))
+    stats[10] = float(stop.received is not None)
     dist.all_reduce(stats)
     stats[:2] /= run.world
     return stats
@@ -752,7 +816,7 @@ def apply_step(net, optimizer, scaler, stats, step, cfg):
     return grad_norm, ok
 
 
-def train(cfg, rank, world, device):
+def train(cfg, rank, world, device, stop):
     configure_cuda_backends()
     if not cfg["datasets"] and not cfg["synthetic"]:
         raise UserError(f"phase '{cfg['phase']}' names no datasets; pass --datasets LATENTS:CAPTIONS or --synthetic N")
@@ -769,6 +833,8 @@ def train(cfg, rank, world, device):
         raise UserError(f"text encoder '{cfg['text_encoder']}' gives {text.context_dim}-d context but the UNet "
                         f"cross-attends to {run.model_cfg.context_dim}-d; pick the matching --text_encoder or --model")
     data = open_data(cfg, run, text, show)
+    if run.resume is not None:
+        check_same_run(run.resume_path, run.resume["meta"], cfg, world, data.fingerprint)
     vae = None
     if show and cfg["val_prompts"]:
         vae = FrozenVAE(data.vae_id, device=device, dtype=run.amp_dtype if device.type == "cuda" else torch.float32)
@@ -776,6 +842,7 @@ def train(cfg, rank, world, device):
     schedule = NoiseSchedule.from_dict(cfg)
     meta = checkpoint_meta(run.model_cfg, schedule, data.vae_id, data.scaling_factor, cfg["text_encoder"],
                            cfg["text_layer"], cfg["resolution"], dict(cfg, world_size=world))
+    meta["data_fingerprint"] = data.fingerprint
 
     # Run folder: partial checkpoints of a write that was killed (up to ~13 GB each) go, the config is saved.
     if show:
@@ -797,7 +864,7 @@ def train(cfg, rank, world, device):
     scheduler = build_lr_scheduler(optimizer, cfg["lr"], cfg["warmup_steps"], data.total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
     uncond = text.encode([""])                                                  # (1, 77, D)
-    progress = {"epoch": 0, "batch": 0, "step": 0, "bad_steps": 0}
+    progress = {"epoch": 0, "batch": 0, "step": 0, "bad_steps": 0, "window": None}
     if run.resume is not None:
         progress = load_checkpoint(run.resume, net.unet, optimizer, net.ema, net.names, scheduler, scaler, rank,
                                    world)
@@ -837,6 +904,8 @@ def train(cfg, rank, world, device):
     max_steps = min(cfg["max_steps"] or data.total_steps, data.total_steps)
     bar = tqdm(total=max_steps, initial=step, disable=not show, desc=cfg["phase"], unit="step", dynamic_ncols=True)
     window = LossWindow(run.G, world, cfg, device, net.flops, run.amp_dtype)
+    if progress.get("window"):
+        window.load(progress["window"])
     bad_in_row = 0
     while epoch < cfg["epochs"] and step < max_steps:
         order = epoch_order(data.mix.sizes, data.mix.ratios, data.mix.epoch_samples, cfg["seed"], epoch)
@@ -844,7 +913,7 @@ def train(cfg, rank, world, device):
                                pin=device.type == "cuda")
         for p, micro in prefetch(batches):
             net.model.train()
-            stats = train_step(net, micro, text, uncond, schedule, scaler, cfg, run)
+            stats = train_step(net, micro, text, uncond, schedule, scaler, cfg, run, stop)
             lr = optimizer.param_groups[0]["lr"]      # the LR this step uses
             grad_norm, ok = apply_step(net, optimizer, scaler, stats, step, cfg)
             bad_in_row, bad_total = (0, bad_total) if ok else (bad_in_row + 1, bad_total + 1)
@@ -860,18 +929,23 @@ def train(cfg, rank, world, device):
             step += 1
             bar.update(1)
 
-            # Bookkeeping: log, checkpoint, validate as due.
+            # Bookkeeping: log, checkpoint, stop if asked, validate as due.
             window.add(stats, grad_norm, lr)
             epoch_done = p + 1 == data.steps_per_epoch
-            progress = {"epoch": epoch + 1 if epoch_done else epoch, "batch": 0 if epoch_done else p + 1,
-                        "step": step, "bad_steps": bad_total}
             if step % cfg["log_every"] == 0 or step == max_steps:
                 window.flush(log, step, data.total_steps, epoch)
-            if epoch_done or (cfg["save_steps"] and step % cfg["save_steps"] == 0) or step >= max_steps:
+            progress = {"epoch": epoch + 1 if epoch_done else epoch, "batch": 0 if epoch_done else p + 1,
+                        "step": step, "bad_steps": bad_total, "window": window.state()}
+            stopping = stats[10].item() > 0
+            if epoch_done or (cfg["save_steps"] and step % cfg["save_steps"] == 0) or step >= max_steps or stopping:
                 if bad_in_row == 0:
                     save(progress)
                 else:                                # mid-streak state must not prune the good checkpoints
                     log.print(f"checkpoint at step {step} not written: the step was skipped (non-finite loss)")
+            if stopping:
+                found = list_checkpoints(out_dir)
+                raise UserError(f"stopped by {stop.received or 'a signal to another rank'} at step {step}; "
+                                f"checkpoint {found[-1][1] if found else 'none'}; continue with --resume auto")
             if epoch_done or (cfg["val_steps"] and step % cfg["val_steps"] == 0):
                 run_validation()
             if step >= max_steps:

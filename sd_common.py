@@ -52,11 +52,17 @@ def _no_space(e, dst):
 
 def commit(tmp, dst, fsync=True):
     """Put a finished temp file in place: flush it to disk (so a power cut cannot leave a renamed but empty
-    file), then rename it onto `dst` in one step."""
+    file), rename it onto `dst` in one step, then flush the folder (so the rename itself survives a power cut)."""
     if fsync:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     os.replace(tmp, dst)
+    if fsync:
+        fd = os.open(Path(dst).parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextmanager

@@ -216,16 +216,29 @@ def _random_small(name="small"):
     return unet
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+def test_gradient_checkpointing_gives_same_gradients_and_really_recomputes():
     unet = _random_small().train()
     x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.randn(2, 7, 32)
-    grads = []
+    calls = []                                       # block forwards, counted: checkpointing runs each one twice
+
+    def counted(forward):
+        def run(*args, **kwargs):
+            calls.append(1)
+            return forward(*args, **kwargs)
+        return run
+    for m in unet.modules():                         # (forward hooks do not fire in checkpoint's recompute)
+        if type(m).__name__ in ("ResBlock", "TransformerBlock"):
+            m.forward = counted(m.forward)
+    grads, forwards = [], []
     for ckpt in (False, True):
         unet.zero_grad()
         unet.set_grad_checkpointing(ckpt)
+        calls.clear()
         unet(x, t, ctx).square().mean().backward()
+        forwards.append(len(calls))
         grads.append({n: p.grad.clone() for n, p in unet.named_parameters()})
     assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7) for n in grads[0])
+    assert forwards[0] > 0 and forwards[1] == 2 * forwards[0]   # a pass-through "checkpoint" would give 1x
 
 
 @pytest.mark.slow

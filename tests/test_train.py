@@ -375,9 +375,26 @@ def test_each_bad_input_gets_its_clear_error(tiny, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_resume_with_another_seed_is_refused(tiny, ref_run, tmp_path):
-    with pytest.raises(SD_Model.UserError, match=r"that run used different \['seed'\]"):
-        run_main(*ref_args(tiny, tmp_path / "run", "--resume", ckpt(ref_run, 4), "--seed", 1))
+def test_a_resume_that_changes_the_maths_is_refused_with_the_differences(tiny, ref_run, tmp_path):
+    """The reference ran on 2 ranks; here 1 process resumes it (world_size named as a deliberate change)."""
+    def resume(*extra):
+        run_main(*ref_args(tiny, tmp_path / "run", "--resume", ckpt(ref_run, 4), "--resume_override", "world_size",
+                           "--max_steps", 5, *extra))
+    with pytest.raises(SD_Model.UserError, match=r"that run differs in \{'seed': \(0, 1\)\} \(then, now\).*"
+                                                 r"--resume_override 'seed'"):
+        resume("--seed", 1)
+    with pytest.raises(SD_Model.UserError, match=r"differs in \{'min_snr_gamma': \(5.0, 3.0\), 'grad_clip': \(1.0, "
+                                                 r"2.0\)\}.*--resume_override 'min_snr_gamma\|grad_clip'"):
+        resume("--grad_clip", 2, "--min_snr_gamma", 3)
+    data = tmp_path / "data"                                                   # same paths, other sample keys
+    shutil.copytree(tiny.a[0], data / "lat")
+    shutil.copytree(tiny.a[1], data / "cap")
+    args = base_args(tiny, tmp_path / "run2", (data / "lat", data / "cap"))
+    run_main(*args, "--max_steps", 1, "--save_steps", 1)
+    sd_latents.latent_path(data / "lat", "a00000").unlink()
+    with pytest.raises(SD_Model.UserError, match=r"differs in \{'data_fingerprint'"):
+        run_main(*args, "--resume", "auto")
+    resume("--resume_override", "world_size|seed", "--seed", 1)                 # named on purpose: it runs
 
 
 #################################################################################
@@ -582,3 +599,67 @@ def test_the_runs_own_export_samples_and_exports_with_no_model_flags(ref_run, tm
     imagegen(export, "--export", "diffusers", tmp_path / "exp", "--export_dtype", "fp32")
     imagegen(tmp_path / "exp", "--out", tmp_path / "exp.png")
     assert np.abs(np.asarray(Image.open(tmp_path / "exp.png"), dtype=np.float64) - ours).mean() <= 0.5
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_checkpoints_the_step_and_resume_is_bitwise_exact(tiny, ref_run):
+    """A pod's preemption: SIGTERM to torchrun, which forwards it to both ranks. They finish the step, agree, save
+    it and exit non-zero with one line; --resume auto then ends equal to the uninterrupted run, logged losses too."""
+    out, output = tiny.root / "sigterm", tiny.root / "sigterm.out"
+    proc = start_train(ref_args(tiny, out), 2, output)
+    deadline = time.time() + 300
+    while not re.search(r"\bstep 5/", output.read_text()):
+        assert proc.poll() is None and time.time() < deadline, output.read_text()[-3000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    m = re.search(r"error: stopped by SIGTERM at step (\d+); checkpoint (\S+); continue with --resume auto",
+                  output.read_text())
+    assert m, output.read_text()[-3000:]
+    stopped = int(m.group(1))
+    assert 5 <= stopped < REF_STEPS and Path(m.group(2)) == ckpt(out, stopped)   # the step it was in: nothing lost
+    assert load_ckpt(ckpt(out, stopped))["progress"]["step"] == stopped
+    proc = run_train(ref_args(tiny, out, "--resume", "auto"), nproc=2)
+    assert f"at step {stopped} " in proc.stdout
+    later = [s for s, _ in SD_Train.list_checkpoints(ref_run) if s > stopped]
+    assert later and [s for s, _ in SD_Train.list_checkpoints(out)] == [4, stopped] + later
+    for step in later:
+        assert_same_state(ckpt(ref_run, step), ckpt(out, step))
+    for name in ("loss", "mse", "lr", "grad"):
+        assert {s: v for s, v in logged(out, name).items() if s > stopped} == \
+            {s: v for s, v in logged(ref_run, name).items() if s > stopped}, name
+
+
+@pytest.mark.slow
+def test_resume_skips_a_damaged_newest_checkpoint_and_keeps_it(tiny, ref_run, tmp_path):
+    out = tmp_path / "damaged"
+    (out / "checkpoints").mkdir(parents=True)
+    for step in (4, 8):
+        shutil.copy(ckpt(ref_run, step), ckpt(out, step))
+    data = ckpt(out, 8).read_bytes()
+    ckpt(out, 8).write_bytes(data[:len(data) // 2])                             # a save cut short by a dead node
+    proc = run_train(ref_args(tiny, out, "--resume", "auto"), nproc=2)
+    assert "skipping checkpoint step_00000008.pt, it does not verify" in proc.stdout
+    assert "resumed from" in proc.stdout and "at step 4 " in proc.stdout
+    assert_same_state(ckpt(ref_run, 10), ckpt(out, 10))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu_and_skips_a_non_finite_step(tiny, precision, tmp_path):
+    """Autocast bf16, and fp16 with its GradScaler (NeMo's O1), run on CPU. One latent of the data is inf, so
+    exactly one step of the epoch has a non-finite loss: it is skipped and counted, and the steps after it train
+    normally (the seed's skip path left fp16's scaler un-updated, and the next step crashed in unscale_)."""
+    lat, cap = tmp_path / "lat", tiny.a[1]
+    shutil.copytree(tiny.a[0], lat)
+    key = sorted(sd_latents.existing_latent_keys(lat))[0]
+    sd_latents.write_latent(lat, key, np.full(LATENT, np.inf, np.float16))
+    out = tmp_path / "run"
+    proc = run_train(base_args(tiny, out, (lat, cap)) + ["--precision", precision, "--max_steps", 8,
+                                                         "--save_steps", 1, "--loss_weighting", "none"])
+    assert len(re.findall(r"non-finite loss .*; step skipped \(1 in a row, 1 in all\)", proc.stdout)) == 1
+    last = SD_Train.list_checkpoints(out)[-1][1]
+    state = load_ckpt(last)
+    assert state["progress"]["bad_steps"] == 1 and state["progress"]["step"] >= 7
+    assert all(torch.isfinite(v).all() for v in state["unet"].values())
+    assert len([v for v in logged(out, "mse").values() if math.isfinite(v)]) == 7   # the 7 other steps trained
