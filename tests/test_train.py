@@ -663,3 +663,34 @@ def test_mixed_precision_trains_on_cpu_and_skips_a_non_finite_step(tiny, precisi
     assert state["progress"]["bad_steps"] == 1 and state["progress"]["step"] >= 7
     assert all(torch.isfinite(v).all() for v in state["unet"].values())
     assert len([v for v in logged(out, "mse").values() if math.isfinite(v)]) == 7   # the 7 other steps trained
+
+
+@pytest.mark.slow
+def test_ddp_no_sync_accumulation_equals_one_process_at_the_same_global_batch(tiny, single_run):
+    """2 ranks x batch 1 x accum 2: the first micro-step of each step skips DDP's all-reduce (no_sync)."""
+    out = tiny.root / "ddp_accum"
+    run_train(ref_args(tiny, out, "--batch_size", 1, "--grad_accum", 2), nproc=2)
+    for key in ("unet", "ema"):
+        assert max_diff(ckpt(single_run, REF_STEPS), ckpt(out, REF_STEPS), key) < 5e-6, key
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_equal_one_node_with_two_processes(tiny, ref_run):
+    """The README's multi-node command as 2 'nodes' of one process each (c10d rendezvous on 127.0.0.1, gloo):
+    bitwise the same run as one node with 2 processes."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tiny.root / "two_nodes"
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two_nodes",
+               str(REPO / "SD_Train.py"), *map(str, ref_args(tiny, out))]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    for step in (REF_SAVE, REF_STEPS):
+        assert_same_state(ckpt(ref_run, step), ckpt(out, step))
