@@ -948,9 +948,13 @@ def _read_tensors(path):
     """{name: tensor} and safetensors metadata from a weights file; pickles only with weights_only=True."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"'{path}' is not a readable safetensors file ({e}); a download or copy cut short? "
+                            "Fetch it again") from None
     source, mmap = path, True
     if path.suffix == ".nemo":                     # a tar: model_config.yaml + model_weights.ckpt
         import io

@@ -448,3 +448,17 @@ def test_a_folder_without_tokenizer_files_is_an_error_not_an_empty_tokenizer(tmp
                                  num_attention_heads=2)).save_pretrained(tmp_path / "te")
     with pytest.raises(M.UserError, match="has no tokenizer files"):   # transformers 5 returns a 2-token one
         M.load_tokenizer(tmp_path / "te")
+
+
+def test_a_damaged_safetensors_file_is_one_line(tmp_path):
+    good = tmp_path / "good.safetensors"
+    M.save_unet(M.build_unet("small").state_dict(), "small", good)
+    (tmp_path / "garbage.safetensors").write_bytes(b"garbage header bytes")
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:50_000])
+    for name in ("garbage", "cut"):
+        with pytest.raises(M.UserError, match=rf"'.*{name}.safetensors' is not a readable safetensors file"):
+            M.read_unet_state(tmp_path / f"{name}.safetensors")
+    sd = M.build_unet("small").state_dict()
+    sd["conv_in.weight"] = sd["conv_in.weight"][:, :3]                         # right keys, a wrong shape
+    with pytest.raises(M.UserError, match=r"1 wrong shapes \['conv_in.weight \(32, 3, 3, 3\) != \(32, 4, 3, 3\)'\]"):
+        M.build_unet("small", sd)
