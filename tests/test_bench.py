@@ -58,3 +58,9 @@ def test_max_batch_needs_cuda_and_says_so(tmp_path):
     proc = run_bench(tmp_path, "max_batch.py", "--device", "cpu")
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert not list(tmp_path.glob("*.md"))
+
+
+def test_checkpoint_save_appends_a_table(tmp_path):
+    proc = run_bench(tmp_path, "checkpoint_save.py", "--config", "small", "--dir", tmp_path / "ckpt")
+    assert proc.returncode == 0, proc.stderr
+    assert "| small | " in results(tmp_path) and not list((tmp_path / "ckpt").iterdir())   # measured, then removed
