@@ -20,6 +20,9 @@ def save_png(image, path, info):
     Image.fromarray(image).save(path, format="PNG", pnginfo=meta)   # PNG whatever the name (temp names too)
 
 
+EXPORT_FORMATS = ("diffusers", "single-file")
+
+
 def read_prompts(args):
     if args.prompts:
         path = Path(args.prompts)
@@ -36,6 +39,8 @@ def read_prompts(args):
 def run(args, device):
     """Load, sample, write; returns the written paths."""
     dtype = pick_dtype(device, args.dtype)
+    if args.export and args.export[0] not in EXPORT_FORMATS:
+        raise M.UserError(f"--export {args.export[0]}: unknown format; choose one of {list(EXPORT_FORMATS)}")
     where = Path(args.export[1]) if args.export else Path(args.out)
     check_writable(where if args.export and args.export[0] == "diffusers" else where.parent,
                    "--export" if args.export else "--out")                     # before minutes of loading
@@ -58,7 +63,7 @@ def run(args, device):
     res = pipe.meta.get("resolution", 512)
     height, width = args.height or res, args.width or res
     images = M.generate(pipe, prompts, args.negative, args.steps, args.guidance_scale, args.sampler, args.eta,
-                        args.seed, height, width, args.n)
+                        args.seed, height, width, args.n, progress=True)
     info = dict(prompt=" | ".join(prompts), negative=args.negative, seed=args.seed, steps=args.steps,
                 guidance_scale=args.guidance_scale,
                 sampler=args.sampler, eta=args.eta, weights=args.weights, checkpoint=args.ckpt, size=f"{width}x{height}")

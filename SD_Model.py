@@ -1257,6 +1257,9 @@ def load_pipeline(ckpt, device="cpu", dtype=torch.float32, weights="ema", vae=No
     (the arguments override either)."""
     ckpt = Path(ckpt)
     sd, cfg, meta = read_unet_state(ckpt, prefer_ema=weights == "ema")
+    if weights == "live" and ckpt.suffix == ".safetensors" and "run_config" in meta:
+        raise UserError(f"'{ckpt}' is a slim export of EMA weights only; the live weights are in the run's "
+                        "training checkpoints (checkpoints/step_*.pt): pass one of those with --weights live")
     spacing, offset = None, 1
     sched_kw = meta.get("schedule", {})
     pipeline_folder = ckpt.is_dir() and (ckpt / "model_index.json").exists()
@@ -1305,8 +1308,9 @@ def check_sampling_args(height, width, sampler, steps, factor=None, images_per_p
 
 @torch.no_grad()
 def generate(pipe, prompts, negative="", steps=50, guidance_scale=7.5, sampler="ddim", eta=None, seed=0, height=512,
-             width=512, images_per_prompt=1, clip_x0=None):
-    """Prompts -> uint8 images (N, H, W, 3). The negative prompt (or "") is the unconditional CFG branch."""
+             width=512, images_per_prompt=1, clip_x0=None, progress=False):
+    """Prompts -> uint8 images (N, H, W, 3). The negative prompt (or "") is the unconditional CFG branch;
+    `progress` shows a bar over the sampling steps (minutes on a CPU)."""
     check_sampling_args(height, width, sampler, steps, pipe.vae.factor, images_per_prompt)
     prompts = [p for p in prompts for _ in range(images_per_prompt)]
     te, device = pipe.text_encoder, pipe.vae.device
@@ -1321,7 +1325,9 @@ def generate(pipe, prompts, negative="", steps=50, guidance_scale=7.5, sampler="
     if eta is not None:   # else each sampler's own default: DDIM deterministic, DDPM full ancestral noise
         kw["eta"] = eta
     model_fn = cfg_model_fn(pipe.unet, cond, uncond, guidance_scale)
-    latents = SAMPLERS[sampler](model_fn, x, pipe.schedule, steps, **kw)
+    from tqdm import tqdm
+    with tqdm(total=steps, disable=not progress, desc=f"{sampler} x{len(prompts)}", unit="step", leave=False) as bar:
+        latents = SAMPLERS[sampler](model_fn, x, pipe.schedule, steps, callback=lambda *_: bar.update(1), **kw)
     images = (pipe.vae.decode(latents) / 2 + 0.5).clamp(0, 1)
     return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 

@@ -15,7 +15,7 @@ def main(args):
     pipe = M.load_pipeline(args.ckpt, device, pick_dtype(device, args.dtype))
     res = args.size or pipe.meta.get("resolution", 512)
     image = M.generate(pipe, [args.prompt], args.negative, args.steps, args.guidance_scale, "ddim", seed=args.seed,
-                       height=res, width=res)[0]
+                       height=res, width=res, progress=True)[0]
     save_png(image, args.out, dict(prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps,
                                    guidance_scale=args.guidance_scale, checkpoint=args.ckpt, device=device.type))
     print(f"wrote {args.out} ({device.type})")
