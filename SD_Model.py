@@ -1175,6 +1175,15 @@ def vae_to_original(vae_sd, vae_cfg):
     return out
 
 
+def save_bpe_files(tokenizer, folder):
+    """vocab.json + merges.txt beside tokenizer.json: what older transformers and the slow CLIPTokenizer read
+    (transformers 5 writes tokenizer.json alone). Both come from the fast tokenizer's own BPE model."""
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+    (Path(folder) / "vocab.json").write_text(json.dumps(bpe["vocab"], ensure_ascii=False))
+    (Path(folder) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
 def export_pipeline(dst, fmt, unet_sd, unet_cfg, vae, text_encoder, schedule, sample_size=64, dtype=torch.float16):
     """Write a whole text-to-image model: `diffusers` = a StableDiffusionPipeline folder (model_index.json,
     unet/, vae/, text_encoder/, tokenizer/, scheduler/); `single-file` = the original layout in one
@@ -1186,7 +1195,12 @@ def export_pipeline(dst, fmt, unet_sd, unet_cfg, vae, text_encoder, schedule, sa
         save_unet(unet_sd, unet_cfg, dst / "unet", "diffusers", sample_size=sample_size)
         copy.deepcopy(vae.vae).to(dtype).save_pretrained(dst / "vae")   # copies: the live parts keep their dtype
         copy.deepcopy(text_encoder.model).to(dtype).save_pretrained(dst / "text_encoder")
+        # transformers 5 loads a model in the dtype its config names, diffusers loads UNet and VAE in fp32 unless
+        # told: the config says fp32 (the weights stay `dtype`), so a plain from_pretrained(DIR) gives one dtype
+        te_config = dst / "text_encoder" / "config.json"
+        te_config.write_text(json.dumps(dict(json.loads(te_config.read_text()), dtype="float32"), indent=2))
         text_encoder.tokenizer.save_pretrained(dst / "tokenizer")
+        save_bpe_files(text_encoder.tokenizer, dst / "tokenizer")
         (dst / "scheduler").mkdir(parents=True, exist_ok=True)
         (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(diffusers_scheduler_config(schedule), indent=2))
         (dst / "model_index.json").write_text(json.dumps({

@@ -177,3 +177,22 @@ def test_the_real_script_gives_one_line_for_a_missing_or_wrong_checkpoint(tmp_pa
 def test_long_prompt_is_truncated_with_warning(tiny_pipeline, tmp_path):
     r = imagegen(tmp_path, tiny_pipeline, "--prompt", " ".join(["red"] * 100), "--steps", "2")
     assert r.returncode == 0 and "truncated to 77 tokens" in r.stdout
+
+
+def test_default_fp16_export_loads_with_plain_from_pretrained_and_slow_tokenizer(tiny_pipeline, tmp_path):
+    """Users load exports with no extra arguments: every part in one dtype (the fp16 text encoder's config once
+    made transformers load it in fp16 beside diffusers' fp32 UNet: 'mat1 and mat2 must have the same dtype'),
+    and the tokenizer folder also has vocab.json + merges.txt for the slow CLIPTokenizer."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+    r = imagegen(tmp_path, tiny_pipeline, "--export", "diffusers", tmp_path / "exp")         # default: fp16
+    assert r.returncode == 0, r.stderr
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "exp", safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
+    pipe(PROMPT, num_inference_steps=2, height=64, width=64)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "exp", safety_checker=None, torch_dtype=torch.float16)
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float16
+    tok = tmp_path / "exp" / "tokenizer"
+    slow, fast = CLIPTokenizer(str(tok / "vocab.json"), str(tok / "merges.txt")), M.load_tokenizer(tok)
+    assert len(slow) == len(fast) and slow(PROMPT).input_ids == fast(PROMPT).input_ids
