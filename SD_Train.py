@@ -816,6 +816,27 @@ def apply_step(net, optimizer, scaler, stats, step, cfg):
     return grad_norm, ok
 
 
+def ema_state(net):
+    """The EMA weights as full CPU tensors (every rank joins the FSDP gathers)."""
+    return {n: _full(e).detach().cpu() for n, e in zip(net.names, net.ema)}
+
+
+def validate_ema(net, run, data, text, vae, schedule, cfg, step, out_dir, log, rank):
+    """validate() on a UNet holding the EMA weights, on rank 0, logged; the other ranks wait."""
+    if data.val_mix is None and vae is None:
+        return
+    full = ema_state(net)
+    if rank == 0:
+        with torch.random.fork_rng(devices=[]):      # building the EMA UNet draws init weights: keep the run's RNG
+            ema_unet = build_unet(run.model_cfg, full).to(run.device).eval()
+        metrics, image = validate(ema_unet, schedule, text, vae, data.val_mix, cfg, run.device, run.amp, step,
+                                  out_dir)
+        log.print(f"validation at step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
+                  (f" | grid {image}" if image else ""))
+        log.metrics(metrics, step, image)
+    dist.barrier()
+
+
 def train(cfg, rank, world, device, stop):
     configure_cuda_backends()
     if not cfg["datasets"] and not cfg["synthetic"]:
@@ -882,24 +903,6 @@ def train(cfg, rank, world, device, stop):
                         cfg["keep_last"])
         log.print(f"saved {path}")
 
-    def ema_state():
-        return {n: _full(e).detach().cpu() for n, e in zip(net.names, net.ema)}
-
-    def run_validation():
-        if data.val_mix is None and vae is None:
-            return
-        full = ema_state()                           # every rank joins the FSDP gathers
-        if rank == 0:
-            with torch.random.fork_rng(devices=[]):  # building the EMA UNet draws init weights: keep the run's RNG
-                ema_unet = build_unet(run.model_cfg, full).to(device).eval()
-            metrics, image = validate(ema_unet, schedule, text, vae, data.val_mix, cfg, device, run.amp, step,
-                                      out_dir)
-            log.print(f"validation at step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
-                      (f" | grid {image}" if image else ""))
-            log.metrics(metrics, step, image)
-            del ema_unet
-        dist.barrier()
-
     # The loop: one optimizer step per iteration; per-sample randomness comes with the batch.
     max_steps = min(cfg["max_steps"] or data.total_steps, data.total_steps)
     bar = tqdm(total=max_steps, initial=step, disable=not show, desc=cfg["phase"], unit="step", dynamic_ncols=True)
@@ -947,7 +950,7 @@ def train(cfg, rank, world, device, stop):
                 raise UserError(f"stopped by {stop.received or 'a signal to another rank'} at step {step}; "
                                 f"checkpoint {found[-1][1] if found else 'none'}; continue with --resume auto")
             if epoch_done or (cfg["val_steps"] and step % cfg["val_steps"] == 0):
-                run_validation()
+                validate_ema(net, run, data, text, vae, schedule, cfg, step, out_dir, log, rank)
             if step >= max_steps:
                 break
         if (progress["epoch"], progress["batch"]) == (epoch, first_step):   # nothing was left of this epoch
@@ -957,7 +960,7 @@ def train(cfg, rank, world, device, stop):
 
     # Phase end: a slim export of the EMA weights (fp16 safetensors) for inference and the next phase's --init.
     export = out_dir / "ema_final.safetensors"
-    full = ema_state()
+    full = ema_state(net)
     if rank == 0:
         save_unet({k: v.half() for k, v in full.items()}, run.model_cfg, export, "ours", meta)
         log.print(f"done at step {step}: exported EMA weights to {export}")
