@@ -816,6 +816,16 @@ def apply_step(net, optimizer, scaler, stats, step, cfg):
     return grad_norm, ok
 
 
+def check_disk(out_dir, n_params):
+    """One line before training when out_dir's disk cannot hold the next checkpoint (UNet + EMA + AdamW's two
+    moments, fp32: 16 bytes a parameter), rather than a failed save hours later."""
+    import shutil
+    need, free = 16 * n_params * 1.02, shutil.disk_usage(out_dir).free
+    if free < need:
+        raise UserError(f"'{out_dir}' has {free / 1e9:.2f} GB free but one checkpoint of this UNet takes "
+                        f"{need / 1e9:.2f} GB; free space or pick another --out_dir")
+
+
 def ema_state(net):
     """The EMA weights as full CPU tensors (every rank joins the FSDP gathers)."""
     return {n: _full(e).detach().cpu() for n, e in zip(net.names, net.ema)}
@@ -868,7 +878,7 @@ def train(cfg, rank, world, device, stop):
     # Run folder: partial checkpoints of a write that was killed (up to ~13 GB each) go, the config is saved.
     if show:
         (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        for tmp in (out_dir / "checkpoints").glob(".step_*.pt.tmp*"):
+        for tmp in [*(out_dir / "checkpoints").glob(".step_*.pt.tmp*"), *out_dir.glob(".ema_final.safetensors.tmp*")]:
             if tmp.is_file():
                 tmp.unlink()
         (out_dir / "config.yaml").write_text(yaml.safe_dump(meta["run_config"], sort_keys=False))
@@ -881,6 +891,8 @@ def train(cfg, rank, world, device, stop):
 
     # Model + EMA, optimizer, LR schedule, loss scaler; then the resume point.
     net = build_model(cfg, run, data, device, world)
+    if show:
+        check_disk(out_dir, sum(p.numel() for p in net.params))
     optimizer = build_optimizer(net.unet.parameters(), cfg)
     scheduler = build_lr_scheduler(optimizer, cfg["lr"], cfg["warmup_steps"], data.total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")

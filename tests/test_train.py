@@ -694,3 +694,14 @@ def test_two_nodes_on_localhost_equal_one_node_with_two_processes(tiny, ref_run)
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
     for step in (REF_SAVE, REF_STEPS):
         assert_same_state(ckpt(ref_run, step), ckpt(out, step))
+
+
+def test_a_disk_too_small_for_one_checkpoint_is_one_line_before_training(tiny, tmp_path, monkeypatch):
+    import collections
+    import shutil as shutil_module
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9 - 10 ** 6, 10 ** 6))
+    with pytest.raises(SD_Model.UserError, match=r"has 0.00 GB free but one checkpoint of this UNet takes 0.04 GB"):
+        run_main(*base_args(tiny, tmp_path / "run"))
+    assert not SD_Train.list_checkpoints(tmp_path / "run")
