@@ -12,6 +12,7 @@ import argparse
 import copy
 import json
 import math
+import pickle
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sd_common import UserError, atomic_path, pick_dtype, run_main
+from sd_common import UserError, atomic_folder, atomic_path, pick_dtype, run_main
 
 
 #################################################################################
@@ -668,6 +669,9 @@ def _from_pretrained(cls, name, what, flag, subfolder, **kwargs):
                                 f"and pass {flag} DIR")
     try:
         obj = cls.from_pretrained(name, **kwargs)
+    except pickle.UnpicklingError:                   # torch.load(weights_only=True) refused a .bin: not a download issue
+        raise UserError(f"{what} '{name}' holds pickled weights (.bin) that would run code when loaded, so they are "
+                        "refused; use a copy with .safetensors weights, or convert it where you trust it") from None
     except (OSError, ValueError) as e:
         raise UserError(
             f"could not load {what} '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}). "
@@ -1192,23 +1196,28 @@ def export_pipeline(dst, fmt, unet_sd, unet_cfg, vae, text_encoder, schedule, sa
     unet_sd = {k: v.to(dtype) for k, v in clean_state_dict(unet_sd).items()}
     if fmt == "diffusers":
         dst = Path(dst)
-        save_unet(unet_sd, unet_cfg, dst / "unet", "diffusers", sample_size=sample_size)
-        copy.deepcopy(vae.vae).to(dtype).save_pretrained(dst / "vae")   # copies: the live parts keep their dtype
-        copy.deepcopy(text_encoder.model).to(dtype).save_pretrained(dst / "text_encoder")
-        # transformers 5 loads a model in the dtype its config names, diffusers loads UNet and VAE in fp32 unless
-        # told: the config says fp32 (the weights stay `dtype`), so a plain from_pretrained(DIR) gives one dtype
-        te_config = dst / "text_encoder" / "config.json"
-        te_config.write_text(json.dumps(dict(json.loads(te_config.read_text()), dtype="float32"), indent=2))
-        text_encoder.tokenizer.save_pretrained(dst / "tokenizer")
-        save_bpe_files(text_encoder.tokenizer, dst / "tokenizer")
-        (dst / "scheduler").mkdir(parents=True, exist_ok=True)
-        (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(diffusers_scheduler_config(schedule), indent=2))
-        (dst / "model_index.json").write_text(json.dumps({
-            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-            "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
+        if dst.exists() and any(dst.iterdir()) and not (dst / "model_index.json").exists():
+            raise UserError(f"'{dst}' exists and is not a pipeline folder this export would replace; pick a new one")
+        with atomic_folder(dst) as tmp:              # built beside, then swapped in: never half a pipeline
+            save_unet(unet_sd, unet_cfg, tmp / "unet", "diffusers", sample_size=sample_size)
+            copy.deepcopy(vae.vae).to(dtype).save_pretrained(tmp / "vae")   # copies: the live parts keep their dtype
+            copy.deepcopy(text_encoder.model).to(dtype).save_pretrained(tmp / "text_encoder")
+            # transformers 5 loads a model in the dtype its config names, diffusers loads UNet and VAE in fp32
+            # unless told: the config says fp32 (the weights stay `dtype`), so a plain from_pretrained(DIR) gives
+            # every part one dtype
+            te_config = tmp / "text_encoder" / "config.json"
+            te_config.write_text(json.dumps(dict(json.loads(te_config.read_text()), dtype="float32"), indent=2))
+            text_encoder.tokenizer.save_pretrained(tmp / "tokenizer")
+            save_bpe_files(text_encoder.tokenizer, tmp / "tokenizer")
+            (tmp / "scheduler").mkdir()
+            (tmp / "scheduler" / "scheduler_config.json").write_text(
+                json.dumps(diffusers_scheduler_config(schedule), indent=2))
+            (tmp / "model_index.json").write_text(json.dumps({
+                "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+                "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
     elif fmt == "single-file":
         from safetensors.torch import save_file
         if text_encoder.layer != "last":

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from SD_Model import (DEFAULT_TEXT_ENCODER, DEFAULT_VAE, LOSS_WEIGHTINGS, FrozenTextEncoder, FrozenVAE,
                       NoiseSchedule, Pipeline, build_unet, checkpoint_meta, configure_cuda_backends, generate,
                       make_grid, peak_tflops, read_training_checkpoint, read_unet_state, save_unet, unet_config)
-from sd_common import UserError, atomic_path, check_writable, pick_device, pick_dtype, run_main
+from sd_common import UserError, atomic_path, check_writable, pick_device, pick_dtype, run_main, write_atomic
 from sd_latents import LatentMix, epoch_order, open_source, prefetch, step_batches, synthetic_source
 
 REPO = Path(__file__).resolve().parent
@@ -498,8 +498,8 @@ def validate(ema_unet, schedule, text, vae, val_mix, cfg, device, amp, step, out
             images = generate(Pipeline(ema_unet, text, vae, schedule), cfg["val_prompts"], cfg["negative_prompt"],
                               cfg["val_ddim_steps"], cfg["val_cfg_scale"], seed=0, height=res, width=res)
         image_path = Path(out_dir) / "samples" / f"step_{step:08d}.png"
-        image_path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(make_grid(images, cols=min(4, len(images)))).save(image_path)
+        with atomic_path(image_path) as tmp:
+            Image.fromarray(make_grid(images, cols=min(4, len(images)))).save(tmp, format="PNG")
     return metrics, image_path
 
 
@@ -881,7 +881,7 @@ def train(cfg, rank, world, device, stop):
         for tmp in [*(out_dir / "checkpoints").glob(".step_*.pt.tmp*"), *out_dir.glob(".ema_final.safetensors.tmp*")]:
             if tmp.is_file():
                 tmp.unlink()
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(meta["run_config"], sort_keys=False))
+        write_atomic(out_dir / "config.yaml", yaml.safe_dump(meta["run_config"], sort_keys=False))
         print(f"resolved config of phase '{cfg['phase']}':\n" + yaml.safe_dump(meta["run_config"], sort_keys=False))
     dist.barrier()
     log = RunLog(cfg, rank)
@@ -936,10 +936,12 @@ def train(cfg, rank, world, device, stop):
                 log.print(f"step {step + 1}: non-finite loss {stats[0].item()} / grad norm {grad_norm}; step skipped "
                           f"({bad_in_row} in a row, {bad_total} in all)")
                 if bad_in_row >= cfg["max_bad_steps"]:
-                    found = list_checkpoints(out_dir)
-                    raise UserError(f"{bad_in_row} non-finite losses in a row (steps {step + 2 - bad_in_row}-"
-                                    f"{step + 1}); stopped without saving. Last good checkpoint: "
-                                    f"{found[-1][1] if found else 'none'}. Lower --lr or check the data, then --resume")
+                    # a checkpoint of step k is good when step k + 1's loss, computed from its weights, was finite
+                    first_bad = step + 2 - bad_in_row
+                    good = [path for s, path in list_checkpoints(out_dir) if s <= first_bad - 2]
+                    raise UserError(f"{bad_in_row} non-finite losses in a row (steps {first_bad}-{step + 1}); stopped "
+                                    f"without saving. Last good checkpoint: {good[-1] if good else 'none'}. Lower "
+                                    "--lr or check the data, then --resume it")
             scheduler.step()
             step += 1
             bar.update(1)

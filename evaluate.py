@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import SD_Model as M
-from sd_common import atomic_path, check_writable, pick_dtype, run_main
+from sd_common import atomic_path, check_writable, pick_dtype, run_main, write_atomic
 from SD_ImageGen import save_png
 from SD_ImageGen import main as imagegen_main
 
@@ -466,7 +466,7 @@ def check_settings(out, settings):
             raise M.UserError(f"'{out}' holds images made with other settings {changed} (old, new); "
                               f"pass another --out")
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2))
+    write_atomic(path, json.dumps(settings, indent=2))
 
 
 def generate_missing(pipe, prompts, folder, scale, args, resolution):
@@ -514,8 +514,8 @@ def fid_clip_rows(args, pipe, prompts, scales, resolution, inception, clip, ref)
 
 def write_results(out, rows, settings):
     """results.json (rows + settings), results.csv and results.md; returns the markdown table."""
-    (out / "results.json").write_text(json.dumps(dict(settings=settings, rows=rows), indent=2))
-    with open(out / "results.csv", "w", newline="") as f:
+    write_atomic(out / "results.json", json.dumps(dict(settings=settings, rows=rows), indent=2))
+    with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -525,7 +525,7 @@ def write_results(out, rows, settings):
         lines.append(f"| {r['guidance_scale']:g} | {r['images']} | {r['generated']} | {r['reused']} | {fid} | "
                      f"{r['clip_score']:.2f} |")
     table = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(table)
+    write_atomic(out / "results.md", table)
     return table
 
 

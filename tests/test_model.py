@@ -191,6 +191,12 @@ def test_weights_only_refuses_pickled_code(tmp_path):
     torch.save({"state_dict": Evil()}, tmp_path / "evil.ckpt")
     with pytest.raises(M.UserError, match="not a readable weights file"):
         M.load_unet(tmp_path / "evil.ckpt")
+    from tiny_models import save_tiny_clip
+    clip = save_tiny_clip(tmp_path / "clip")                 # a text encoder folder whose weights are such a .bin
+    (clip / "model.safetensors").unlink()
+    torch.save({"text_model.embeddings.position_ids": Evil()}, clip / "pytorch_model.bin")
+    with pytest.raises(M.UserError, match=r"holds pickled weights \(.bin\) that would run code .* refused"):
+        M.FrozenTextEncoder(clip)
 
 
 # --- model behaviour -------------------------------------------------------------------------------------

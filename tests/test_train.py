@@ -224,6 +224,12 @@ def test_flags_override_phases_with_type_checks(tmp_path):
 #                 Pure pieces against formulas and references                   #
 #################################################################################
 
+def test_adamw_is_fused_on_cuda_and_foreach_elsewhere():
+    opt = SD_Train.build_optimizer([torch.nn.Parameter(torch.zeros(3))], {"lr": 1e-3, "weight_decay": 0.01})
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    opt.step()                                       # the device has a kernel for what was chosen
+
+
 def test_lr_schedule_matches_the_formula():
     lr, warmup, total = 1e-3, 10, 50
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
@@ -529,6 +535,22 @@ def test_fsdp2_runs_validates_checkpoints_and_resumes(tiny):
     assert meta["resolution"] == RES                                             # what the samplers default to
     full = load_ckpt(ckpt(out, 6))
     assert all(torch.equal(state[k], v.half()) for k, v in full["ema"].items())
+    # validation used the EMA weights (gathered from the FSDP shards): its logged loss is the EMA's, not the live's
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import nullcontext
+    text = SD_Model.FrozenTextEncoder(tiny.clip)
+    val = sd_latents.open_source({"latents": str(tiny.a[0]), "captions": str(tiny.a[1])}, "validation", RES, 4,
+                                 text)[0]
+    val_mix = sd_latents.LatentMix([val], [1.0], 0, ThreadPoolExecutor(1))
+    val_cfg = {"val_samples": 64, "val_timesteps": [100, 300, 500, 700, 900], "val_prompts": []}
+
+    def val_loss(weights):
+        unet = SD_Model.build_unet("small", weights).eval()
+        return SD_Train.validate(unet, SD_Model.NoiseSchedule(), text, None, val_mix, val_cfg, torch.device("cpu"),
+                                 nullcontext, 6, out)[0]["val/loss"]
+    logged_val = float(re.search(r"validation at step 6: .*val/loss ([\d.]+)", (out / "train.log").read_text())[1])
+    assert val_loss(full["ema"]) == pytest.approx(logged_val, abs=1e-4)
+    assert abs(val_loss(full["unet"]) - logged_val) > 1e-3
     resumed = tiny.root / "fsdp_resumed"                                         # resume the step-3 checkpoint
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copy(ckpt(out, 3), ckpt(resumed, 3))
@@ -576,9 +598,9 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tiny):
     assert m, proc.stderr[-2000:]
     first_bad, last_bad = int(m.group(1)), int(m.group(2))
     assert last_bad == first_bad + 1 and first_bad >= 2                        # step 1 (at init) was finite
-    assert Path(m.group(3)) == ckpt(out, first_bad - 1)
     assert [s for s, _ in SD_Train.list_checkpoints(out)] == list(range(1, first_bad))
-    assert load_ckpt(ckpt(out, first_bad - 1))["progress"]["step"] == first_bad - 1
+    # the checkpoint of step first_bad - 1 holds the weights whose loss blew up (~1e30 after one update): not good
+    assert m.group(3) == (str(ckpt(out, first_bad - 2)) if first_bad >= 3 else "none")
 
 
 @pytest.mark.slow
