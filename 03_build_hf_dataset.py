@@ -8,7 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import sd_data
-from sd_common import UserError, atomic_folder, run_main
+from sd_common import UserError, atomic_folder, check_writable, run_main
 
 BUILD_INFO = "build_info.json"
 
@@ -17,6 +17,7 @@ def main(args):
     import datasets
     tars = [t for d in args.tars for t in sd_data.list_files(d, [".tar"], "tar")]
     out = Path(args.out)
+    check_writable(out.parent, "--out")                 # the output is built beside it, then swapped in
     inputs = {"tars": [[str(t), t.stat().st_size, t.stat().st_mtime_ns] for t in tars],
               "val_fraction": args.val_fraction, "min_image_size": args.min_image_size}
     info_path = out / BUILD_INFO

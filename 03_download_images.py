@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 import sd_data
-from sd_common import UserError, run_main
+from sd_common import UserError, check_writable, run_main
 
 # albumentations (imported by img2dataset) asks PyPI for a newer version on import; a downloader on a
 # cluster node should not phone home, and the tests must not touch the network.
@@ -38,7 +38,7 @@ def main(args):
         if needed not in columns:
             raise UserError(f"'{files[0]}' has no '{needed}' column; run 01/02 on it first")
     extra = [c for c in columns if c not in RESERVED]  # keep the LAION scores next to each image
-    out = Path(args.out)
+    out = check_writable(args.out, "--out")
     before = read_stats(out)
 
     from img2dataset import download

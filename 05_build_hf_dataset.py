@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import sd_data
-from sd_common import UserError, atomic_folder, run_main
+from sd_common import UserError, atomic_folder, check_writable, run_main
 
 BUILD_INFO = "build_info.json"
 
@@ -18,6 +18,7 @@ def main(args):
     import datasets
     batches = sd_data.list_files(args.batches, [".parquet"], "parquet batches")
     out = Path(args.out)
+    check_writable(out.parent, "--out")                 # the output is built beside it, then swapped in
     # resume: the same inputs and split give the same dataset, so there is nothing to redo
     inputs = {"batches": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in batches],
               "val_fraction": args.val_fraction}
