@@ -634,6 +634,12 @@ def test_sigterm_under_torchrun_checkpoints_the_step_and_resume_is_bitwise_exact
         assert proc.poll() is None and time.time() < deadline, output.read_text()[-3000:]
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGTERM)
+    time.sleep(0.2)
+    for pid in descendants(proc.pid):                # a second signal, straight to the ranks: changes nothing
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     assert proc.wait(timeout=120) != 0
     m = re.search(r"error: stopped by SIGTERM at step (\d+); checkpoint (\S+); continue with --resume auto",
                   output.read_text())
