@@ -35,7 +35,7 @@ def folders(root):
 
 def script_steps(args, d):
     """(title, argv) of each script run, in order: exactly what a user would type for this data set."""
-    py, res = sys.executable, str(args.resolution)
+    py, res, seed = sys.executable, str(args.resolution), str(args.seed)
     return [
         ("02 filter metadata", [py, "02_filter_metadata.py", "--meta", d.meta, "--out", d.filtered,
                                 "--preset", "phase1", "--min_width", res, "--min_height", res]),
@@ -47,22 +47,23 @@ def script_steps(args, d):
         ("05 caption dataset (train / validation)", [py, "05_build_hf_dataset.py", "--batches", d.tokens,
                                                      "--out", d.captions, "--val_fraction", "0.02"]),
         ("train the demo VAE", [py, "-m", "demo.train_vae", "--tars", d.tars, "--out", d.vae, "--resolution", res,
-                                "--steps", str(args.vae_steps)]),
+                                "--steps", str(args.vae_steps), "--seed", seed]),
         ("encode latents", [py, "encode_latents.py", "--tars", d.tars, "--out", d.latents, "--vae", d.vae,
                             "--resolution", res, "--device", "cpu", "--workers", "1", "--batch_size", "64",
                             "--min_image_size", res]),
         ("train the UNet (torchrun, gloo)", [py, "-m", "torch.distributed.run", "--standalone",
                                              "--nproc_per_node", str(args.nproc), "SD_Train.py", "--phase", "demo",
                                              "--resume", "auto", "--datasets", f"{d.latents}:{d.captions}",
-                                             "--text_encoder", d.clip, "--resolution", res, "--out_dir", d.run]),
+                                             "--text_encoder", d.clip, "--resolution", res, "--seed", seed,
+                                             "--out_dir", d.run]),
         ("sample the prompt grid", [py, "SD_ImageGen.py", "--ckpt", d.run / "ema_final.safetensors",
                                     "--prompts", d.samples / "prompts.txt", "--n", str(args.n), "--grid",
-                                    "--steps", str(args.steps), "--cfg", str(args.cfg), "--seed", "0",
+                                    "--steps", str(args.steps), "--cfg", str(args.cfg), "--seed", seed,
                                     "--device", "cpu", "--out", d.samples / "grid.png"]),
         ("evaluate.py: prompt-following score", [py, "evaluate.py", "--ckpt", d.run / "ema_final.safetensors",
                                                  "--shapes", "--shapes_seeds", str(args.n), "--steps", str(args.steps),
-                                                 "--guidance_scales", str(args.cfg), "--device", "cpu",
-                                                 "--out", d.eval]),
+                                                 "--guidance_scales", str(args.cfg), "--seed", seed,
+                                                 "--device", "cpu", "--out", d.eval]),
     ]
 
 
@@ -112,7 +113,8 @@ def main(args):
     print(f"\n=== the demo's CLIP text encoder\n{d.clip}")
     if not (d.clip / "config.json").exists():
         t = time.time()
-        save_tiny_clip(d.clip, hidden=64, layers=2, heads=2, words=shapes.WORDS)   # 64-d: the demo UNet's context
+        # 64-d: the demo UNet's context
+        save_tiny_clip(d.clip, hidden=64, layers=2, heads=2, words=shapes.WORDS, seed=args.seed)
         timings.append(("CLIP text encoder", time.time() - t))
     prompts_file = d.samples / "prompts.txt"
     prompts_file.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +135,9 @@ if __name__ == "__main__":
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--root", default="data/demo", help="folder for every input and output of the demo")
     parser.add_argument("--images", type=int, default=3000, help="generated images")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated data set")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of everything random: the data set, the CLIP and VAE inits, the UNet's training "
+                             "(init, order, noise) and the sampling noise of the grid and the score")
     parser.add_argument("--resolution", type=int, default=64, help="image side in pixels")
     parser.add_argument("--vae_steps", type=int, default=600, help="optimizer steps of the demo VAE")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
