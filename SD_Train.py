@@ -853,7 +853,7 @@ def train(cfg, rank, world, device, stop):
         raise UserError(f"phase '{cfg['phase']}' names no datasets; pass --datasets LATENTS:CAPTIONS or --synthetic N")
     show = rank == 0
     say = (lambda msg: print(msg, flush=True)) if show else (lambda msg: None)
-    out_dir = check_writable(cfg["out_dir"], "--out_dir") if show else Path(cfg["out_dir"])
+    out_dir = check_writable(cfg["out_dir"], "--out_dir")   # every rank checks, so all stop with the same line
 
     # Setup: where the run starts, the frozen text encoder and the data (every check before any GPU work).
     run = plan_run(cfg, world, device, say)
@@ -891,8 +891,7 @@ def train(cfg, rank, world, device, stop):
 
     # Model + EMA, optimizer, LR schedule, loss scaler; then the resume point.
     net = build_model(cfg, run, data, device, world)
-    if show:
-        check_disk(out_dir, sum(p.numel() for p in net.params))
+    check_disk(out_dir, sum(p.numel() for p in net.params))
     optimizer = build_optimizer(net.unet.parameters(), cfg)
     scheduler = build_lr_scheduler(optimizer, cfg["lr"], cfg["warmup_steps"], data.total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
