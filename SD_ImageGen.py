@@ -50,7 +50,8 @@ def run(args, device):
         fmt, dst = args.export
         res = args.height or pipe.meta.get("resolution", 512)
         M.export_pipeline(dst, fmt, pipe.unet.state_dict(), pipe.unet.config, pipe.vae, pipe.text_encoder,
-                          pipe.schedule, sample_size=res // pipe.vae.factor, dtype=pick_dtype(device, args.export_dtype))
+                          pipe.schedule, sample_size=res // pipe.vae.factor,
+                          dtype=pick_dtype(device, args.export_dtype))
         print(f"exported {args.weights} weights of {args.ckpt} as {fmt} to {dst}")
         return [Path(dst)]
 

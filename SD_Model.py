@@ -452,7 +452,8 @@ class NoiseSchedule:
             betas = torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)],
                                  dtype=torch.float32)
         else:
-            raise UserError(f"unknown beta_schedule '{self.beta_schedule}'; choose one of {self.CHOICES['beta_schedule']}")
+            raise UserError(f"unknown beta_schedule '{self.beta_schedule}'; choose one of "
+                            f"{self.CHOICES['beta_schedule']}")
         if self.prediction_type not in self.CHOICES["prediction_type"]:
             raise UserError(f"unknown prediction_type '{self.prediction_type}'; choose one of "
                             f"{self.CHOICES['prediction_type']}")
