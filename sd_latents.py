@@ -39,10 +39,11 @@ def latent_path(root, key):
 
 def write_latent(root, key, latent):
     """Save one fp16 latent atomically. No fsync: millions of 32 KB files, and the rename alone already keeps a
-    killed process from leaving a part behind."""
+    killed process from leaving a part behind. `shared`: a key in shards of two encode_latents ranks is written by
+    both, each through its own temp name."""
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(latent, dtype=np.float16))
-    write_atomic(latent_path(root, key), buf.getvalue(), fsync=False)
+    write_atomic(latent_path(root, key), buf.getvalue(), fsync=False, shared=True)
 
 
 def read_latent(root, key, shape=None):
