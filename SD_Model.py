@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import pickle
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -693,12 +694,14 @@ class FrozenVAE:
     """diffusers' AutoencoderKL, frozen. encode = posterior mean x scaling factor (the seed uses the mean,
     not a sample); decode divides it back. The scaling factor is read from the VAE's own config."""
 
-    def __init__(self, name_or_path=DEFAULT_VAE, device="cpu", dtype=None):
-        from diffusers import AutoencoderKL
+    def __init__(self, name_or_path=DEFAULT_VAE, device="cpu", dtype=None, model=None):
         self.name = str(name_or_path)
         self.dtype = dtype or pick_dtype(torch.device(device), gpu="bf16")
-        self.vae = _from_pretrained(AutoencoderKL, self.name, "VAE", "--vae", "vae", torch_dtype=self.dtype)
-        self.vae.to(device=device).eval().requires_grad_(False)
+        if model is None:                # else a VAE already built (a single file's own, see single_file_parts)
+            from diffusers import AutoencoderKL
+            model = _from_pretrained(AutoencoderKL, self.name, "VAE", "--vae", "vae", torch_dtype=self.dtype)
+        # .type, not .to(dtype): diffusers' ModelMixin.to warns on every dtype cast, whatever the model
+        self.vae = model.to(device=device).type(self.dtype).eval().requires_grad_(False)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         # One 2x downsample per level but the last: 8 for SD's 4-level VAE, 4 for the demo's 3-level one.
         self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -733,12 +736,15 @@ class FrozenTextEncoder:
     layer='penultimate' is SD2's OpenCLIP-H context (the second-to-last block, then the final LayerNorm).
     HF conversions of SD2's encoder already dropped the last block and use 'last'."""
 
-    def __init__(self, name_or_path=DEFAULT_TEXT_ENCODER["sd1"], device="cpu", dtype=None, layer="last"):
-        from transformers import CLIPTextModel
+    def __init__(self, name_or_path=DEFAULT_TEXT_ENCODER["sd1"], device="cpu", dtype=None, layer="last", model=None,
+                 tokenizer=None):
         self.name = str(name_or_path)
         self.layer = layer
-        self.tokenizer = load_tokenizer(self.name)
-        self.model = _from_pretrained(CLIPTextModel, self.name, "text encoder", "--text_encoder", "text_encoder")
+        self.tokenizer = tokenizer or load_tokenizer(self.name)
+        if model is None:                # else one already built (a single file's own, see single_file_parts)
+            from transformers import CLIPTextModel
+            model = _from_pretrained(CLIPTextModel, self.name, "text encoder", "--text_encoder", "text_encoder")
+        self.model = model
         self.dtype = dtype or torch.float32
         self.model.to(device=device, dtype=self.dtype).eval().requires_grad_(False)
         self.device = torch.device(device)
@@ -1066,14 +1072,15 @@ def read_unet_state(path, prefer_ema=True):
         orig = {k[len(ORIGINAL_PREFIX):]: v for k, v in sd.items() if k.startswith(ORIGINAL_PREFIX)}
         if prefer_ema and len(flat_ema) > 100:     # EMA copy stored with dots removed: model_ema.diffusion_modelX
             orig = {k: flat_ema.get("model_ema.diffusion_model" + k.replace(".", ""), v) for k, v in orig.items()}
-        # Our own original-layout exports keep their exact config (head counts included) in the metadata.
-        cfg = unet_config(json.loads(metadata["meta"])["model_config"]) if "meta" in metadata \
-            else infer_config_from_original(orig)
+        # Our own original-layout exports keep their exact config (head counts included) and the rest of their
+        # meta (schedule, scaling factor, the parts' configs) in the metadata.
+        meta = json.loads(metadata["meta"]) if "meta" in metadata else {}
+        cfg = unet_config(meta["model_config"]) if meta else infer_config_from_original(orig)
         inverse = {v: k for k, v in original_key_map(cfg).items()}
         unexpected = sorted(set(orig) - set(inverse))
         if unexpected:
             raise UserError(f"'{path}': original-layout keys this UNet config does not have: {unexpected[:8]}")
-        return {inverse[k]: v for k, v in orig.items()}, cfg, {"model_config": asdict(cfg), "source": "original"}
+        return {inverse[k]: v for k, v in orig.items()}, cfg, dict(meta, model_config=asdict(cfg), source="original")
     raise UserError(f"'{path}' is not a UNet checkpoint this project knows (ours, a diffusers folder, or an "
                     "original single file with model.diffusion_model.* keys)")
 
@@ -1162,22 +1169,66 @@ def _vae_original_key_map(vae_cfg):
 _VAE_ATTN_TO_ORIGINAL = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
 
 
-def vae_to_original(vae_sd, vae_cfg):
-    """diffusers AutoencoderKL weights -> original `first_stage_model.*` keys (attention linears as 1x1 convs)."""
+def vae_original_keys(vae_sd, vae_cfg):
+    """{diffusers AutoencoderKL key: original `first_stage_model.*` key} for every key of vae_sd."""
     prefixes = _vae_original_key_map(vae_cfg)
     out = {}
-    for k, v in vae_sd.items():
+    for k in vae_sd:
         p = max((p for p in prefixes if k.startswith(p)), key=len, default="")
         new = prefixes.get(p, "") + k[len(p):]
         if ".mid.attn_1." in new:
             head, rest = new.split(".mid.attn_1.")
             rest = next((o + rest[len(d):] for d, o in _VAE_ATTN_TO_ORIGINAL.items() if rest.startswith(d)), rest)
             new = f"{head}.mid.attn_1.{rest}"
-            if v.dim() == 2:
-                v = v[:, :, None, None]
-        new = new.replace("conv_shortcut", "nin_shortcut")
-        out["first_stage_model." + new] = v
+        out[k] = "first_stage_model." + new.replace("conv_shortcut", "nin_shortcut")
     return out
+
+
+def vae_to_original(vae_sd, vae_cfg):
+    """diffusers AutoencoderKL weights -> original layout (the attention linears stored as 1x1 convs)."""
+    keys = vae_original_keys(vae_sd, vae_cfg)
+    return {keys[k]: v[:, :, None, None] if ".attn_1." in keys[k] and v.dim() == 2 else v for k, v in vae_sd.items()}
+
+
+def text_encoder_original_key(k):
+    """A CLIPTextModel key -> its original `cond_stage_model.transformer.text_model.*` key (transformers >= 5
+    dropped the text_model. level that the original layout keeps)."""
+    return "cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k)
+
+
+def tokenizer_files(tokenizer):
+    """{file name: text} of everything a tokenizer folder needs (tokenizer.json, vocab.json, merges.txt, its
+    config): a single file carries them in its metadata, so it needs no tokenizer from elsewhere."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        save_bpe_files(tokenizer, tmp)
+        return {f.name: f.read_text(encoding="utf-8") for f in Path(tmp).iterdir() if f.is_file()}
+
+
+def single_file_parts(path, meta, device, dtype):
+    """(FrozenVAE, FrozenTextEncoder) from the weights inside one of our single files, built from the configs
+    and tokenizer its metadata carries (export_pipeline writes them): no --vae / --text_encoder needed."""
+    from diffusers import AutoencoderKL
+    from safetensors import safe_open
+    from transformers import CLIPTextConfig, CLIPTextModel
+    vae = AutoencoderKL.from_config(meta["vae_config"])
+    te = CLIPTextModel(CLIPTextConfig.from_dict(meta["text_encoder_config"]))
+    with safe_open(str(path), framework="pt") as f:
+        for model, keys in ((vae, vae_original_keys(vae.state_dict(), vae.config)),
+                            (te, {k: text_encoder_original_key(k) for k in te.state_dict()})):
+            own, stored = model.state_dict(), set(f.keys())
+            missing = [o for o in keys.values() if o not in stored]
+            if missing:
+                raise UserError(f"'{path}' lacks {len(missing)} weights of its own VAE / text encoder {missing[:3]}; "
+                                "pass --vae and --text_encoder")
+            model.load_state_dict({k: f.get_tensor(o).reshape(own[k].shape) for k, o in keys.items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in meta["tokenizer_files"].items():
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+        tokenizer = load_tokenizer(tmp)
+    name = f"{path} (its own)"
+    return (FrozenVAE(name, device, dtype, model=vae),
+            FrozenTextEncoder(name, device, dtype, layer=meta.get("text_layer", "last"), model=te, tokenizer=tokenizer))
 
 
 def save_bpe_files(tokenizer, folder):
@@ -1187,6 +1238,16 @@ def save_bpe_files(tokenizer, folder):
     merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
     (Path(folder) / "vocab.json").write_text(json.dumps(bpe["vocab"], ensure_ascii=False))
     (Path(folder) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def single_file_state(unet_sd, unet_cfg, vae_model, text_model, dtype):
+    """The original layout's one state dict: model.diffusion_model.* (UNet), first_stage_model.* (VAE),
+    cond_stage_model.transformer.text_model.* (CLIP text), every tensor in `dtype`."""
+    key_map = original_key_map(unet_cfg)
+    sd = {ORIGINAL_PREFIX + key_map[k]: v.to(dtype) for k, v in clean_state_dict(unet_sd).items()}
+    sd.update({k: v.to(dtype) for k, v in vae_to_original(vae_model.state_dict(), vae_model.config).items()})
+    sd.update({text_encoder_original_key(k): v.to(dtype) for k, v in text_model.state_dict().items()})
+    return sd
 
 
 def export_pipeline(dst, fmt, unet_sd, unet_cfg, vae, text_encoder, schedule, sample_size=64, dtype=torch.float16):
@@ -1201,7 +1262,7 @@ def export_pipeline(dst, fmt, unet_sd, unet_cfg, vae, text_encoder, schedule, sa
             raise UserError(f"'{dst}' exists and is not a pipeline folder this export would replace; pick a new one")
         with atomic_folder(dst) as tmp:              # built beside, then swapped in: never half a pipeline
             save_unet(unet_sd, unet_cfg, tmp / "unet", "diffusers", sample_size=sample_size)
-            copy.deepcopy(vae.vae).to(dtype).save_pretrained(tmp / "vae")   # copies: the live parts keep their dtype
+            copy.deepcopy(vae.vae).type(dtype).save_pretrained(tmp / "vae")   # copies: the live parts keep their dtype
             copy.deepcopy(text_encoder.model).to(dtype).save_pretrained(tmp / "text_encoder")
             # transformers 5 loads a model in the dtype its config names, diffusers loads UNet and VAE in fp32
             # unless told: the config says fp32 (the weights stay `dtype`), so a plain from_pretrained(DIR) gives
@@ -1224,14 +1285,13 @@ def export_pipeline(dst, fmt, unet_sd, unet_cfg, vae, text_encoder, schedule, sa
         if text_encoder.layer != "last":
             raise UserError("single-file export of a penultimate-layer (OpenCLIP) text encoder is not supported; "
                             "use --export diffusers")
-        key_map = original_key_map(unet_cfg)
-        sd = {ORIGINAL_PREFIX + key_map[k]: v for k, v in unet_sd.items()}
-        sd.update({k: v.to(dtype) for k, v in vae_to_original(vae.vae.state_dict(), vae.vae.config).items()})
-        for k, v in text_encoder.model.state_dict().items():  # transformers >= 5 dropped the text_model. level
-            k = k if k.startswith("text_model.") else "text_model." + k
-            sd["cond_stage_model.transformer." + k] = v.to(dtype)
-        meta = {"model_config": asdict(unet_cfg), "scaling_factor": vae.scaling_factor,
-                "schedule": schedule.to_dict()}
+        sd = single_file_state(unet_sd, unet_cfg, vae.vae, text_encoder.model, dtype)
+        # Beside the weights, what rebuilds the VAE and text encoder around them (single_file_parts): their
+        # configs and the tokenizer, so the file alone samples (a few MB of metadata on GBs of weights).
+        meta = dict(checkpoint_meta(unet_cfg, schedule, vae.name, vae.scaling_factor, text_encoder.name, "last",
+                                    sample_size * vae.factor),
+                    vae_config=dict(vae.vae.config), tokenizer_files=tokenizer_files(text_encoder.tokenizer),
+                    text_encoder_config=json.loads(text_encoder.model.config.to_json_string()))
         with atomic_path(dst) as tmp:
             save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
     else:
@@ -1294,13 +1354,17 @@ def load_pipeline(ckpt, device="cpu", dtype=torch.float32, weights="ema", vae=No
                     ("beta_end", "beta_end"), ("beta_schedule", "beta_schedule"), ("prediction_type", "prediction_type"),
                     ("zero_terminal_snr", "rescale_betas_zero_snr")] if d in sc}
         spacing, offset = sc.get("timestep_spacing", "leading"), sc.get("steps_offset", 1)
+    own_parts = "tokenizer_files" in meta and not (vae or text_encoder)    # one of our single files
     vae = vae or meta.get("vae")
     text_encoder = text_encoder or meta.get("text_encoder")
-    if not vae or not text_encoder:
+    if not (vae and text_encoder or own_parts):
         raise UserError(f"'{ckpt}' does not say which VAE / text encoder it was trained with; pass --vae and --text_encoder")
     unet = build_unet(cfg, sd, source=f"'{ckpt}'").to(device=device, dtype=dtype).eval()
-    te = FrozenTextEncoder(text_encoder, device, dtype, layer=text_layer or meta.get("text_layer", "last"))
-    frozen_vae = FrozenVAE(vae, device, dtype)
+    if own_parts:
+        frozen_vae, te = single_file_parts(ckpt, meta, device, dtype)
+    else:
+        te = FrozenTextEncoder(text_encoder, device, dtype, layer=text_layer or meta.get("text_layer", "last"))
+        frozen_vae = FrozenVAE(vae, device, dtype)
     if pipeline_folder:   # diffusers records the latent size: the image size is that x the VAE's own factor
         sample_size = json.loads((ckpt / "unet" / "config.json").read_text())["sample_size"]
         meta = dict(meta, resolution=sample_size * frozen_vae.factor)

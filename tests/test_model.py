@@ -81,6 +81,33 @@ def test_original_export_matches_diffusers_converter(tmp_path, sd2):
     assert all(torch.equal(converted[k], expected[k]) for k in expected)
 
 
+def test_full_size_single_file_is_read_as_sd1_by_diffusers_and_the_uis():
+    """The key names and shapes of a full-size SD1 single-file export (built on the meta device: no memory), read
+    the way the tools that load such files tell SD1 from SD2: diffusers' infer_diffusers_model_type, AUTOMATIC1111's
+    guess_model_config_from_state_dict (no OpenCLIP key, 4 input channels -> v1) and ComfyUI's UNet detection
+    (context width from attn2.to_k, conv proj_in)."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    from transformers import CLIPTextConfig, CLIPTextModel
+    with torch.device("meta"):
+        unet = M.UNet(M.unet_config("sd1"))
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                            num_attention_heads=12, max_position_embeddings=77))
+    sd = M.single_file_state(unet.state_dict(), unet.config, vae, clip, torch.float16)
+    assert infer_diffusers_model_type(sd) == "v1"
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" not in sd          # A1111: not v2
+    assert sd["model.diffusion_model.input_blocks.0.0.weight"].shape[1] == 4                        # not inpainting
+    assert sd["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"].shape == (49408, 768)
+    assert sd["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape == (320, 768)
+    assert sd["model.diffusion_model.input_blocks.1.1.proj_in.weight"].dim() == 4                   # conv proj: SD1
+    assert sd["first_stage_model.decoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)           # 1x1 convs
+    # as many UNet and VAE keys as SD 1.x's released files hold (686 and 248)
+    assert sum(k.startswith(M.ORIGINAL_PREFIX) for k in sd) == 686
+    assert sum(k.startswith("first_stage_model.") for k in sd) == 248
+
+
 @pytest.mark.parametrize("sd2", [False, True], ids=["sd1-topology", "sd2-topology"])
 def test_parity_from_foreign_original_single_file(tmp_path, sd2):
     """A single file without our metadata (as CompVis/Stability ship them): the config is inferred from the

@@ -15,7 +15,7 @@ from PIL import Image
 
 import SD_ImageGen
 import SD_Model as M
-from conftest import ROOT
+from conftest import ROOT, diffusers_draw
 from sd_common import run_main
 from tiny_models import save_tiny_clip, save_tiny_vae
 
@@ -45,16 +45,8 @@ def tiny_pipeline(tmp_path_factory):
 
 @functools.lru_cache(maxsize=None)
 def diffusers_image(folder, prompt=PROMPT, negative=NEGATIVE, seed=SEED, single_file=None):
-    from diffusers import StableDiffusionPipeline
-    if single_file:
-        pipe = StableDiffusionPipeline.from_single_file(single_file, config=str(folder), local_files_only=True,
-                                                        safety_checker=None, requires_safety_checker=False)
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(prompt, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=CFG, height=64,
-               width=64, generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
-    return (out.images[0] * 255).round().astype(np.float64)
+    return diffusers_draw(folder, prompt, negative=negative, steps=STEPS, guidance_scale=CFG, seed=seed, size=64,
+                          single_file=single_file)
 
 
 def imagegen_argv(tmp_path, ckpt, *extra, out="img.png"):
