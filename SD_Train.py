@@ -45,7 +45,8 @@ from SD_Model import (DEFAULT_TEXT_ENCODER, DEFAULT_VAE, LOSS_WEIGHTINGS, Frozen
                       NoiseSchedule, Pipeline, build_unet, checkpoint_meta, configure_cuda_backends, generate,
                       make_grid, peak_tflops, read_training_checkpoint, read_unet_state, save_unet, unet_config)
 from sd_common import UserError, atomic_path, check_writable, pick_device, pick_dtype, run_main, write_atomic
-from sd_latents import LatentMix, epoch_order, open_source, prefetch, step_batches, synthetic_source
+from sd_data import BUCKET_LATENT_MULTIPLE, aspect_buckets
+from sd_latents import LatentMix, open_source, prefetch, step_batches, synthetic_source
 
 REPO = Path(__file__).resolve().parent
 PHASES_FILE = REPO / "configs" / "phases.yaml"
@@ -143,6 +144,9 @@ OPTIONS = {
     "synthetic": (_int, 0, "train on N random latents and captions of the configured shape instead (smoke runs, "
                            "benchmarks on machines without data)"),
     "resolution": (_int, 512, "image resolution the latents were encoded at; a dataset that differs is refused"),
+    "buckets": (_bool, False, "aspect-ratio buckets: train on latents of encode_latents.py --buckets (square folders "
+                              "join as one bucket), every optimizer step from one bucket on all ranks; off: square "
+                              "latents only, as SD"),
     "epoch_samples": (_int, 0, "samples per epoch drawn from the mix (0 -> the datasets' total size)"),
     "latent_fraction": (_float, 1.0, "share of each dataset's latents loaded into RAM at start; the rest are read "
                                      "from disk batch by batch"),
@@ -448,7 +452,8 @@ def find_resume(cfg, say):
 RUN_IDENTITY = ("seed", "datasets", "synthetic", "epoch_samples", "resolution", "cfg_dropout", "num_train_timesteps",
                 "noise_offset", "beta_start", "beta_end", "beta_schedule", "prediction_type", "zero_terminal_snr",
                 "loss_weighting", "min_snr_gamma", "ema_decay", "grad_clip", "lr", "warmup_steps", "weight_decay",
-                "epochs", "batch_size", "grad_accum", "model", "text_encoder", "text_layer", "precision", "world_size")
+                "epochs", "batch_size", "grad_accum", "model", "text_encoder", "text_layer", "precision", "world_size",
+                "buckets")
 
 
 def check_same_run(path, meta, cfg, world, data_fingerprint=None):
@@ -470,36 +475,46 @@ def check_same_run(path, meta, cfg, world, data_fingerprint=None):
 #################################################################################
 
 @torch.no_grad()
-def validate(ema_unet, schedule, text, vae, val_mix, cfg, device, amp, step, out_dir):
-    """EMA weights on rank 0: the validation loss at fixed timesteps and noise on held-out latents, and the
-    prompt grid sampled with DDIM + CFG (negative prompt as the unconditional branch, no x0 clamp) as a PNG."""
+def validate(ema_unet, schedule, text, vae, val_mix, cfg, device, amp, step, out_dir, sizes=None):
+    """EMA weights on rank 0: the validation loss at fixed timesteps and noise on held-out latents (one forward
+    per aspect bucket), and the prompt grid sampled with DDIM + CFG (negative prompt as the unconditional branch,
+    no x0 clamp) at each (width, height) of `sizes` (default: the square resolution), stacked into one PNG."""
     metrics = {}
     if val_mix is not None:
         per_source = -(-cfg["val_samples"] // len(val_mix.sources))             # the first ones of each dataset
         rows = np.concatenate([np.stack([np.full(min(n, per_source), s), np.arange(min(n, per_source))], 1)
                                for s, n in enumerate(val_mix.sizes)])[:cfg["val_samples"]]
-        latents, ids = val_mix.read(rows)
-        x0 = latents.to(device).float()
-        context = text.encode_ids(ids.to(device))
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
+        buckets = val_mix.bucket_of(rows)
+        batches = []
+        for b in np.unique(buckets):
+            latents, ids = val_mix.read(rows[buckets == b])
+            x0 = latents.to(device).float()
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
+            batches.append((x0, text.encode_ids(ids.to(device)), noise))
         losses = []
         for t in cfg["val_timesteps"]:
-            tt = torch.full((len(x0),), t, device=device, dtype=torch.long)
-            with amp():
-                per_sample, _ = diffusion_loss(ema_unet, schedule, x0, context, tt, noise)
-            metrics[f"val/loss_t{t}"] = per_sample.mean().item()
+            per_sample = []
+            for x0, context, noise in batches:
+                tt = torch.full((len(x0),), t, device=device, dtype=torch.long)
+                with amp():
+                    per_sample.append(diffusion_loss(ema_unet, schedule, x0, context, tt, noise)[0])
+            metrics[f"val/loss_t{t}"] = torch.cat(per_sample).mean().item()
             losses.append(metrics[f"val/loss_t{t}"])
         metrics["val/loss"] = sum(losses) / len(losses)
     image_path = None
     if cfg["val_prompts"] and vae is not None:
         # The same sampler, seeds and CFG as SD_ImageGen.py, so a grid shows what the exported EMA will draw.
-        res = cfg["resolution"]
-        with amp():
-            images = generate(Pipeline(ema_unet, text, vae, schedule), cfg["val_prompts"], cfg["negative_prompt"],
-                              cfg["val_ddim_steps"], cfg["val_cfg_scale"], seed=0, height=res, width=res)
+        grids = []
+        for width, height in sizes or [(cfg["resolution"], cfg["resolution"])]:
+            with amp():
+                images = generate(Pipeline(ema_unet, text, vae, schedule), cfg["val_prompts"], cfg["negative_prompt"],
+                                  cfg["val_ddim_steps"], cfg["val_cfg_scale"], seed=0, height=height, width=width)
+            grids.append(make_grid(images, cols=min(4, len(images))))
+        width = max(g.shape[1] for g in grids)                                   # one PNG: grids one under another
         image_path = Path(out_dir) / "samples" / f"step_{step:08d}.png"
         with atomic_path(image_path) as tmp:
-            Image.fromarray(make_grid(images, cols=min(4, len(images)))).save(tmp, format="PNG")
+            Image.fromarray(np.concatenate([np.pad(g, ((0, 0), (0, width - g.shape[1]), (0, 0))) for g in grids])
+                            ).save(tmp, format="PNG")
     return metrics, image_path
 
 
@@ -695,21 +710,26 @@ def open_data(cfg, run, text, show):
     """The phase's training and validation latents (or synthetic ones), checked against each other, the text
     encoder and the start weights: every check that can fail runs here, before any GPU work."""
     pool = ThreadPoolExecutor(cfg["loader_threads"])
+    res, channels = cfg["resolution"], run.model_cfg.in_channels
     if cfg["synthetic"]:                             # latents of SD's VAE (8x down): no VAE needed to make them
-        shape = (run.model_cfg.in_channels, cfg["resolution"] // 8, cfg["resolution"] // 8)
-        sources = [synthetic_source(cfg["synthetic"], shape, text, cfg["seed"], "synthetic")]
-        val_sources = [synthetic_source(max(cfg["val_samples"], 1), shape, text, cfg["seed"] + 1, "synthetic-val")]
+        sizes = aspect_buckets(res, 8 * BUCKET_LATENT_MULTIPLE) if cfg["buckets"] else [(res, res)]
+        shapes = [(channels, h // 8, w // 8) for w, h in sizes]
+        sources = [synthetic_source(cfg["synthetic"], shapes, sizes, text, cfg["seed"], "synthetic")]
+        val_sources = [synthetic_source(max(cfg["val_samples"], 1), shapes, sizes, text, cfg["seed"] + 1,
+                                        "synthetic-val")]
         ratios, vae_id, scaling_factor = [1.0], cfg["vae"] or DEFAULT_VAE, run.init_meta.get("scaling_factor")
     else:
         sources, val_sources = [], []
         for spec in cfg["datasets"]:
-            source, dropped = open_source(spec, "train", cfg["resolution"], run.model_cfg.in_channels, text)
+            source, dropped = open_source(spec, "train", res, channels, text, cfg["buckets"])
             sources.append(source)
             if show and dropped:
                 print(f"note: {dropped} captions in '{spec['captions']}' have no latent in '{spec['latents']}'; skipped")
+            if show and cfg["buckets"] and "buckets" not in source.info:
+                print(f"note: '{spec['latents']}' holds square latents (encoded without --buckets): its "
+                      f"{len(source):,} samples train as the {res}x{res} bucket")
             try:
-                val_sources.append(open_source(spec, "validation", cfg["resolution"], run.model_cfg.in_channels,
-                                               text)[0])
+                val_sources.append(open_source(spec, "validation", res, channels, text, cfg["buckets"])[0])
             except UserError as e:
                 if show:
                     print(f"note: no validation latents from '{spec['latents']}' ({e})")
@@ -728,19 +748,40 @@ def open_data(cfg, run, text, show):
     if None not in (init_sf, scaling_factor) and init_sf != scaling_factor:
         raise UserError(f"--init weights were trained on latents x {init_sf} ('{run.init_meta.get('vae')}'), these "
                         f"datasets are x {scaling_factor} ('{vae_id}')")
-    mix = LatentMix(sources, ratios, cfg["epoch_samples"], pool)
-    steps_per_epoch = len(mix) // run.G              # from the loader, after grad accumulation (the seed's bug)
+    mix = LatentMix(sources, ratios, cfg["epoch_samples"], pool, cfg["buckets"])
+    steps_per_epoch = mix.steps_per_epoch(run.G)     # from the loader, after grad accumulation (the seed's bug)
     if steps_per_epoch == 0:
         raise UserError(f"an epoch of {len(mix)} samples is less than one optimizer step of {run.G} samples "
-                        f"(batch_size {run.B} x grad_accum {run.A} x {run.world} GPUs)")
-    val_mix = LatentMix(val_sources, [1.0] * len(val_sources), 0, pool) if val_sources else None
+                        f"(batch_size {run.B} x grad_accum {run.A} x {run.world} GPUs)" +
+                        (" in any one aspect bucket" if cfg["buckets"] else ""))
+    if show and cfg["buckets"]:
+        counts = mix.bucket_counts().sum(0)
+        print(f"aspect buckets: {len(mix.shapes)} | " + ", ".join(
+            f"{'x'.join(map(str, mix.pixels[sh]))} {c:,}" for sh, c in zip(mix.shapes, counts)) + " samples/epoch | "
+            f"{int((counts % run.G).sum()):,} left over after whole steps of {run.G}, dropped each epoch")
+    val_mix = LatentMix(val_sources, [1.0] * len(val_sources), 0, pool, cfg["buckets"]) if val_sources else None
     fingerprint = hashlib.sha256()                   # the sample keys of every dataset: a resume needs the same
     for s in sources + val_sources:
         fingerprint.update(f"{s.name}:{len(s)}\n".encode() + "\n".join(s.keys or []).encode())
-    return SimpleNamespace(mix=mix, val_mix=val_mix, pool=pool, shape=sources[0].latent_shape, vae_id=vae_id,
+    return SimpleNamespace(mix=mix, val_mix=val_mix, pool=pool, shape=max(mix.shapes, key=math.prod), vae_id=vae_id,
                            scaling_factor=scaling_factor, steps_per_epoch=steps_per_epoch,
                            total_steps=cfg["epochs"] * steps_per_epoch, sources=sources + val_sources,
-                           fingerprint=fingerprint.hexdigest()[:16])
+                           fingerprint=fingerprint.hexdigest()[:16], grid_sizes=grid_sizes(mix))
+
+
+def grid_sizes(mix):
+    """(width, height) of the validation grids: the square one, or with buckets the training data's most common
+    landscape and portrait buckets (either one alone when the data has no other)."""
+    if not mix.bucketed:
+        return [mix.pixels[mix.shapes[0]]]
+    counts = mix.bucket_counts().sum(0)
+    sizes = [mix.pixels[sh] for sh in mix.shapes]
+    found = []
+    for wide in (True, False):
+        ranked = [(c, size) for c, size in zip(counts, sizes) if c and (size[0] > size[1]) == wide and
+                  size[0] != size[1]]
+        found += [max(ranked)[1]] if ranked else []
+    return found or [sizes[int(counts.argmax())]]
 
 
 def build_model(cfg, run, data, device, world):
@@ -754,7 +795,13 @@ def build_model(cfg, run, data, device, world):
     flops = flops_per_sample(unet, data.shape, (run.tokens, run.model_cfg.context_dim), device, run.amp()) \
         if device.type == "cuda" else None
     if cfg["compile"]:
-        unet.compile()                               # in place: parameter names stay clean
+        if cfg["buckets"]:
+            # One static graph per aspect bucket (dynamic=False: the kernels a fixed shape gets; the compile cost per
+            # bucket is in bench/buckets.py). Dynamo's default limit of 8 graphs per function would run every bucket
+            # past the 8th uncompiled, with only a warning.
+            from torch._dynamo import config as dynamo
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(data.mix.shapes))
+        unet.compile(dynamic=False if cfg["buckets"] else None)   # in place: parameter names stay clean
     if cfg["fsdp"]:
         from torch.distributed.fsdp import fully_shard
         for m in unet.modules():                     # shard per block, then the rest at the root
@@ -840,7 +887,7 @@ def validate_ema(net, run, data, text, vae, schedule, cfg, step, out_dir, log, r
         with torch.random.fork_rng(devices=[]):      # building the EMA UNet draws init weights: keep the run's RNG
             ema_unet = build_unet(run.model_cfg, full).to(run.device).eval()
         metrics, image = validate(ema_unet, schedule, text, vae, data.val_mix, cfg, run.device, run.amp, step,
-                                  out_dir)
+                                  out_dir, data.grid_sizes)
         log.print(f"validation at step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
                   (f" | grid {image}" if image else ""))
         log.metrics(metrics, step, image)
@@ -922,7 +969,7 @@ def train(cfg, rank, world, device, stop):
         window.load(progress["window"])
     bad_in_row = 0
     while epoch < cfg["epochs"] and step < max_steps:
-        order = epoch_order(data.mix.sizes, data.mix.ratios, data.mix.epoch_samples, cfg["seed"], epoch)
+        order = data.mix.epoch_order(cfg["seed"], epoch, run.G)
         batches = step_batches(data.mix, order, first_step, cfg, world, rank, epoch, cfg["num_train_timesteps"],
                                pin=device.type == "cuda")
         for p, micro in prefetch(batches):

@@ -11,6 +11,7 @@ import hashlib
 import http.server
 import io
 import json
+import math
 import re
 import tarfile
 import threading
@@ -217,18 +218,23 @@ def _decode_pil(data):
     return np.ascontiguousarray(rgb[:, :, ::-1])  # BGR, like cv2, for the shared conversion below
 
 
-def resize_center_crop(img, size):
-    """(H, W, 3) uint8 -> (size, size, 3): shorter side to `size` (INTER_AREA when shrinking, which
-    avoids aliasing; bicubic when enlarging), then the centre square."""
+def resize_cover_crop(img, width, height):
+    """(H, W, 3) uint8 -> (height, width, 3): scaled to just cover width x height (INTER_AREA when shrinking,
+    which avoids aliasing; bicubic when enlarging), then its centre."""
     import cv2
     h, w = img.shape[:2]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    scale = max(width / w, height / h)
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
     if (nh, nw) != (h, w):
         interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
         img = cv2.resize(img, (nw, nh), interpolation=interp)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return np.ascontiguousarray(img[top:top + size, left:left + size])
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return np.ascontiguousarray(img[top:top + height, left:left + width])
+
+
+def resize_center_crop(img, size):
+    """(H, W, 3) uint8 -> (size, size, 3): shorter side to `size`, then the centre square."""
+    return resize_cover_crop(img, size, size)
 
 
 def crop_square(img, center, side):
@@ -244,6 +250,14 @@ def crop_square(img, center, side):
 def load_image_square(data, size, min_size=64, max_pixels=MAX_PIXELS):
     """Encoded bytes -> (size, size, 3) uint8 RGB, the one preprocessing used before the VAE."""
     return resize_center_crop(decode_image(data, min_size, max_pixels), size)
+
+
+def load_image_bucket(data, buckets, min_size=64, max_pixels=MAX_PIXELS):
+    """Encoded bytes -> (index of its aspect bucket, (h, w, 3) uint8 RGB at that bucket's size): the
+    preprocessing before the VAE when aspect-ratio bucketing is on."""
+    img = decode_image(data, min_size, max_pixels)
+    b = nearest_bucket(img.shape[1], img.shape[0], buckets)
+    return b, resize_cover_crop(img, *buckets[b])
 
 
 def encode_jpeg(img, quality=95):
@@ -281,6 +295,52 @@ def write_square_shard(samples, dst, size, quality=95, min_size=64, counts=None)
 def images_to_tensor(batch):
     """(N, H, W, 3) uint8 tensor -> (N, 3, H, W) float in [-1, 1], the VAE's input range."""
     return batch.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+#################################################################################
+#                             Aspect-Ratio Buckets                              #
+#################################################################################
+
+# Aspect-ratio bucketing (NovelAI 2022; SDXL, Podell et al. 2023): instead of centre-cropping every image to a
+# square, train each batch on one of a few fixed sizes of about the same area, the one nearest the image's shape.
+# Sides are a multiple of 8 latent pixels (64 px with SD's 8x VAE), as SD's UNet wants for its 3 halvings.
+BUCKET_LATENT_MULTIPLE = 8
+MAX_BUCKET_ASPECT = 2.0       # 1:2 to 2:1; a longer image is cropped to 2:1
+MIN_BUCKET_AREA = 0.75        # of base^2: below it a bucket trains at visibly lower resolution than the square
+
+
+def aspect_buckets(base, multiple, max_aspect=MAX_BUCKET_ASPECT, min_area=MIN_BUCKET_AREA):
+    """The (width, height) buckets of a base resolution, sorted by aspect (portrait first): sides multiples of
+    `multiple`, area from min_area x base^2 up to base^2, aspect within 1/max_aspect..max_aspect, and for each
+    aspect only the largest such size. At base 512, multiple 64: 13 buckets from 320x640 to 640x320."""
+    if base < 1 or multiple < 1:
+        raise UserError(f"bucket base {base} and multiple {multiple} must be positive")
+    sides = range(multiple, int(base * max_aspect ** 0.5) + multiple, multiple)
+    best = {}
+    for w in sides:
+        for h in sides:
+            if min_area * base * base <= w * h <= base * base and 1 / max_aspect <= w / h <= max_aspect:
+                aspect = w / h                              # equal ratios give equal floats (exact rounding)
+                if w * h > best.get(aspect, (0, 0))[0] * best.get(aspect, (0, 0))[1]:
+                    best[aspect] = (w, h)
+    if not best:
+        raise UserError(f"no {multiple}-px multiple sizes fit a base of {base} px (area {min_area:g}-1 x "
+                        f"{base}^2, aspect 1:{max_aspect:g} to {max_aspect:g}:1); raise the base resolution")
+    return [best[a] for a in sorted(best)]
+
+
+def nearest_bucket(width, height, buckets):
+    """Index of the bucket whose aspect is nearest width / height (in log ratio, so 2:1 and 1:2 are equally far
+    from 1:1); a tie goes to the larger bucket, then to the first."""
+    r = math.log(width / height)
+    return min(range(len(buckets)), key=lambda i: (round(abs(math.log(buckets[i][0] / buckets[i][1]) - r), 12),
+                                                   -buckets[i][0] * buckets[i][1], i))   # round: log(2/3) != -log(3/2)
+
+
+def area_kept(width, height, bucket_width, bucket_height):
+    """Share of an image's area that survives resize-to-cover and centre crop into a bucket (1 = no crop)."""
+    r, b = width / height, bucket_width / bucket_height
+    return min(r / b, b / r)
 
 
 #################################################################################

@@ -5,11 +5,16 @@ mixes several datasets by ratio and hands each rank its micro-batches with every
                                     "count"}
     OUT/latents/<key[:5]>/<key>.npy float16 latent_shape (4, res/f, res/f for a VAE downsampling f), already
                                     x scaling_factor
+  aspect-bucketed (encode_latents.py --buckets), instead of "latent_shape":
+    OUT/latent_info.json           "buckets": [[width, height] px, ...] (sd_data.aspect_buckets of the resolution),
+                                    "latent_shapes": [[4, height/f, width/f], ...], "bucket_counts"
+    OUT/buckets/part-<rank>.tsv    "key<TAB>bucket index" lines, appended once a batch's latents are written
     CAPTIONS/ (05_build_hf_dataset.py) a DatasetDict ("train", "validation") of (image_key, caption,
                                     input_ids[tokenizer.model_max_length]) saved with save_to_disk
 
-Reads top to bottom: the files (write / read one latent, latent_info.json, captions) -> a source (one latent
-folder + its captions, partly in RAM) -> the epoch order (mix ratios, shards, per-sample randomness) -> batches.
+Reads top to bottom: the files (write / read one latent, latent_info.json, bucket records, captions) -> a source
+(one latent folder + its captions, partly in RAM) -> the epoch order (mix ratios, aspect buckets, shards,
+per-sample randomness) -> batches.
 """
 import io
 import json
@@ -81,6 +86,32 @@ def write_latent_info(root, info):
     write_atomic(Path(root) / LATENT_INFO, json.dumps(info, indent=2) + "\n", shared=True)   # every rank writes it
 
 
+def bucket_records_path(root, rank):
+    return Path(root) / "buckets" / f"part-{rank:05d}.tsv"
+
+
+def append_bucket_records(root, rank, keys, buckets):
+    """Record each key's aspect bucket: one append per batch, after its latents are written, so a recorded key
+    always has its latent (a key whose latent was written but not recorded is encoded again)."""
+    path = bucket_records_path(root, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab+") as f:
+        end = f.seek(0, os.SEEK_END)
+        cut = end > 0 and f.seek(end - 1) >= 0 and f.read(1) != b"\n"          # a line a kill cut short: end it
+        f.write((b"\n" if cut else b"") + "".join(f"{k}\t{b}\n" for k, b in zip(keys, buckets)).encode())
+
+
+def read_bucket_records(root):
+    """{key: bucket index} from every rank's records; lines a kill cut short are ignored."""
+    out = {}
+    for path in sorted((Path(root) / "buckets").glob("part-*.tsv")):
+        for line in path.read_text().split("\n")[:-1]:   # the last piece is '' or a cut line
+            fields = line.split("\t")
+            if len(fields) == 2 and fields[1].isdigit():
+                out[fields[0]] = int(fields[1])
+    return out
+
+
 def open_captions(root, split):
     """The (image_key, caption, input_ids) split written by 05_build_hf_dataset.py."""
     import datasets
@@ -97,54 +128,75 @@ def open_captions(root, split):
 #################################################################################
 
 class LatentSource:
-    """One latent folder with its caption split, as arrays: keys, token ids (n, 77) and, for the first
-    `latent_fraction` of the samples, the latents in RAM (the others are read from disk batch by batch)."""
+    """One latent folder with its caption split, as arrays: keys, token ids (n, 77), each sample's aspect bucket
+    (an index into `shapes`, the latent shape of each bucket, and `sizes`, its (width, height) in pixels; a square
+    folder has one bucket) and, for the first `latent_fraction` of the samples, the latents in RAM, one array per
+    bucket (the others are read from disk batch by batch)."""
 
-    def __init__(self, name, root, keys, ids, latent_shape, info, ram=None):
+    def __init__(self, name, root, keys, ids, shapes, info, sizes, bucket=None, ram=None):
         self.name, self.root, self.keys, self.ids, self.info = name, root, keys, ids, info
-        self.latent_shape = tuple(latent_shape)
-        self.ram = ram if ram is not None else np.empty((0, *self.latent_shape), np.float16)
+        self.shapes, self.sizes = [tuple(s) for s in shapes], [tuple(s) for s in sizes]
+        self.bucket = np.zeros(len(ids), np.int64) if bucket is None else np.asarray(bucket, np.int64)
+        self.slot = np.empty(len(ids), np.int64)                    # position of a sample within its bucket
+        for b in range(len(self.shapes)):
+            members = np.flatnonzero(self.bucket == b)
+            self.slot[members] = np.arange(len(members))
+        self.ram = ram if ram is not None else [np.empty((0, *s), np.float16) for s in self.shapes]
+        self.n_ram = len(self) if ram is not None else 0            # samples [0, n_ram) are in RAM
 
     def __len__(self):
         return len(self.ids)
 
     def read_one(self, i):
-        return read_latent(self.root, self.keys[i], self.latent_shape)
+        return read_latent(self.root, self.keys[i], self.shapes[self.bucket[i]])
 
     def load_into_ram(self, fraction, pool, show):
         n = round(fraction * len(self))
-        self.ram = np.empty((n, *self.latent_shape), np.float16)
+        self.ram = [np.empty((int((self.bucket[:n] == b).sum()), *s), np.float16) for b, s in enumerate(self.shapes)]
 
         def read(i):
-            self.ram[i] = self.read_one(i)
+            self.ram[self.bucket[i]][self.slot[i]] = self.read_one(i)
         list(tqdm(pool.map(read, range(n)), total=n, disable=not show or n == 0, desc=f"loading {self.name}",
                   unit="latent", mininterval=2))
+        self.n_ram = n
 
     def read(self, idx, pool):
-        """Latents of sample indices `idx` as (len(idx), 4, h, w) float16."""
-        out = np.empty((len(idx), *self.latent_shape), np.float16)
-        in_ram = idx < len(self.ram)
-        out[in_ram] = self.ram[idx[in_ram]]
+        """Latents of sample indices `idx`, all of one bucket, as (len(idx), 4, h, w) float16."""
+        b = self.bucket[idx[0]] if len(idx) else 0
+        out = np.empty((len(idx), *self.shapes[b]), np.float16)
+        in_ram = idx < self.n_ram
+        out[in_ram] = self.ram[b][self.slot[idx[in_ram]]]
         disk = np.flatnonzero(~in_ram)
         for j, x in zip(disk, pool.map(self.read_one, idx[disk])):
             out[j] = x
         return out
 
 
-def open_source(spec, split, resolution, in_channels, text):
-    """A LatentSource for one `datasets` entry, or a clear error for every way it can fail to fit."""
+def open_source(spec, split, resolution, in_channels, text, buckets=False):
+    """A LatentSource for one `datasets` entry, or a clear error for every way it can fail to fit. `buckets`:
+    aspect-bucketed folders are welcome (a square one is then a single bucket); without it they are refused."""
     import pyarrow.compute as pc
     root, captions = Path(spec["latents"]), Path(spec["captions"])
     info = load_latent_info(root)
     if info.get("resolution") != resolution:
         raise UserError(f"latents in '{root}' were encoded at {info.get('resolution')} px but this phase trains at "
                         f"{resolution} px; encode them at {resolution} or set --resolution")
-    shape = list(info.get("latent_shape", []))
-    # square latents of in_channels whose side divides the resolution (by the VAE's factor: SD's 8, the demo's 4)
-    if len(shape) != 3 or shape[0] != in_channels or shape[1] != shape[2] or resolution % shape[1] or \
-            info.get("dtype") != "float16":
-        raise UserError(f"latent_info.json of '{root}' says {info.get('dtype')}{shape}; this UNet trains on "
-                        f"float16[{in_channels}, {resolution}/f, {resolution}/f] (f: the VAE's downsampling)")
+    if "buckets" in info:
+        if not buckets:
+            raise UserError(f"'{root}' holds aspect-bucketed latents ({len(info['buckets'])} sizes, encode_latents.py "
+                            "--buckets); train on them with --buckets true, or encode square latents without --buckets")
+        shapes, sizes = info.get("latent_shapes", []), info["buckets"]
+    else:
+        shapes, sizes = [info.get("latent_shape", [])], [[resolution, resolution]]
+        # square latents whose side divides the resolution (by the VAE's factor: SD's 8, the demo's 4)
+        if len(shapes[0]) != 3 or shapes[0][1] != shapes[0][2] or resolution % shapes[0][1]:
+            raise UserError(f"latent_info.json of '{root}' says latent_shape {shapes[0]}; square latents at "
+                            f"{resolution} px are [{in_channels}, {resolution}/f, {resolution}/f] (f: the VAE's "
+                            "downsampling)")
+    if not shapes or len(shapes) != len(sizes) or info.get("dtype") != "float16" or \
+            any(len(sh) != 3 or sh[0] != in_channels for sh in shapes):
+        raise UserError(f"latent_info.json of '{root}' says {info.get('dtype')}{shapes}; this UNet trains on "
+                        f"float16 latents of {in_channels} channels")
     ds = open_captions(captions, split)
     missing = {"image_key", "input_ids"} - set(ds.column_names)
     if missing:
@@ -171,22 +223,28 @@ def open_source(spec, split, resolution, in_channels, text):
                             f"they were tokenized for another text encoder: rerun 04_preprocess_to_cache.py with "
                             f"--tokenizer {text.name} and 05_build_hf_dataset.py")
     have = existing_latent_keys(root)
-    keep = [i for i, k in enumerate(keys) if k in have]
+    records = read_bucket_records(root) if "buckets" in info else dict.fromkeys(have, 0)
+    keep = [i for i, k in enumerate(keys) if k in have and k in records]   # a key without a record: not finished
     if not keep:
         raise UserError(f"none of the {len(keys)} '{split}' captions in '{captions}' has a latent in '{root}'; "
                         "encode the same image keys with encode_latents.py")
+    bucket = np.array([records[keys[i]] for i in keep], np.int64)
+    if bucket.max() >= len(shapes):
+        raise UserError(f"'{root}/buckets' names bucket {bucket.max()}, but latent_info.json lists {len(shapes)}")
     source = LatentSource(f"{root.name}:{split}", root, [keys[i] for i in keep], ids[keep].astype(np.int64),
-                          shape, info)
+                          shapes, info, sizes, bucket)
     source.read_one(0)                               # the first file must match latent_info.json too
     return source, len(keys) - len(keep)
 
 
-def synthetic_source(n, shape, text, seed, name):
-    """n random latents and short captions: the data contract without data."""
+def synthetic_source(n, shapes, sizes, text, seed, name):
+    """n random latents and short captions: the data contract without data. Sample i is in bucket i mod the
+    number of `shapes` (latent shapes; `sizes` their pixel sizes)."""
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn((n, *shape), generator=g).half().numpy()
+    bucket = np.arange(n) % len(shapes)
+    ram = [torch.randn((int((bucket == b).sum()), *s), generator=g).half().numpy() for b, s in enumerate(shapes)]
     ids = text.tokenize([f"a photo of synthetic sample {i}" for i in range(n)]).numpy().astype(np.int64)
-    return LatentSource(name, None, None, ids, shape, {}, ram=latents)
+    return LatentSource(name, None, None, ids, shapes, {}, sizes, bucket, ram=ram)
 
 
 def mix_counts(sizes, ratios, epoch_samples):
@@ -209,6 +267,44 @@ def epoch_order(sizes, ratios, epoch_samples, seed, epoch):
         parts.append(torch.stack([torch.full_like(idx, s), idx], 1))
     order = torch.cat(parts)
     return order[torch.randperm(len(order), generator=g)].numpy()
+
+
+def bucket_counts(bucket_sizes, ratios, epoch_samples):
+    """(S, K) samples that source s gives aspect bucket k each epoch: its ratio share of the epoch (mix_counts),
+    split over its buckets in proportion to their sizes (largest remainder). The same every epoch, so an epoch
+    has the same number of steps; a full pass over a source takes every sample of every bucket once."""
+    bucket_sizes = np.asarray(bucket_sizes, np.int64)                              # (S, K)
+    counts = np.zeros_like(bucket_sizes)
+    for s, c in enumerate(mix_counts(bucket_sizes.sum(1), ratios, epoch_samples)):
+        if c:
+            counts[s] = mix_counts(bucket_sizes[s], bucket_sizes[s], c)
+    return counts
+
+
+def bucket_epoch_order(buckets, ratios, epoch_samples, step_samples, seed, epoch):
+    """The epoch's samples as (n, 2) [source, index] rows, in whole optimizer steps of `step_samples` (batch x
+    accumulation x ranks) that each hold one aspect bucket: so at every step every rank and micro-batch has one
+    latent shape. `buckets[s]` is the bucket of each sample of source s. Each (source, bucket) gives its
+    bucket_counts share from reshuffled passes over itself; each bucket's samples are shuffled together and cut
+    into steps, and the steps of all buckets are shuffled. A bucket's last len % step_samples samples are
+    dropped for this epoch (a different few each epoch, as the bucket is reshuffled). Seeded by (seed, epoch)."""
+    K = 1 + max(int(b.max()) for b in buckets)
+    counts = bucket_counts([np.bincount(b, minlength=K) for b in buckets], ratios, epoch_samples)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    steps = []
+    for k in range(K):
+        parts = []
+        for s, b in enumerate(buckets):
+            members, c = np.flatnonzero(b == k), int(counts[s, k])
+            if c:
+                passes = torch.cat([torch.randperm(len(members), generator=g) for _ in range(-(-c // len(members)))])
+                parts.append(np.stack([np.full(c, s), members[passes[:c].numpy()]], 1))
+        if parts:
+            rows = np.concatenate(parts)
+            rows = rows[torch.randperm(len(rows), generator=g).numpy()]
+            steps.append(rows[:len(rows) // step_samples * step_samples].reshape(-1, step_samples, 2))
+    steps = np.concatenate(steps) if steps else np.zeros((0, step_samples, 2), np.int64)
+    return steps[torch.randperm(len(steps), generator=g).numpy()].reshape(-1, 2)
 
 
 def micro_slice(step_in_epoch, micro, rank, batch_size, grad_accum, world):
@@ -238,18 +334,51 @@ def sample_randomness(seed, epoch, positions, shape, num_timesteps, cfg_dropout,
 
 
 class LatentMix:
-    """All sources of a phase: reads batches of (source, index) rows from RAM or disk."""
+    """All sources of a phase: the epoch order, and batches of (source, index) rows read from RAM or disk.
+    `bucketed`: steps of one aspect bucket each (bucket_epoch_order); the buckets are the sources' latent shapes,
+    so a square folder joins the bucket of its shape."""
 
-    def __init__(self, sources, ratios, epoch_samples, pool):
+    def __init__(self, sources, ratios, epoch_samples, pool, bucketed=False):
         self.sources, self.ratios, self.epoch_samples, self.pool = sources, ratios, epoch_samples, pool
-        self.sizes = [len(s) for s in sources]
+        self.sizes, self.bucketed = [len(s) for s in sources], bucketed
+        self.shapes = sorted({shape for s in sources for shape in s.shapes})           # the mix's buckets
+        self.pixels = {shape: size for s in sources for shape, size in zip(s.shapes, s.sizes)}
+        self.buckets = [np.array([self.shapes.index(shape) for shape in s.shapes])[s.bucket] for s in sources]
 
     def __len__(self):
         return self.epoch_samples or sum(self.sizes)
 
+    def bucket_counts(self):
+        """(S, K) samples each source gives each bucket per epoch."""
+        return bucket_counts([np.bincount(b, minlength=len(self.shapes)) for b in self.buckets], self.ratios,
+                             self.epoch_samples)
+
+    def steps_per_epoch(self, step_samples):
+        """Optimizer steps of `step_samples` per epoch (each bucket's leftover < one step is dropped)."""
+        if self.bucketed:
+            return int((self.bucket_counts().sum(0) // step_samples).sum())
+        return len(self) // step_samples
+
+    def epoch_order(self, seed, epoch, step_samples):
+        if self.bucketed:
+            return bucket_epoch_order(self.buckets, self.ratios, self.epoch_samples, step_samples, seed, epoch)
+        return epoch_order(self.sizes, self.ratios, self.epoch_samples, seed, epoch)
+
+    def bucket_of(self, rows):
+        """The bucket (index into self.shapes) of each [source, index] row."""
+        out = np.empty(len(rows), np.int64)
+        for s, b in enumerate(self.buckets):
+            at = rows[:, 0] == s
+            out[at] = b[rows[at, 1]]
+        return out
+
     def read(self, rows):
-        """(latents (N, 4, h, w) float16, token ids (N, 77) int64) of `rows` [(source, index)], in order."""
-        latents = np.empty((len(rows), *self.sources[0].latent_shape), np.float16)
+        """(latents (N, 4, h, w) float16, token ids (N, 77) int64) of `rows` [(source, index)] of one bucket, in
+        order."""
+        shape = set(self.bucket_of(rows).tolist())
+        if len(shape) != 1:
+            raise ValueError(f"a batch must hold one aspect bucket, these rows span {sorted(shape)}")
+        latents = np.empty((len(rows), *self.shapes[shape.pop()]), np.float16)
         ids = np.empty((len(rows), self.sources[0].ids.shape[1]), np.int64)
         for s, source in enumerate(self.sources):
             at = np.flatnonzero(rows[:, 0] == s)

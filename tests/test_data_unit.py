@@ -64,6 +64,61 @@ def test_resize_center_crop_matches_pil(w, h):
     assert np.abs(out.astype(np.float32) - ref).mean() < 2.0
 
 
+def test_resize_cover_crop_to_a_non_square_bucket_matches_pil():
+    """A 4:3 image into 576x384 (3:2): scaled to cover (width 576, height 432), then the centre 384 rows."""
+    img = natural_image(400, 300, 5)
+    out = sd_data.resize_cover_crop(img, 576, 384)
+    ref = np.asarray(Image.fromarray(img).resize((576, 432), Image.BICUBIC).crop((0, 24, 576, 408)), np.float32)
+    assert out.shape == (384, 576, 3) and np.abs(out.astype(np.float32) - ref).mean() < 2.0
+
+
+#################################################################################
+#                             Aspect-Ratio Buckets                              #
+#################################################################################
+
+def test_aspect_buckets_at_512_the_demo_and_too_small_a_base():
+    buckets = sd_data.aspect_buckets(512, 64)
+    assert buckets == [(320, 640), (384, 640), (384, 576), (384, 512), (448, 576), (448, 512), (512, 512),
+                       (512, 448), (576, 448), (512, 384), (576, 384), (640, 384), (640, 320)]
+    ratios = [w / h for w, h in buckets]
+    assert ratios == sorted(ratios) and len(set(ratios)) == len(ratios)              # one size per aspect
+    assert all(w % 64 == h % 64 == 0 and 0.75 * 512 ** 2 <= w * h <= 512 ** 2 and 0.5 <= w / h <= 2
+               for w, h in buckets)
+    assert sd_data.aspect_buckets(80, 32) == [(64, 96), (96, 64)]                   # the bucketed demo's (VAE 4x)
+    assert sd_data.aspect_buckets(64, 64) == [(64, 64)]
+    with pytest.raises(sd_data.UserError, match="no 64-px multiple sizes fit a base of 40 px"):
+        sd_data.aspect_buckets(40, 64)
+
+
+# (width, height) of an image -> its bucket at 512 and the share of its area the crop keeps
+@pytest.mark.parametrize("w,h,bucket,kept", [
+    (512, 512, (512, 512), 1.0), (1024, 768, (512, 384), 1.0), (600, 400, (576, 384), 1.0),
+    (768, 1024, (384, 512), 1.0), (400, 600, (384, 576), 1.0), (1920, 1080, (640, 384), 0.9375),
+    (1080, 1920, (384, 640), 0.9375), (1250, 1000, (576, 448), 0.9722), (2000, 1000, (640, 320), 1.0),
+    (3000, 1000, (640, 320), 0.6667), (1000, 3000, (320, 640), 0.6667), (1060, 1000, (512, 512), 0.9434)])
+def test_nearest_bucket_and_the_area_its_crop_keeps(w, h, bucket, kept):
+    buckets = sd_data.aspect_buckets(512, 64)
+    b = buckets[sd_data.nearest_bucket(w, h, buckets)]
+    assert b == bucket and sd_data.area_kept(w, h, *b) == pytest.approx(kept, abs=1e-4)
+    assert sd_data.area_kept(w, h, 512, 512) == pytest.approx(min(w, h) / max(w, h))  # the centre crop's share
+    img = sd_data.load_image_bucket(good_jpeg(0, w // 8, h // 8), buckets, min_size=1)
+    assert buckets[img[0]] == bucket and img[1].shape == (bucket[1], bucket[0], 3)
+
+
+def test_nearest_bucket_ties_go_to_the_larger_then_the_first():
+    assert sd_data.nearest_bucket(64, 64, [(64, 96), (96, 64)]) == 0                 # 1:1 between 2:3 and 3:2
+    assert sd_data.nearest_bucket(64, 64, [(32, 32), (64, 64)]) == 1
+
+
+def test_bucket_records_survive_a_cut_line(tmp_path):
+    sd_latents.append_bucket_records(tmp_path, 0, ["a", "b"], [3, 0])
+    with open(sd_latents.bucket_records_path(tmp_path, 0), "a") as f:
+        f.write("c\t")                                       # a kill in the middle of the next append
+    sd_latents.append_bucket_records(tmp_path, 0, ["d"], [1])
+    sd_latents.append_bucket_records(tmp_path, 1, ["e"], [2])
+    assert sd_latents.read_bucket_records(tmp_path) == {"a": 3, "b": 0, "d": 1, "e": 2}
+
+
 def test_images_to_tensor_range():
     import torch
     batch = torch.tensor([[[[0, 255, 128]]]], dtype=torch.uint8)  # (1, 1, 1, 3)

@@ -334,6 +334,68 @@ def test_epoch_order_mixes_by_ratio_and_shards_consistently():
         assert sorted(many) == list(sd_latents.micro_slice(step, 0, 0, 8, 1, 1))
 
 
+def random_buckets(sizes, n_buckets, seed):
+    """Each source's samples spread unevenly over the buckets, as real aspect ratios are."""
+    rng = np.random.default_rng(seed)
+    return [rng.choice(n_buckets, n, p=np.arange(1, n_buckets + 1) / sum(range(1, n_buckets + 1))) for n in sizes]
+
+
+@pytest.mark.parametrize("epoch_samples,ratios", [(0, [300, 97]), (500, [0.75, 0.25])])
+def test_bucket_order_one_bucket_per_step_on_every_rank_each_sample_once(epoch_samples, ratios):
+    """Sources of 300 and 97 samples over 5 buckets, one pass over each or 500 samples mixed 3:1: every optimizer
+    step holds one bucket on every rank and micro-batch for world sizes 1, 2 and 4; a full pass takes each sample
+    once, dropping only each bucket's leftover (< one step); the mix ratio holds; the steps per epoch are fixed."""
+    sizes, B, A = [300, 97], 3, 2
+    buckets = random_buckets(sizes, 5, seed=0)
+    counts = sd_latents.bucket_counts([np.bincount(b, minlength=5) for b in buckets], ratios, epoch_samples)
+    assert counts.sum() == (epoch_samples or 397) and list(counts.sum(1)) == \
+        list(sd_latents.mix_counts(sizes, ratios, epoch_samples))
+    for world in (1, 2, 4):
+        G = B * A * world
+        orders = [sd_latents.bucket_epoch_order(buckets, ratios, epoch_samples, G, seed=5, epoch=e) for e in (0, 1)]
+        for order in orders:
+            of = np.array([buckets[s][i] for s, i in order])
+            assert len(order) == (counts.sum(0) // G * G).sum()                   # whole steps; per bucket < G dropped
+            for k in range(5):
+                assert (of == k).sum() == counts[:, k].sum() // G * G
+            for p in range(len(order) // G):
+                seen = {int(of[i]) for a in range(A) for r in range(world)
+                        for i in sd_latents.micro_slice(p, a, r, B, A, world)}
+                assert len(seen) == 1, (world, p, seen)
+            if not epoch_samples:                                                   # one pass: each sample once
+                assert len({(s, i) for s, i in order}) == len(order)
+            for s in range(2):                                                      # the ratio, up to the leftovers
+                assert abs((order[:, 0] == s).sum() - counts[s].sum()) <= (counts.sum(0) % G).sum()
+        assert not np.array_equal(*orders)                                          # reshuffled every epoch
+        assert np.array_equal(orders[0], sd_latents.bucket_epoch_order(buckets, ratios, epoch_samples, G, 5, 0))
+
+
+def test_bucketed_batches_have_one_shape_per_step_on_both_ranks_and_resume_exactly():
+    """The real step_batches over a LatentMix of bucketed synthetic latents and a square source (the latter joins
+    the bucket of its shape): per step, both ranks' micro-batches have one latent shape; a resume from step 3 of the
+    epoch yields exactly what the uninterrupted epoch yields from there."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Text:                                                                  # synthetic_source's only need
+        def tokenize(self, texts):
+            return torch.zeros((len(texts), 77), dtype=torch.long)
+    shapes, sizes = [(4, 8, 8), (4, 6, 10), (4, 10, 6)], [(64, 64), (80, 48), (48, 80)]
+    sources = [sd_latents.synthetic_source(40, shapes, sizes, Text(), 0, "bucketed"),
+               sd_latents.synthetic_source(9, shapes[:1], sizes[:1], Text(), 1, "square")]
+    mix = sd_latents.LatentMix(sources, [0.8, 0.2], 0, ThreadPoolExecutor(1), bucketed=True)
+    assert mix.shapes == sorted(shapes) and [list(b) for b in mix.buckets[1:]] == [[1] * 9]
+    cfg = {"batch_size": 2, "grad_accum": 2, "seed": 0, "cfg_dropout": 0.1, "noise_offset": 0.0}
+    order = mix.epoch_order(0, 0, 8)
+    assert len(order) == 8 * mix.steps_per_epoch(8) == 32                         # 49 samples: 4 whole steps of 8
+    ranks = [list(sd_latents.step_batches(mix, order, 0, cfg, 2, r, 0, 1000, pin=False)) for r in (0, 1)]
+    for (p0, micro0), (p1, micro1) in zip(*ranks):
+        assert p0 == p1 and len({tuple(mb["latents"].shape[1:]) for mb in micro0 + micro1}) == 1
+        assert all(mb["noise"].shape == mb["latents"].shape for mb in micro0 + micro1)
+    resumed = list(sd_latents.step_batches(mix, order, 3, cfg, 2, 1, 0, 1000, pin=False))
+    assert [p for p, _ in resumed] == [3] and all(torch.equal(a[k], b[k]) for a, b in zip(resumed[0][1], ranks[1][3][1])
+                                                  for k in a)
+
+
 #################################################################################
 #                      Bad inputs: clear errors before compute                  #
 #################################################################################
