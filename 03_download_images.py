@@ -1,4 +1,5 @@
-"""Download the filtered LAION images with img2dataset into resized, centre-cropped webdataset tar shards."""
+"""Download the filtered LAION images with img2dataset into resized, centre-cropped webdataset tar shards (with
+--buckets: resized with their aspect kept, for encode_latents.py --buckets)."""
 import argparse
 import json
 import os
@@ -38,6 +39,12 @@ def main(args):
         if needed not in columns:
             raise UserError(f"'{files[0]}' has no '{needed}' column; run 01/02 on it first")
     extra = [c for c in columns if c not in RESERVED]  # keep the LAION scores next to each image
+    # With buckets the aspect is kept: img2dataset's keep_ratio scales the shorter side to --image_size (the base
+    # resolution), so every bucket of that base (shorter side <= base) is covered without upscaling.
+    resize_mode = args.resize_mode or ("keep_ratio" if args.buckets else "center_crop")
+    if args.buckets and resize_mode != "keep_ratio":
+        raise UserError(f"--buckets keeps each image's aspect (resize_mode keep_ratio); --resize_mode {resize_mode} "
+                        "would not: drop one of the two")
     out = check_writable(args.out, "--out")
     before = read_stats(out)
 
@@ -45,7 +52,7 @@ def main(args):
     download(
         url_list=str(args.meta), input_format="parquet", url_col="url", caption_col="caption",
         save_additional_columns=extra, output_folder=str(out), output_format="webdataset",
-        image_size=args.image_size, resize_mode=args.resize_mode, resize_only_if_bigger=False,
+        image_size=args.image_size, resize_mode=resize_mode, resize_only_if_bigger=False,
         encode_format="jpg", encode_quality=args.jpeg_quality,
         processes_count=args.processes, thread_count=args.threads,
         number_sample_per_shard=args.shard_size, timeout=args.timeout, retries=args.retries,
@@ -74,9 +81,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--meta", default="data/laion_filtered", help="input folder of filtered parquet (from 02)")
     parser.add_argument("--out", default="data/laion_tars", help="output folder of webdataset tar shards")
-    parser.add_argument("--image_size", type=int, default=512, help="output side in pixels")
-    parser.add_argument("--resize_mode", default="center_crop", choices=["center_crop", "keep_ratio", "border", "no"],
-                        help="img2dataset resize mode; center_crop matches encode_latents' square crop")
+    parser.add_argument("--image_size", type=int, default=512,
+                        help="output side in pixels (with --buckets: the shorter side; use the base resolution)")
+    parser.add_argument("--buckets", action="store_true",
+                        help="keep each image's aspect (resize_mode keep_ratio) for aspect-ratio buckets: "
+                             "encode_latents.py --buckets fits it to its bucket")
+    parser.add_argument("--resize_mode", default=None, choices=["center_crop", "keep_ratio", "border", "no"],
+                        help="img2dataset resize mode (default: center_crop, which matches encode_latents' square "
+                             "crop; keep_ratio with --buckets)")
     parser.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality of the stored images")
     parser.add_argument("--processes", type=int, default=os.cpu_count(), help="download processes")
     parser.add_argument("--threads", type=int, default=64, help="download threads per process")

@@ -3,10 +3,12 @@
 The seed's 4-stage pipeline, each stage overlapping the next through bounded queues:
   1. shard prefetch   (thread)     read the next tar files into memory ahead of use
   2. tar extract      (thread)     split them into samples, drop keys already encoded, send chunks to ...
-  3. decode + resize  (processes)  cv2 decode, shorter side to --resolution, centre crop (sd_data)
-     then batching    (thread)     stack into uint8 batches, pinned for an async copy when on CUDA
+  3. decode + resize  (processes)  cv2 decode, shorter side to --resolution, centre crop (sd_data); with
+                                   --buckets, resize to cover the nearest aspect bucket and centre crop
+     then batching    (thread)     stack into uint8 batches of one size, pinned for an async copy on CUDA
   4. VAE encode       (main)       posterior mean x scaling factor (bf16 on CUDA), then a writer
-                                   thread saves each latent as fp16 .npy atomically.
+                                   thread saves each latent as fp16 .npy atomically (and, with --buckets,
+                                   records each key's bucket).
 """
 import argparse
 import multiprocessing as mp
@@ -29,14 +31,16 @@ from sd_common import UserError, check_writable, pick_device, pick_dtype, run_ma
 DONE = object()  # end-of-stream marker passed down the queues
 
 
-def decode_chunk(items, resolution, min_size):
-    """Worker-process job: [(key, bytes)] -> ([(key, (res, res, 3) uint8)], Counter of skip reasons)."""
+def decode_chunk(items, resolution, min_size, buckets=None):
+    """Worker-process job: [(key, bytes)] -> ([(key, bucket, (h, w, 3) uint8)], Counter of skip reasons); without
+    `buckets` every image is the (res, res) square, bucket 0."""
     import cv2
     cv2.setNumThreads(1)  # one image per process at a time; cv2's own threads would oversubscribe
     ok, skipped = [], Counter()
     for key, data in items:
         try:
-            ok.append((key, sd_data.load_image_square(data, resolution, min_size)))
+            ok.append((key, *(sd_data.load_image_bucket(data, buckets, min_size) if buckets else
+                              (0, sd_data.load_image_square(data, resolution, min_size)))))
         except sd_data.BadSample as e:
             skipped[f"skipped: {e}"] += 1
         except Exception as e:  # a codec crash on one odd file must not end a multi-day run
@@ -105,6 +109,9 @@ def run_pipeline(args, tars, done_keys, encode, on_batch):
                 return
         put(shard_q, DONE, stop)
 
+    def decode_job(chunk):
+        return pool.apply_async(decode_chunk, (chunk, args.resolution, args.min_image_size, args.bucket_sizes))
+
     def extract():
         local = Counter()
         while (item := get(shard_q, stop)) is not DONE:
@@ -121,35 +128,35 @@ def run_pipeline(args, tars, done_keys, encode, on_batch):
                 except sd_data.BadSample as e:
                     local[f"skipped: {e}"] += 1
                 if len(chunk) == args.chunk_size:
-                    if not put(chunk_q, pool.apply_async(decode_chunk, (chunk, args.resolution, args.min_image_size)), stop):
+                    if not put(chunk_q, decode_job(chunk), stop):
                         return
                     chunk = []
-            if chunk and not put(chunk_q, pool.apply_async(decode_chunk, (chunk, args.resolution, args.min_image_size)), stop):
+            if chunk and not put(chunk_q, decode_job(chunk), stop):
                 return
             count(local)
             local.clear()
         put(chunk_q, DONE, stop)
 
     def batcher():
-        keys, imgs = [], []
+        pending = {}                                  # bucket -> (keys, images): a batch holds one image size
 
-        def emit():
-            batch = torch.from_numpy(np.stack(imgs))  # (B, res, res, 3) uint8
-            return put(batch_q, (list(keys), batch.pin_memory() if pin else batch), stop)
+        def emit(bucket):
+            keys, imgs = pending.pop(bucket)
+            batch = torch.from_numpy(np.stack(imgs))  # (B, h, w, 3) uint8
+            return put(batch_q, (keys, bucket, batch.pin_memory() if pin else batch), stop)
 
         while (job := get(chunk_q, stop)) is not DONE:
             ok, skipped = job.get()
             count(skipped)
-            for key, img in ok:
+            for key, bucket, img in ok:
+                keys, imgs = pending.setdefault(bucket, ([], []))
                 keys.append(key)
                 imgs.append(img)
-                if len(keys) == args.batch_size:
-                    if not emit():
-                        return
-                    keys.clear()
-                    imgs.clear()
-        if keys and not emit():
-            return
+                if len(keys) == args.batch_size and not emit(bucket):
+                    return
+        for bucket in sorted(pending):
+            if not emit(bucket):
+                return
         put(batch_q, DONE, stop)
 
     ctx = mp.get_context("spawn")  # fork after torch/CUDA initialisation is unsafe
@@ -168,8 +175,8 @@ def run_pipeline(args, tars, done_keys, encode, on_batch):
                     continue
                 if item is DONE:
                     break
-                keys, batch = item
-                on_batch(keys, encode(batch))
+                keys, bucket, batch = item
+                on_batch(keys, bucket, encode(batch))
         finally:
             stop.set()
             for s in stages:
@@ -191,47 +198,68 @@ def main(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # conv/matmul speed; bf16 weights dominate anyway
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # fixed input shape: pick the fastest conv kernels once
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv kernels once per shape
 
     vae = SD_Model.FrozenVAE(args.vae, device=device, dtype=pick_dtype(device, gpu="bf16"))
     if args.resolution % vae.factor:
         raise UserError(f"--resolution must be a multiple of {vae.factor} (the VAE downsamples "
                                  f"{vae.factor}x), not {args.resolution}")
-    lat = args.resolution // vae.factor
+    lat, channels = args.resolution // vae.factor, vae.vae.config.latent_channels
     info = {"vae": vae.name, "scaling_factor": vae.scaling_factor, "resolution": args.resolution,
-            "latent_shape": [vae.vae.config.latent_channels, lat, lat], "dtype": "float16"}
+            "latent_shape": [channels, lat, lat], "dtype": "float16"}
+    args.bucket_sizes = None
+    if args.buckets:
+        # sides a multiple of 8 latent pixels, whatever the VAE's factor: 64 px for SD's 8x VAE, 32 for the demo's 4x
+        args.bucket_sizes = sd_data.aspect_buckets(args.resolution, sd_data.BUCKET_LATENT_MULTIPLE * vae.factor)
+        del info["latent_shape"]
+        info.update(buckets=[list(b) for b in args.bucket_sizes],
+                    latent_shapes=[[channels, h // vae.factor, w // vae.factor] for w, h in args.bucket_sizes])
     if (out / sd_latents.LATENT_INFO).exists():
         old = sd_latents.load_latent_info(out)
         clash = {k: (old.get(k), v) for k, v in info.items() if old.get(k) != v}
         if clash:
             raise UserError(f"'{out}' holds latents made with other settings {clash}; pick a new --out")
-    done_keys = sd_latents.existing_latent_keys(out)
-    already = len(done_keys)
-    sd_latents.write_latent_info(out, dict(info, count=already))
+
+    def done():
+        """Keys finished: the latent written (and with --buckets its bucket recorded), then what latent_info.json
+        says of them (every rank rewrites it from the folder, so an interrupted run leaves it truthful)."""
+        keys = sd_latents.existing_latent_keys(out)
+        if not args.buckets:
+            return keys, dict(info, count=len(keys))
+        records = sd_latents.read_bucket_records(out)
+        keys &= records.keys()
+        counts = np.bincount([records[k] for k in keys], minlength=len(args.bucket_sizes)).tolist()
+        return keys, dict(info, count=len(keys), bucket_counts=counts)
+
+    done_keys, done_info = done()
+    sd_latents.write_latent_info(out, done_info)
 
     encode_fn = torch.compile(vae.encode) if args.compile else vae.encode
 
     def encode(batch):
-        images = sd_data.images_to_tensor(batch.to(device, non_blocking=True))  # (B, 3, res, res) in [-1, 1]
-        return encode_fn(images).to(torch.float16).cpu().numpy()          # (B, 4, res/f, res/f)
+        images = sd_data.images_to_tensor(batch.to(device, non_blocking=True))  # (B, 3, h, w) in [-1, 1]
+        return encode_fn(images).to(torch.float16).cpu().numpy()          # (B, 4, h/f, w/f)
 
     write_q = queue.Queue(maxsize=4)
     written = [0]
 
     def writer():
         while (item := write_q.get()) is not DONE:
-            for key, latent in zip(*item):
+            keys, bucket, latents = item
+            for key, latent in zip(keys, latents):
                 sd_latents.write_latent(out, key, latent)
                 written[0] += 1
+            if args.buckets:                          # after the latents: a recorded key has its file
+                sd_latents.append_bucket_records(out, rank, keys, [bucket] * len(keys))
 
     writer_thread = Stage(writer, "writer")
     writer_thread.start()
     bar = tqdm(desc="encode", unit="img", smoothing=0.1)
 
-    def on_batch(keys, latents):
+    def on_batch(keys, bucket, latents):
         if writer_thread.error is not None:
             raise writer_thread.error
-        write_q.put((keys, latents))
+        write_q.put((keys, bucket, latents))
         bar.update(len(keys))
 
     start = time.time()
@@ -241,16 +269,18 @@ def main(args):
         write_q.put(DONE)
         writer_thread.join()
         bar.close()
-        # count what is on disk (all processes' work), so an interrupted run leaves a truthful latent_info.json
-        sd_latents.write_latent_info(out, dict(info, count=len(sd_latents.existing_latent_keys(out))))
+        done_keys, done_info = done()              # all processes' work, so far
+        sd_latents.write_latent_info(out, done_info)
     if writer_thread.error is not None:
         raise writer_thread.error
     seconds = time.time() - start
     counts["encoded now"] = written[0]
     rows = [("shards", len(tars))] + sd_data.count_rows(counts, ("truncated tar", "samples in", "already encoded",
                                                                  "encoded now"))
-    rows += [("latents in folder", len(sd_latents.existing_latent_keys(out))),
-             ("img/s", f"{written[0] / max(seconds, 1e-9):.1f}")]
+    rows += [("latents in folder", len(done_keys))]
+    if args.buckets:
+        rows += [(f"  bucket {w}x{h}", n) for (w, h), n in zip(args.bucket_sizes, done_info["bucket_counts"])]
+    rows += [("img/s", f"{written[0] / max(seconds, 1e-9):.1f}")]
     part = f", shards {rank}::{world}" if world > 1 else ""
     sd_data.print_summary(f"encode_latents ({device}{part}, {vae.name}) -> {out}", rows)
 
@@ -265,7 +295,12 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="data/laion_latents", help="output latent folder")
     parser.add_argument("--vae", default=SD_Model.DEFAULT_VAE,
                         help="AutoencoderKL: hub id, folder, or diffusers pipeline folder")
-    parser.add_argument("--resolution", type=int, default=512, help="square image side before encoding")
+    parser.add_argument("--resolution", type=int, default=512,
+                        help="square image side before encoding; with --buckets, the side of the base area")
+    parser.add_argument("--buckets", action="store_true",
+                        help="aspect-ratio buckets: each image at the size of sd_data.aspect_buckets(resolution) "
+                             "nearest its aspect (sides multiples of 8 latent px, area <= resolution^2, 1:2 to 2:1), "
+                             "not a centre square; train with SD_Train.py --buckets true")
     parser.add_argument("--batch_size", type=int, default=32, help="images per VAE call")
     parser.add_argument("--workers", type=int, default=max(1, os.cpu_count() - 1),
                         help="decode processes")

@@ -95,7 +95,7 @@ def main(args):
         enc_args = argparse.Namespace(tars=str(tars), out=str(tmp / "latents"), vae=vae_path, resolution=args.resolution,
                                       batch_size=args.batch_size, workers=args.workers, chunk_size=16,
                                       prefetch_shards=2, prefetch_batches=4, min_image_size=64, device=device,
-                                      compile=args.compile)
+                                      compile=args.compile, buckets=False)
         t = time.perf_counter()
         encode_latents.main(enc_args)
         pipeline_rate = len(jpegs) / (time.perf_counter() - t)

@@ -229,3 +229,75 @@ def test_pipeline_end_to_end(tmp_path, models):
     after = mtimes(d["latents"], "*.npy")
     assert {k: v for k, v in after.items() if k[:-4] not in keys[:2]} == \
         {k: v for k, v in lat_mtimes.items() if k[:-4] not in keys[:2]}
+
+
+BUCKET_SOURCES = [(400, 300), (300, 600), (500, 500), (640, 360), (300, 400), (700, 300)]   # (w, h) served
+
+
+def test_bucketed_download_and_encode(tmp_path, models):
+    """03 --buckets keeps each image's aspect (shorter side to the base); encode_latents --buckets writes each latent
+    at its nearest bucket's shape (the VAE of the cover-cropped image), records the bucket per key, resumes (a key
+    written but not recorded, as a kill between the two leaves it, is encoded again); sd_latents.open_source reads
+    what it wrote, and refuses it to a square run."""
+    vae_dir, _ = models
+    base, www = 256, tmp_path / "www"
+    www.mkdir()
+    for i, (w, h) in enumerate(BUCKET_SOURCES * 2):
+        (www / f"{i}.jpg").write_bytes(good_jpeg(i, w, h))
+    n = 2 * len(BUCKET_SOURCES)
+    with LoopbackServer(www) as server:
+        write_parquet(tmp_path / "meta" / "part-00000.parquet",
+                      laion_rows(n, url=[f"{server.url}/{i}.jpg" for i in range(n)]))
+        run_script("03_download_images.py", "--meta", tmp_path / "meta", "--out", tmp_path / "tars", "--buckets",
+                   "--image_size", base, "--processes", 1, "--threads", 4, "--min_image_size", 64)
+    samples = {k: s for t in sorted((tmp_path / "tars").glob("*.tar")) for k, s in sd_data.iter_tar_samples(t)}
+    assert len(samples) == n
+    for s in samples.values():                                                   # aspect kept, shorter side = base
+        source = BUCKET_SOURCES[int(json.loads(s["json"])["url"].rsplit("/", 1)[1][:-4]) % len(BUCKET_SOURCES)]
+        img = sd_data.decode_image(s["jpg"])
+        assert min(img.shape[:2]) == base and abs(img.shape[1] / img.shape[0] - source[0] / source[1]) < 0.01
+    proc = run_script("03_download_images.py", "--meta", tmp_path / "meta", "--out", tmp_path / "tars2", "--buckets",
+                      "--resize_mode", "center_crop", check=False)
+    assert proc.returncode == 1 and "--buckets keeps each image's aspect" in proc.stderr
+
+    out = tmp_path / "latents"
+    enc_args = ["--tars", tmp_path / "tars", "--out", out, "--vae", vae_dir, "--resolution", base, "--buckets",
+                "--device", "cpu", "--workers", 1, "--batch_size", 3, "--min_image_size", 64]
+    stdout = run_script("encode_latents.py", *enc_args).stdout
+    buckets = sd_data.aspect_buckets(base, 64)                                     # the tiny VAE downsamples 8x
+    info = sd_latents.load_latent_info(out)
+    records = sd_latents.read_bucket_records(out)
+    want = {k: sd_data.nearest_bucket(*sd_data.decode_image(s["jpg"]).shape[1::-1], buckets)
+            for k, s in samples.items()}
+    assert records == want and summary_value(stdout, "encoded now") == n
+    assert info == {"vae": vae_dir, "scaling_factor": 0.5, "resolution": base, "dtype": "float16", "count": n,
+                    "buckets": [list(b) for b in buckets], "latent_shapes": [[4, h // 8, w // 8] for w, h in buckets],
+                    "bucket_counts": np.bincount(list(want.values()), minlength=len(buckets)).tolist()}
+    assert sorted(set(want.values())) == list(range(len(buckets)))                 # every bucket is met
+    vae = SD_Model.FrozenVAE(vae_dir)
+    for key in sorted(samples)[:4]:
+        b, img = sd_data.load_image_bucket(samples[key]["jpg"], buckets)
+        direct = vae.encode(sd_data.images_to_tensor(torch.from_numpy(img[None])))[0]
+        stored = sd_latents.read_latent(out, key, info["latent_shapes"][b])
+        torch.testing.assert_close(torch.from_numpy(stored).float(), direct, rtol=2e-3, atol=2e-3)
+
+    # resume: a key whose record was lost is encoded again, nothing else
+    lost = sorted(records)[0]
+    part = sd_latents.bucket_records_path(out, 0)
+    part.write_text("".join(line + "\n" for line in part.read_text().splitlines() if not line.startswith(lost)))
+    stdout = run_script("encode_latents.py", *enc_args).stdout
+    assert summary_value(stdout, "encoded now") == 1 and summary_value(stdout, "already encoded") == n - 1
+    assert sd_latents.read_bucket_records(out) == want
+
+    # the training side: the same buckets, shapes and latents through open_source
+    import datasets
+    keys = sorted(samples)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image_key": keys, "input_ids": [[1] * 77] * n})}
+                         ).save_to_disk(str(tmp_path / "captions"))
+    spec = {"latents": str(out), "captions": str(tmp_path / "captions")}
+    text = type("Text", (), {"max_length": 77})()
+    source, dropped = sd_latents.open_source(spec, "train", base, 4, text, buckets=True)
+    assert dropped == 0 and [want[k] for k in source.keys] == source.bucket.tolist()
+    assert source.sizes == buckets and source.shapes == [(4, h // 8, w // 8) for w, h in buckets]
+    with pytest.raises(sd_data.UserError, match="holds aspect-bucketed latents .* train on them with --buckets true"):
+        sd_latents.open_source(spec, "train", base, 4, text)
