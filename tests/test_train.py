@@ -27,6 +27,8 @@ from tiny_models import save_tiny_clip, save_tiny_vae
 
 REPO = Path(__file__).resolve().parents[1]
 RES, LATENT = 64, (4, 8, 8)                           # the `tiny` phase: 64 px images, 8x8 latents
+# aspect buckets at 64 px for the tiny VAE (8x): square, landscape, portrait (encode_latents.py --buckets' layout)
+BUCKET_SIZES, BUCKET_SHAPES = [(64, 64), (80, 48), (48, 80)], [(4, 8, 8), (4, 6, 10), (4, 10, 6)]
 
 #################################################################################
 #                  Shared fixture: tiny models and latent datasets              #
@@ -34,18 +36,26 @@ RES, LATENT = 64, (4, 8, 8)                           # the `tiny` phase: 64 px 
 
 
 def write_dataset(root, name, n_train, n_val, tokenizer, seed, scaling_factor, vae, ids_len=77, latents_for=None,
-                  pad_id=None):
+                  pad_id=None, bucketed=False):
     """A latent folder (latent_info.json + latents/<key[:5]>/<key>.npy, fp16) and its caption DatasetDict, as
-    encode_latents.py and 05_build_hf_dataset.py write them. Returns (latents dir, captions dir)."""
+    encode_latents.py and 05_build_hf_dataset.py write them (`bucketed`: as --buckets writes it, half of the samples
+    square, 30% landscape, 20% portrait). Returns (latents dir, captions dir)."""
     import datasets
     lat, cap = root / name / "latents", root / name / "captions"
     rng = np.random.default_rng(seed)
     keys = [f"{name}{i:05d}" for i in range(n_train + n_val)]
+    bucket = rng.choice(3, len(keys), p=[0.5, 0.3, 0.2]) if bucketed else np.zeros(len(keys), int)
     lat.mkdir(parents=True)
-    for k in (keys if latents_for is None else latents_for):
-        sd_latents.write_latent(lat, k, rng.standard_normal(LATENT).astype(np.float16))
-    sd_latents.write_latent_info(lat, {"vae": str(vae), "scaling_factor": scaling_factor, "resolution": RES,
-                                    "latent_shape": list(LATENT), "dtype": "float16", "count": len(keys)})
+    for k, b in zip(keys, bucket):
+        if latents_for is None or k in latents_for:
+            sd_latents.write_latent(lat, k, rng.standard_normal(BUCKET_SHAPES[b]).astype(np.float16))
+    info = {"vae": str(vae), "scaling_factor": scaling_factor, "resolution": RES, "latent_shape": list(LATENT),
+            "dtype": "float16", "count": len(keys)}
+    if bucketed:
+        del info["latent_shape"]
+        info.update(buckets=BUCKET_SIZES, latent_shapes=BUCKET_SHAPES)
+        sd_latents.append_bucket_records(lat, 0, keys, bucket)
+    sd_latents.write_latent_info(lat, info)
     words = ["red circle", "blue square", "green triangle", "yellow circle"]
     caps = [f"a photo of a {words[i % 4]}" for i in range(len(keys))]
     ids = [row[:ids_len] + [row[-1]] * (ids_len - 77) for row in SD_Model.tokenize(tokenizer, caps).tolist()]
@@ -75,6 +85,7 @@ def tiny(tmp_path_factory):
     d.short_ids = write_dataset(root, "shortids", 8, 1, tok, 3, sf, vae, ids_len=76)
     d.no_latents = write_dataset(root, "nolat", 8, 1, tok, 4, sf, vae, latents_for=[])
     d.other_pad = write_dataset(root, "otherpad", 8, 1, tok, 5, sf, vae, pad_id=0)
+    d.bucketed = write_dataset(root, "bucketed", 40, 6, tok, 6, sf, vae, bucketed=True)
     return d
 
 
@@ -434,6 +445,9 @@ def test_each_bad_input_gets_its_clear_error(tiny, tmp_path, monkeypatch):
         (base_args(tiny, out) + ["--max_steps", -1], r"max_steps must be 0 or more \(got -1\)"),
         (base_args(tiny, out) + ["--epochs", 0], r"epochs must be at least 1 \(got 0\)"),
         (base_args(tiny, out) + ["--device", "cuda"], r"--device cuda, but torch sees no CUDA device"),
+        (base_args(tiny, out, tiny.bucketed), r"holds aspect-bucketed latents \(3 sizes.*train on them with --buckets"),
+        (base_args(tiny, out, tiny.bucketed) + ["--buckets", "true", "--batch_size", 24],
+         r"epoch of 40 samples is less than one optimizer step of 24 samples .* in any one aspect bucket"),
         (base_args(tiny, tmp_path / "file.txt" / "run"), r"--out_dir '.*file.txt/run' is not writable"),
     ]
     for argv, message in cases:
@@ -538,6 +552,51 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one_and_resume_picks_it
     proc = run_train(ref_args(tiny, out, "--resume", "auto"), nproc=2)
     assert "at step 4 (epoch 0, batch 4)" in proc.stdout and not fifo.exists()
     assert_same_state(ckpt(ref_run, 10), ckpt(out, 10))
+
+
+def bucketed_args(tiny, out, *extra):
+    """The reference's shape with aspect buckets: the bucketed dataset mixed 3:1 with the square `four` (which joins
+    the 64x64 bucket), half of the latents in RAM; each epoch end validates per bucket and draws the grid at its
+    landscape and portrait buckets."""
+    return ref_args(tiny, out, "--buckets", "true", "--datasets", f"{spec(tiny.bucketed, 0.75)},{spec(tiny.four, 0.25)}",
+                    "--val_prompts", "a red circle", "--vae", tiny.vae, *extra)
+
+
+@pytest.fixture(scope="session")
+def bucketed_run(tiny):
+    """The uninterrupted bucketed reference: 2 gloo processes x batch 2, 7 steps per epoch, 10 steps in all."""
+    out = tiny.root / "bucketed_ref"
+    proc = run_train(bucketed_args(tiny, out), nproc=2)
+    return out, proc.stdout
+
+
+@pytest.mark.slow
+def test_bucketed_run_validates_per_bucket_and_resumes_bitwise_after_sigkill(tiny, bucketed_run):
+    """Square 64x64 (the bucketed set's 24 + `four`'s 8 of the epoch's 32), 80x48 and 48x80 buckets: whole steps of 4
+    per bucket, the leftovers dropped; the grid at both aspects; SIGKILL between saves and --resume auto ends bitwise
+    equal to the uninterrupted run."""
+    ref, stdout = bucketed_run
+    m = re.search(r"aspect buckets: 3 \| 80x48 (\d+), 64x64 (\d+), 48x80 (\d+) samples/epoch \| (\d+) left over", stdout)
+    assert m, stdout[-3000:]
+    per_bucket = [int(g) for g in m.groups()[:3]]
+    assert sum(per_bucket) == 32 and int(m[4]) == sum(c % 4 for c in per_bucket)
+    steps = sum(c // 4 for c in per_bucket)
+    assert f"| {steps} steps/epoch x 2 epochs" in stdout and steps < REF_STEPS
+    from PIL import Image
+    assert Image.open(ref / "samples" / f"step_{steps:08d}.png").size == (80, 48 + 80)   # landscape over portrait
+    assert re.search(rf"validation at step {steps}: val/loss_t100 [\d.]+", (ref / "train.log").read_text())
+    out, output = tiny.root / "bucketed_killed", tiny.root / "bucketed_killed.out"
+    proc = start_train(bucketed_args(tiny, out), 2, output)
+    deadline = time.time() + 300
+    while not re.search(r"\bstep 5/", output.read_text()):
+        assert proc.poll() is None and time.time() < deadline, output.read_text()[-3000:]
+        time.sleep(0.05)
+    kill_tree(proc)
+    assert [s for s, _ in SD_Train.list_checkpoints(out)] == [4]
+    proc = run_train(bucketed_args(tiny, out, "--resume", "auto"), nproc=2)
+    assert "at step 4 (epoch 0, batch 4)" in proc.stdout
+    for step in (8, 10):
+        assert_same_state(ckpt(ref, step), ckpt(out, step))
 
 
 @pytest.fixture(scope="session")
