@@ -110,8 +110,11 @@ def build_parser():
     p.add_argument("--prompt", default=None, help="the prompt")
     p.add_argument("--prompts", default=None, help="a file with one prompt per line (instead of --prompt)")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
-    p.add_argument("--height", type=int, default=None, help="image height, multiple of 8 (default: the training resolution)")
-    p.add_argument("--width", type=int, default=None, help="image width, multiple of 8 (default: the training resolution)")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height, a multiple of the VAE's downsampling (8 for SD's); any aspect, e.g. a bucket "
+                        "the model trained on (default: the training resolution)")
+    p.add_argument("--width", type=int, default=None,
+                   help="image width, a multiple of the VAE's downsampling (default: the training resolution)")
     p.add_argument("--sampler", default="ddim", help=f"one of {sorted(M.SAMPLERS)}")
     p.add_argument("--eta", type=float, default=None, help="sampler noise (default: 0 for ddim, 1 for ddpm)")
     p.add_argument("--weights", default="ema", choices=["ema", "live"], help="which weights of a training checkpoint")

@@ -6,9 +6,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def diffusers_draw(folder, prompt, *, negative="", steps=10, guidance_scale=7.5, seed=0, size=64, single_file=None):
+def diffusers_draw(folder, prompt, *, negative="", steps=10, guidance_scale=7.5, seed=0, size=64, single_file=None,
+                   width=None):
     """One image drawn by diffusers' own StableDiffusionPipeline from a pipeline folder, as a user loads it: plain
-    from_pretrained(folder), or from_single_file(single_file, config=folder) offline. (H, W, 3) float64 levels."""
+    from_pretrained(folder), or from_single_file(single_file, config=folder) offline. (H, W, 3) float64 levels;
+    `size` x `size`, or `width` wide."""
     import numpy as np
     import torch
     from diffusers import StableDiffusionPipeline
@@ -19,5 +21,5 @@ def diffusers_draw(folder, prompt, *, negative="", steps=10, guidance_scale=7.5,
         pipe = StableDiffusionPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance_scale,
-               height=size, width=size, generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+               height=size, width=width or size, generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
     return (out.images[0] * 255).round().astype(np.float64)

@@ -141,6 +141,19 @@ def test_export_records_the_vaes_own_downsampling(tmp_path):
     assert Image.open(tmp_path / "img.png").size == (64, 64)
 
 
+def test_a_non_square_image_is_diffusers_image_and_its_sides_are_checked_against_the_vae(tiny_pipeline, tmp_path):
+    """96 x 64 (an aspect bucket's shape): the same pixels as StableDiffusionPipeline(width=96, height=64); a side
+    that is not a multiple of the VAE's 8 is one line."""
+    r = imagegen(tmp_path, tiny_pipeline, "--prompt", PROMPT, "--negative", NEGATIVE, "--width", "96")
+    assert r.returncode == 0, r.stderr
+    ours = np.asarray(Image.open(tmp_path / "img.png"), dtype=np.float64)
+    ref = diffusers_draw(tiny_pipeline, PROMPT, negative=NEGATIVE, steps=STEPS, guidance_scale=CFG, seed=SEED,
+                         size=64, width=96)
+    assert ours.shape == ref.shape == (64, 96, 3) and np.abs(ours - ref).mean() <= 0.5
+    r = imagegen(tmp_path, tiny_pipeline, "--prompt", PROMPT, "--width", "100")
+    assert r.returncode == 1 and "width must be a multiple of 8 (the VAE's downsampling), got 100" in r.stderr
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--prompt", "x", "--height", "60"], "height must be a multiple of 8 (the VAE's downsampling), got 60"),
     (["--prompt", "x", "--height", "-64"], "height must be positive, got -64"),
