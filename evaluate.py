@@ -469,10 +469,10 @@ def check_settings(out, settings):
     write_atomic(path, json.dumps(settings, indent=2))
 
 
-def generate_missing(pipe, prompts, folder, scale, args, resolution):
+def generate_missing(pipe, prompts, folder, scale, args, resolution, width=None):
     """Sample every image of `folder` not yet on disk (image i has prompt i) and return how many were drawn.
-    Images come in fixed chunks of --batch_size whose noise is seeded with seed + the chunk's first index,
-    so a resumed run draws exactly what an uninterrupted one would have."""
+    Images (resolution high, `width` or resolution wide) come in fixed chunks of --batch_size whose noise is seeded
+    with seed + the chunk's first index, so a resumed run draws exactly what an uninterrupted one would have."""
     from tqdm import tqdm
     n, bs = len(prompts), args.batch_size
     paths = [folder / f"{i:05d}.png" for i in range(n)]
@@ -481,7 +481,7 @@ def generate_missing(pipe, prompts, folder, scale, args, resolution):
     for k in tqdm(todo, desc=f"cfg {scale:g}", disable=not todo):
         chunk = prompts[k:k + bs]
         images = M.generate(pipe, chunk, args.negative, args.steps, scale, args.sampler, args.eta, args.seed + k,
-                            resolution, resolution)
+                            resolution, width or resolution)
         for i, (image, prompt) in enumerate(zip(images, chunk), start=k):
             if not paths[i].exists():
                 # Written under a temp name first: an interrupted write never counts as a finished image.
@@ -529,16 +529,25 @@ def write_results(out, rows, settings):
     return table
 
 
-def shapes_prompt_following(args, pipe, prompts, scale, resolution, folder):
-    """(color, shape) accuracy of the demo world's fixed-rule classifier on images of its prompts."""
+def shapes_prompt_following(args, pipe, prompts, scale, height, width, folder):
+    """(color, shape) accuracy of the demo world's fixed-rule classifier on images of its prompts, drawn
+    width x height (the rule reads any aspect)."""
+    from PIL import Image
     from demo import shapes
-    paths, _ = generate_missing(pipe, prompts, folder, scale, args, resolution)
-    return shapes.score(np.stack([load_image(p, resolution) for p in paths]), prompts)
+    paths, _ = generate_missing(pipe, prompts, folder, scale, args, height, width)
+    images = []
+    for p in paths:
+        with Image.open(p) as img:
+            images.append(np.asarray(img.convert("RGB")))
+    return shapes.score(images, prompts)
 
 
 def run(args, device):
     if args.batch_size < 1 or (args.num_images is not None and args.num_images < 1):
         raise M.UserError("--batch_size and --num_images must be at least 1")
+    if (args.height or args.width) and not args.shapes:
+        raise M.UserError("--height / --width draw the demo's shapes at another aspect (with --shapes); FID and CLIP "
+                          "score compare square images: use --resolution")
     if args.shapes:
         from demo import shapes
         scales = args.guidance_scales or [7.5]
@@ -557,7 +566,7 @@ def run(args, device):
         raise M.UserError(f"--ref_images '{args.ref_images}' is neither a folder of images nor a statistics .npz")
     if args.save_ref_stats and not (args.ref_images and Path(args.ref_images).is_dir()):
         raise M.UserError("--save_ref_stats writes the statistics of a --ref_images folder; pass one")
-    M.check_sampling_args(args.resolution, args.resolution, args.sampler, args.steps)
+    M.check_sampling_args(args.height or args.resolution, args.width or args.resolution, args.sampler, args.steps)
     check_writable(args.out, "--out")
     inception = load_inception(args.inception, device) if args.ref_images and not args.shapes else None
     clip = None if args.shapes else ClipScore(args.clip, device)
@@ -566,12 +575,16 @@ def run(args, device):
     resolution = args.resolution or pipe.meta.get("resolution", 512)
     ref = reference_stats(args, inception, resolution) if inception else None
     out = Path(args.out) / "shapes" if args.shapes else Path(args.out)   # own settings: both can share --out
+    height, width = args.height or resolution, args.width or resolution
     settings = generation_settings(args, prompts, resolution)
+    if (height, width) != (resolution, resolution):
+        settings["size"] = f"{width}x{height}"
     check_settings(out, settings)
 
     if args.shapes:
-        color_acc, shape_acc = shapes_prompt_following(args, pipe, prompts, scales[0], resolution, out)
-        print(f"prompt-following: color {color_acc:.2f} shape {shape_acc:.2f}")
+        color_acc, shape_acc = shapes_prompt_following(args, pipe, prompts, scales[0], height, width, out)
+        print(f"prompt-following: color {color_acc:.2f} shape {shape_acc:.2f}" +
+              (f" ({width}x{height})" if "size" in settings else ""))
         return color_acc, shape_acc
     rows = fid_clip_rows(args, pipe, prompts, scales, resolution, inception, clip, ref)
     table = write_results(out, rows, settings)
@@ -604,6 +617,10 @@ def build_parser():
     p.add_argument("--resolution", type=int, default=None,
                    help="generated (and reference) image size; NeMo evaluates at 256 or 512 "
                         "(default: the training resolution)")
+    p.add_argument("--height", type=int, default=None,
+                   help="with --shapes: image height, to score another aspect (default: --resolution)")
+    p.add_argument("--width", type=int, default=None,
+                   help="with --shapes: image width, to score another aspect (default: --resolution)")
     p.add_argument("--batch_size", type=int, default=16, help="images per sampling / Inception / CLIP batch")
     p.add_argument("--out", default="outputs/eval", help="images per scale (reruns skip finished ones) and results")
     p.add_argument("--inception", default=None,

@@ -8,9 +8,16 @@ VAE -> encode_latents.py -> torchrun SD_Train.py --phase demo (gloo) -> SD_Image
 x shape prompt -> evaluate.py --shapes: the score. Everything lands under --root; a re-run reuses every
 finished step (each script resumes on its own), so deleting --root is the way to start over.
 
+--bucketed is the same world with aspect-ratio buckets end to end: images alternate landscape and portrait
+(96x64 and 64x96 at the default --resolution 64), 03 keeps their aspect, encode_latents.py --buckets encodes each
+at its bucket, SD_Train.py trains the `demo_bucketed` phase (buckets: true), and the grid and the score are drawn at
+both aspects.
+
     python -m demo.run
+    python -m demo.run --bucketed          # -> data/demo_bucketed
 """
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -22,6 +29,18 @@ import sd_data
 from demo import shapes
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_VAE_FACTOR = 4                          # demo/train_vae.py's default: 3 levels, 4x downsampling
+
+
+def bucketed_sizes(res):
+    """The bucketed demo's image sizes, landscape and portrait 3:2 with shorter side `res`, and the base resolution
+    whose aspect buckets (sd_data.aspect_buckets, sides multiples of 8 latent px) are exactly those two."""
+    sizes = [(res * 3 // 2, res), (res, res * 3 // 2)]
+    base = 16 * math.ceil(math.sqrt(sizes[0][0] * sizes[0][1]) / 16)
+    if sorted(sd_data.aspect_buckets(base, sd_data.BUCKET_LATENT_MULTIPLE * DEMO_VAE_FACTOR)) != sorted(sizes):
+        raise SystemExit(f"--bucketed: {sizes[0][0]}x{res} and {res}x{sizes[0][0]} are not the aspect buckets of any "
+                         f"base near {base} px; use --resolution 64 (or another multiple of 64)")
+    return sizes, base
 
 
 def folders(root):
@@ -34,14 +53,32 @@ def folders(root):
 
 
 def script_steps(args, d):
-    """(title, argv) of each script run, in order: exactly what a user would type for this data set."""
+    """(title, argv) of each script run, in order: exactly what a user would type for this data set. Images are
+    `res` px square, or with --bucketed `res` px on their shorter side, encoded and trained at the base `base`."""
     py, res, seed = sys.executable, str(args.resolution), str(args.seed)
+    sizes, base = bucketed_sizes(args.resolution) if args.bucketed else ([(args.resolution,) * 2], args.resolution)
+    buckets = ["--buckets"] if args.bucketed else []
+    train = ["--phase", "demo_bucketed" if args.bucketed else "demo"] + \
+        (["--max_steps", str(args.max_steps)] if args.max_steps else [])
+    ckpt = d.run / "ema_final.safetensors"
+
+    def sized(w, h):                              # the grid and the score, at each image size
+        name = f"{w}x{h}" if args.bucketed else ""
+        flags = ["--width", str(w), "--height", str(h)] if args.bucketed else []
+        sampling = ["--steps", str(args.steps), "--seed", seed, "--device", "cpu", *flags]
+        return [
+            (f"sample the prompt grid {name}".strip(),
+             [py, "SD_ImageGen.py", "--ckpt", ckpt, "--prompts", d.samples / "prompts.txt", "--n", str(args.n),
+              "--grid", "--cfg", str(args.cfg), *sampling, "--out", d.samples / f"grid{'_' * bool(name)}{name}.png"]),
+            (f"evaluate.py: prompt-following score {name}".strip(),
+             [py, "evaluate.py", "--ckpt", ckpt, "--shapes", "--shapes_seeds", str(args.n), "--guidance_scales",
+              str(args.cfg), *sampling, "--out", d.eval / name])]
     return [
         ("02 filter metadata", [py, "02_filter_metadata.py", "--meta", d.meta, "--out", d.filtered,
                                 "--preset", "phase1", "--min_width", res, "--min_height", res]),
         ("03 download images (img2dataset)", [py, "03_download_images.py", "--meta", d.filtered, "--out", d.tars,
                                               "--image_size", res, "--min_image_size", res, "--processes", "1",
-                                              "--threads", "16", "--shard_size", "1000", "--timeout", "10"]),
+                                              "--threads", "16", "--shard_size", "1000", "--timeout", "10", *buckets]),
         ("04 captions -> CLIP token ids", [py, "04_preprocess_to_cache.py", "--tars", d.tars, "--out", d.tokens,
                                            "--tokenizer", d.clip, "--min_image_size", res, "--workers", "2"]),
         ("05 caption dataset (train / validation)", [py, "05_build_hf_dataset.py", "--batches", d.tokens,
@@ -49,21 +86,14 @@ def script_steps(args, d):
         ("train the demo VAE", [py, "-m", "demo.train_vae", "--tars", d.tars, "--out", d.vae, "--resolution", res,
                                 "--steps", str(args.vae_steps), "--seed", seed]),
         ("encode latents", [py, "encode_latents.py", "--tars", d.tars, "--out", d.latents, "--vae", d.vae,
-                            "--resolution", res, "--device", "cpu", "--workers", "1", "--batch_size", "64",
-                            "--min_image_size", res]),
+                            "--resolution", str(base), "--device", "cpu", "--workers", "1", "--batch_size", "64",
+                            "--min_image_size", res, *buckets]),
         ("train the UNet (torchrun, gloo)", [py, "-m", "torch.distributed.run", "--standalone",
-                                             "--nproc_per_node", str(args.nproc), "SD_Train.py", "--phase", "demo",
+                                             "--nproc_per_node", str(args.nproc), "SD_Train.py", *train,
                                              "--resume", "auto", "--datasets", f"{d.latents}:{d.captions}",
-                                             "--text_encoder", d.clip, "--resolution", res, "--seed", seed,
+                                             "--text_encoder", d.clip, "--resolution", str(base), "--seed", seed,
                                              "--out_dir", d.run]),
-        ("sample the prompt grid", [py, "SD_ImageGen.py", "--ckpt", d.run / "ema_final.safetensors",
-                                    "--prompts", d.samples / "prompts.txt", "--n", str(args.n), "--grid",
-                                    "--steps", str(args.steps), "--cfg", str(args.cfg), "--seed", seed,
-                                    "--device", "cpu", "--out", d.samples / "grid.png"]),
-        ("evaluate.py: prompt-following score", [py, "evaluate.py", "--ckpt", d.run / "ema_final.safetensors",
-                                                 "--shapes", "--shapes_seeds", str(args.n), "--steps", str(args.steps),
-                                                 "--guidance_scales", str(args.cfg), "--seed", seed,
-                                                 "--device", "cpu", "--out", d.eval]),
+        *[step for w, h in sizes for step in sized(w, h)],
     ]
 
 
@@ -92,8 +122,10 @@ def main(args):
     d = folders(args.root)
     steps = dict(script_steps(args, d))
     timings, start = [], time.time()
-    print(f"make demo: {args.images} generated {args.resolution} px images -> the whole pipeline -> a score; "
-          f"everything under {d.root}/")
+    sizes = bucketed_sizes(args.resolution)[0] if args.bucketed else args.resolution
+    print(f"make demo: {args.images} generated " + (" and ".join(f"{w}x{h}" for w, h in sizes) if args.bucketed else
+                                                     f"{args.resolution} px") +
+          f" images -> the whole pipeline -> a score; everything under {d.root}/")
 
     # The data set and its download: images served on 127.0.0.1, the metadata pointing at them.
     meta_file = d.meta / "part-00000.parquet"
@@ -103,7 +135,7 @@ def main(args):
             print(f"already generated: {meta_file}")
         else:
             t = time.time()
-            shapes.write_dataset(d.www, meta_file, args.images, args.seed, args.resolution, server.url)
+            shapes.write_dataset(d.www, meta_file, args.images, args.seed, sizes, server.url)
             timings.append(("generate the data set", time.time() - t))
             print(f"wrote {args.images} images to {d.www} and their metadata to {meta_file}")
         for title in ("02 filter metadata", "03 download images (img2dataset)"):
@@ -119,29 +151,42 @@ def main(args):
     prompts_file = d.samples / "prompts.txt"
     prompts_file.parent.mkdir(parents=True, exist_ok=True)
     prompts_file.write_text("\n".join(shapes.prompt_grid()) + "\n")
-    score = steps.pop("evaluate.py: prompt-following score")
+    scores = {t: steps.pop(t) for t in list(steps) if t.startswith("evaluate.py")}
     for title, argv in steps.items():
         run_script(title, argv, timings)
     sd_data.print_summary(f"make demo: {time.time() - start:.0f} s until the score",
                           [(t, f"{s:.0f} s") for t, s in timings])
-    print(f"prompt grid (a row per prompt, {args.n} seeds): {d.samples / 'grid.png'}")
+    print(f"prompt grid (a row per prompt, {args.n} seeds): " + ", ".join(str(p) for p in sorted(d.samples.glob(
+        "grid*.png"))))
 
-    # Last, the score: every color x shape prompt, args.n seeds each, through the fixed-rule classifier.
-    run_script("evaluate.py: prompt-following score", score, timings)
+    # Last, the score: every color x shape prompt, args.n seeds each, through the fixed-rule classifier (at each
+    # aspect with --bucketed).
+    for title, argv in scores.items():
+        run_script(title, argv, timings)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--root", default="data/demo", help="folder for every input and output of the demo")
+    parser.add_argument("--root", default=None,
+                        help="folder for every input and output of the demo (default: data/demo, or "
+                             "data/demo_bucketed with --bucketed)")
+    parser.add_argument("--bucketed", action="store_true",
+                        help="aspect-ratio buckets end to end: landscape and portrait images, trained bucketed, "
+                             "scored at both aspects")
     parser.add_argument("--images", type=int, default=3000, help="generated images")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of everything random: the data set, the CLIP and VAE inits, the UNet's training "
                              "(init, order, noise) and the sampling noise of the grid and the score")
-    parser.add_argument("--resolution", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--resolution", type=int, default=64,
+                        help="image side in pixels (with --bucketed: the shorter side of 3:2 and 2:3 images)")
     parser.add_argument("--vae_steps", type=int, default=600, help="optimizer steps of the demo VAE")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
     parser.add_argument("--n", type=int, default=4, help="seeds per prompt in the grid and the score")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps for the score")
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale for the score")
-    main(parser.parse_args())
+    parser.add_argument("--max_steps", type=int, default=0,
+                        help="stop the UNet after this many optimizer steps (0: the phase's epochs; a smoke run)")
+    args = parser.parse_args()
+    args.root = args.root or ("data/demo_bucketed" if args.bucketed else "data/demo")
+    main(args)

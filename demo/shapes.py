@@ -61,24 +61,33 @@ class Scene:
         return caption(self.color, self.shape, self.background)
 
 
+def image_sizes(n, size):
+    """(width, height) of each of n images: `size` x `size`, or with a list of (width, height) image i takes entry
+    i mod its length (the bucketed demo alternates 96x64 and 64x96)."""
+    sizes = [(size, size)] if isinstance(size, int) else [tuple(s) for s in size]
+    return [sizes[i % len(sizes)] for i in range(n)]
+
+
 def random_scenes(n, seed, size, min_side=0.3, max_side=0.65, margin=2):
-    """n scenes with uniform colors, shapes and backgrounds, a side of min_side..max_side of the image and a
-    random position at least `margin` pixels inside, from one seeded generator (same seed, same scenes)."""
+    """n scenes with uniform colors, shapes and backgrounds, a side of min_side..max_side of the image's shorter
+    side and a random position at least `margin` pixels inside, from one seeded generator (same seed, same
+    scenes). `size`: as image_sizes takes it."""
     rng = np.random.default_rng(seed)
     scenes = []
-    for _ in range(n):
-        side = rng.uniform(min_side, max_side) * size
-        x0, y0 = rng.uniform(margin, size - margin - side, size=2)
+    for w, h in image_sizes(n, size):
+        side = rng.uniform(min_side, max_side) * min(w, h)
+        x0, y0 = rng.uniform(margin, [w - margin - side, h - margin - side])   # square: the draws of size=2
         scenes.append(Scene(rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS)),
                             (x0, y0, x0 + side, y0 + side)))
     return scenes
 
 
-def render(scene, size, supersample=4):
-    """(size, size, 3) uint8: drawn `supersample` times larger, then box-filtered down (anti-aliased edges)."""
+def render(scene, width, height=None, supersample=4):
+    """(height, width, 3) uint8 (height defaults to width): drawn `supersample` times larger, then box-filtered
+    down (anti-aliased edges)."""
     from PIL import Image, ImageDraw
-    s = supersample
-    img = Image.new("RGB", (size * s, size * s), BACKGROUNDS[scene.background])
+    s, height = supersample, height or width
+    img = Image.new("RGB", (width * s, height * s), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
     x0, y0, x1, y1 = (v * s for v in scene.box)
     fill = COLORS[scene.color]
@@ -88,7 +97,7 @@ def render(scene, size, supersample=4):
         draw.rectangle((x0, y0, x1, y1), fill=fill)
     else:                 # upright isosceles: fills half of its bounding box
         draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
-    return np.asarray(img.resize((size, size), Image.BOX))
+    return np.asarray(img.resize((width, height), Image.BOX))
 
 
 #################################################################################
@@ -96,23 +105,24 @@ def render(scene, size, supersample=4):
 #################################################################################
 
 def write_dataset(image_dir, meta_file, n, seed, size, base_url):
-    """n PNGs in image_dir and one LAION-schema parquet (url, caption, width, height, similarity, aesthetic,
-    punsafe, pwatermark, hash) whose URLs point at base_url/<file>; the scores are a clean data set's, so the
-    quality filters of 02 keep every row. Returns the scenes."""
+    """n PNGs (`size`: as image_sizes takes it) in image_dir and one LAION-schema parquet (url, caption, width,
+    height, similarity, aesthetic, punsafe, pwatermark, hash) whose URLs point at base_url/<file>; the scores are a
+    clean data set's, so the quality filters of 02 keep every row. Returns the scenes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
     image_dir, meta_file = Path(image_dir), Path(meta_file)
     image_dir.mkdir(parents=True, exist_ok=True)
     meta_file.parent.mkdir(parents=True, exist_ok=True)
-    scenes = random_scenes(n, seed, size)
+    scenes, sizes = random_scenes(n, seed, size), image_sizes(n, size)
     names = [f"{i:06d}.png" for i in range(n)]
-    for name, scene in zip(names, scenes):
-        Image.fromarray(render(scene, size)).save(image_dir / name)
+    for name, scene, (w, h) in zip(names, scenes, sizes):
+        Image.fromarray(render(scene, w, h)).save(image_dir / name)
     pq.write_table(pa.table({
         "url": [f"{base_url}/{name}" for name in names], "caption": [s.caption for s in scenes],
-        "width": [size] * n, "height": [size] * n, "similarity": [0.35] * n, "aesthetic": [7.0] * n,
-        "punsafe": [0.0] * n, "pwatermark": [0.0] * n, "hash": [f"demo-{seed}-{i}" for i in range(n)]}), meta_file)
+        "width": [w for w, _ in sizes], "height": [h for _, h in sizes], "similarity": [0.35] * n,
+        "aesthetic": [7.0] * n, "punsafe": [0.0] * n, "pwatermark": [0.0] * n,
+        "hash": [f"demo-{seed}-{i}" for i in range(n)]}), meta_file)
     return scenes
 
 

@@ -83,11 +83,51 @@ def test_generation_is_a_function_of_the_seed():
         assert 2 <= x0 < x1 <= SIZE - 2 and 2 <= y0 < y1 <= SIZE - 2 and x1 - x0 == pytest.approx(y1 - y0)
 
 
+def test_non_square_scenes_fit_their_images_and_classify_exactly():
+    """The bucketed demo's world: 96x64 and 64x96 images in turn, each shape inside its own image and read back
+    exactly by the same classifier; square scenes are the draws they always were."""
+    sizes = [(96, 64), (64, 96)]
+    scenes = shapes.random_scenes(300, seed=0, size=sizes)
+    for (w, h), s in zip(shapes.image_sizes(300, sizes), scenes):
+        x0, y0, x1, y1 = s.box
+        assert 2 <= x0 < x1 <= w - 2 and 2 <= y0 < y1 <= h - 2 and 0.3 * 64 <= x1 - x0 <= 0.65 * 64
+    images = [shapes.render(s, w, h) for (w, h), s in zip(shapes.image_sizes(300, sizes), scenes)]
+    assert images[0].shape == (64, 96, 3) and images[1].shape == (96, 64, 3)
+    assert shapes.score(images, [s.caption for s in scenes]) == (1.0, 1.0)
+    rng = np.random.default_rng(3)                       # the square generator before it took (width, height)
+    side = rng.uniform(0.3, 0.65) * SIZE
+    x0, y0 = rng.uniform(2, SIZE - 2 - side, size=2)
+    assert shapes.random_scenes(1, 3, SIZE)[0].box == (x0, y0, x0 + side, y0 + side)
+
+
+def test_bucketed_demo_commands_and_phase_agree():
+    """--bucketed: the base whose only buckets are 96x64 and 64x96 is the demo_bucketed phase's resolution; 03 and
+    encode_latents bucket, the run trains that phase, and the grid and the score are drawn at both aspects."""
+    import SD_Train
+    assert run.bucketed_sizes(64) == ([(96, 64), (64, 96)], 80)
+    phase = SD_Train.load_phase("demo_bucketed")
+    assert phase["buckets"] is True and phase["resolution"] == 80
+    args = argparse.Namespace(resolution=SIZE, vae_steps=1, nproc=1, n=1, steps=1, cfg=1.0, seed=0, bucketed=True,
+                              max_steps=0)
+    steps = {t: [str(a) for a in argv] for t, argv in run.script_steps(args, run.folders("data/demo_bucketed"))}
+    assert "--buckets" in steps["03 download images (img2dataset)"] and "--buckets" in steps["encode latents"]
+    train = steps["train the UNet (torchrun, gloo)"]
+    assert train[train.index("--phase") + 1] == "demo_bucketed" and train[train.index("--resolution") + 1] == "80"
+    assert [t for t in steps if t.startswith(("sample", "evaluate"))] == [
+        "sample the prompt grid 96x64", "evaluate.py: prompt-following score 96x64",
+        "sample the prompt grid 64x96", "evaluate.py: prompt-following score 64x96"]
+    phase_data = phase["datasets"][0]
+    assert [phase_data["latents"], phase_data["captions"], phase["text_encoder"]] == \
+        [train[train.index("--datasets") + 1].split(":")[0], train[train.index("--datasets") + 1].split(":")[1],
+         train[train.index("--text_encoder") + 1]]
+
+
 def test_metadata_passes_02_as_the_demo_runs_it(tmp_path):
     d = run.folders(tmp_path)
     scenes = shapes.write_dataset(d.www, d.meta / "part-00000.parquet", 40, 0, SIZE, "http://127.0.0.1:9")
     assert sorted(p.name for p in d.www.iterdir()) == [f"{i:06d}.png" for i in range(40)]
-    args = argparse.Namespace(resolution=SIZE, vae_steps=1, nproc=1, n=1, steps=1, cfg=1.0, seed=0)
+    args = argparse.Namespace(resolution=SIZE, vae_steps=1, nproc=1, n=1, steps=1, cfg=1.0, seed=0, bucketed=False,
+                              max_steps=0)
     argv = [str(a) for a in dict(run.script_steps(args, d))["02 filter metadata"]]
     out = subprocess.run(argv, cwd=run.REPO, capture_output=True, text=True, check=True).stdout
     assert summary_value(out, "rows in") == summary_value(out, "kept") == 40

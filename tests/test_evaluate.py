@@ -328,3 +328,15 @@ def test_cli_shapes_prints_one_prompt_following_line(tiny_ckpt, tmp_path):
     color, shape = map(float, re.findall(r"\d\.\d\d", lines[0]))
     assert 0 <= color <= 1 and 0 <= shape <= 1
     assert len(list((tmp_path / "eval" / "shapes").glob("*.png"))) == 24   # 8 colors x 3 shapes, one seed each
+
+
+def test_cli_shapes_at_another_aspect(tiny_ckpt, tmp_path):
+    """The bucketed demo's score: the same rule on images drawn at --width x --height (not centre-cropped back to a
+    square); the other evaluations compare square images, so there the flags are one line."""
+    r = evaluate(tmp_path, tiny_ckpt, "--shapes", "--shapes_seeds", "1", "--batch_size", "8", "--width", "48")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^prompt-following: color [01]\.\d\d shape [01]\.\d\d \(48x32\)$", r.stdout, re.M), r.stdout
+    images = sorted((tmp_path / "eval" / "shapes").glob("*.png"))
+    assert len(images) == 24 and {Image.open(p).size for p in images} == {(48, 32)}
+    r = evaluate(tmp_path, tiny_ckpt, "--prompts", "p.txt", "--width", "48")
+    assert r.returncode == 1 and "--height / --width draw the demo's shapes at another aspect" in r.stderr
