@@ -191,6 +191,8 @@ def main(args):
     # under `torchrun --nproc_per_node=G` each process takes every G-th shard on its own GPU; they share
     # nothing but the output folder, so no process group is needed
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.resolution < 1 or args.batch_size < 1:
+        raise UserError(f"--resolution and --batch_size must be positive (got {args.resolution}, {args.batch_size})")
     tars = sd_data.list_files(args.tars, [".tar"], "tar")[rank::world]
     out = Path(args.out)
     check_writable(out, "--out")

@@ -39,7 +39,7 @@ def bucketed_sizes(res):
     base = 16 * math.ceil(math.sqrt(sizes[0][0] * sizes[0][1]) / 16)
     if sorted(sd_data.aspect_buckets(base, sd_data.BUCKET_LATENT_MULTIPLE * DEMO_VAE_FACTOR)) != sorted(sizes):
         raise SystemExit(f"--bucketed: {sizes[0][0]}x{res} and {res}x{sizes[0][0]} are not the aspect buckets of any "
-                         f"base near {base} px; use --resolution 64 (or another multiple of 64)")
+                         f"base near {base} px (with the demo VAE's 32-px multiples); use --resolution 64")
     return sizes, base
 
 

@@ -64,3 +64,10 @@ def test_checkpoint_save_appends_a_table(tmp_path):
     proc = run_bench(tmp_path, "checkpoint_save.py", "--config", "small", "--dir", tmp_path / "ckpt")
     assert proc.returncode == 0, proc.stderr
     assert "| small | " in results(tmp_path) and not list((tmp_path / "ckpt").iterdir())   # measured, then removed
+
+
+def test_buckets_crop_appends_the_area_table(tmp_path):
+    proc = run_bench(tmp_path, "buckets.py", "crop", "--images", 1000)
+    assert proc.returncode == 0, proc.stderr
+    text = results(tmp_path)
+    assert "| 16:9 | 640x384 | 93.8% | 56.2% |" in text and "| mix of 1,000 images (ASSUMED_MIX) |" in text

@@ -126,6 +126,15 @@ def start_train(args, nproc, output):
                                 start_new_session=True)
 
 
+def start_until_step(args, output, step=5):
+    """start_train on 2 ranks, returned once `step` is logged (the run carries on)."""
+    proc, deadline = start_train(args, 2, output), time.time() + 300
+    while not re.search(rf"\bstep {step}/", output.read_text()):
+        assert proc.poll() is None and time.time() < deadline, output.read_text()[-3000:]
+        time.sleep(0.05)
+    return proc
+
+
 def descendants(pid):
     """Every process below `pid` (torchrun starts its workers in their own sessions, so a process-group kill
     would miss them)."""
@@ -509,12 +518,7 @@ def ckpt(out, step):
 def test_sigkill_between_saves_then_resume_auto_is_bitwise_exact(tiny, ref_run):
     out = tiny.root / "killed"
     output = tiny.root / "killed.out"
-    proc = start_train(ref_args(tiny, out), 2, output)
-    deadline = time.time() + 300
-    while not re.search(r"\bstep 5/", output.read_text()):   # SIGKILL the whole torchrun group once step 5 is logged
-        assert proc.poll() is None and time.time() < deadline, output.read_text()[-3000:]
-        time.sleep(0.05)
-    kill_tree(proc)
+    kill_tree(start_until_step(ref_args(tiny, out), output))   # SIGKILL the whole torchrun group once step 5 is logged
     assert [s for s, _ in SD_Train.list_checkpoints(out)] == [4]                 # killed between saves 4 and 8
     proc = run_train(ref_args(tiny, out, "--resume", "auto"), nproc=2)
     assert "resumed from" in proc.stdout and "at step 4 (epoch 0, batch 4)" in proc.stdout
@@ -558,8 +562,9 @@ def bucketed_args(tiny, out, *extra):
     """The reference's shape with aspect buckets: the bucketed dataset mixed 3:1 with the square `four` (which joins
     the 64x64 bucket), half of the latents in RAM; each epoch end validates per bucket and draws the grid at its
     landscape and portrait buckets."""
-    return ref_args(tiny, out, "--buckets", "true", "--datasets", f"{spec(tiny.bucketed, 0.75)},{spec(tiny.four, 0.25)}",
-                    "--val_prompts", "a red circle", "--vae", tiny.vae, *extra)
+    mixed = f"{spec(tiny.bucketed, 0.75)},{spec(tiny.four, 0.25)}"
+    return ref_args(tiny, out, "--buckets", "true", "--datasets", mixed, "--val_prompts", "a red circle", "--vae",
+                    tiny.vae, *extra)
 
 
 @pytest.fixture(scope="session")
@@ -576,7 +581,8 @@ def test_bucketed_run_validates_per_bucket_and_resumes_bitwise_after_sigkill(tin
     per bucket, the leftovers dropped; the grid at both aspects; SIGKILL between saves and --resume auto ends bitwise
     equal to the uninterrupted run."""
     ref, stdout = bucketed_run
-    m = re.search(r"aspect buckets: 3 \| 80x48 (\d+), 64x64 (\d+), 48x80 (\d+) samples/epoch \| (\d+) left over", stdout)
+    m = re.search(r"aspect buckets: 3 \| 80x48 (\d+), 64x64 (\d+), 48x80 (\d+) samples/epoch \| (\d+) left over",
+                  stdout)
     assert m, stdout[-3000:]
     per_bucket = [int(g) for g in m.groups()[:3]]
     assert sum(per_bucket) == 32 and int(m[4]) == sum(c % 4 for c in per_bucket)
@@ -586,12 +592,7 @@ def test_bucketed_run_validates_per_bucket_and_resumes_bitwise_after_sigkill(tin
     assert Image.open(ref / "samples" / f"step_{steps:08d}.png").size == (80, 48 + 80)   # landscape over portrait
     assert re.search(rf"validation at step {steps}: val/loss_t100 [\d.]+", (ref / "train.log").read_text())
     out, output = tiny.root / "bucketed_killed", tiny.root / "bucketed_killed.out"
-    proc = start_train(bucketed_args(tiny, out), 2, output)
-    deadline = time.time() + 300
-    while not re.search(r"\bstep 5/", output.read_text()):
-        assert proc.poll() is None and time.time() < deadline, output.read_text()[-3000:]
-        time.sleep(0.05)
-    kill_tree(proc)
+    kill_tree(start_until_step(bucketed_args(tiny, out), output))
     assert [s for s, _ in SD_Train.list_checkpoints(out)] == [4]
     proc = run_train(bucketed_args(tiny, out, "--resume", "auto"), nproc=2)
     assert "at step 4 (epoch 0, batch 4)" in proc.stdout
@@ -761,11 +762,7 @@ def test_sigterm_under_torchrun_checkpoints_the_step_and_resume_is_bitwise_exact
     """A pod's preemption: SIGTERM to torchrun, which forwards it to both ranks. They finish the step, agree, save
     it and exit non-zero with one line; --resume auto then ends equal to the uninterrupted run, logged losses too."""
     out, output = tiny.root / "sigterm", tiny.root / "sigterm.out"
-    proc = start_train(ref_args(tiny, out), 2, output)
-    deadline = time.time() + 300
-    while not re.search(r"\bstep 5/", output.read_text()):
-        assert proc.poll() is None and time.time() < deadline, output.read_text()[-3000:]
-        time.sleep(0.05)
+    proc = start_until_step(ref_args(tiny, out), output)
     os.kill(proc.pid, signal.SIGTERM)
     time.sleep(0.2)
     for pid in descendants(proc.pid):                # a second signal, straight to the ranks: changes nothing

@@ -1,0 +1,125 @@
+"""Benchmark aspect-ratio buckets: the share of each image's area the crop keeps (buckets vs SD's centre square),
+and what torch.compile costs per bucket (a static graph each, SD_Train.py's choice, vs automatic dynamic shapes).
+
+The crop figures need an aspect-ratio distribution: `--meta DIR` reads the width/height columns of LAION parquet
+(01's or 02's output), the real thing; without it, ASSUMED_MIX below, a web-photo mix that is an assumption, not a
+measurement (no LAION metadata is reachable offline here), so the per-aspect rows are the figures to trust.
+
+  python bench/buckets.py crop                              # the assumed mix, buckets of 512
+  python bench/buckets.py crop --meta data/laion_filtered   # your data's own aspects
+  python bench/buckets.py compile --config small --res 256  # CPU: compile seconds per bucket
+"""
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import append_results  # noqa: I001 (sets sys.path)
+import SD_Model as M
+import sd_data
+from sd_common import pick_device
+
+# (width : height, share): common photo, screen and print ratios, landscape-heavy as web images are. An assumption.
+ASSUMED_MIX = [((1, 1), 0.22), ((4, 3), 0.18), ((3, 2), 0.20), ((16, 9), 0.10), ((2, 1), 0.03), ((5, 4), 0.04),
+               ((3, 4), 0.07), ((2, 3), 0.12), ((9, 16), 0.03), ((1, 2), 0.01)]
+NAMED = [(1, 1), (5, 4), (4, 3), (3, 2), (16, 9), (2, 1), (21, 9), (3, 1), (4, 5), (3, 4), (2, 3), (9, 16), (1, 2)]
+
+
+def aspects(args):
+    """(n,) width / height of the images: the --meta parquet's, or n draws of ASSUMED_MIX with a little jitter
+    (log-normal, sigma 2%), as real sizes are rarely the exact ratio."""
+    if args.meta:
+        import pyarrow.parquet as pq
+        files = sd_data.list_files(args.meta, [".parquet"], "metadata")
+        tables = [sd_data.normalize_laion_columns(pq.read_table(f)) for f in files]
+        w = np.concatenate([t.column("width").to_numpy(zero_copy_only=False) for t in tables]).astype(np.float64)
+        h = np.concatenate([t.column("height").to_numpy(zero_copy_only=False) for t in tables]).astype(np.float64)
+        ok = (w > 0) & (h > 0)
+        return w[ok] / h[ok]
+    rng = np.random.default_rng(0)
+    ratios = np.array([a / b for (a, b), _ in ASSUMED_MIX])
+    pick = rng.choice(len(ratios), args.images, p=[p for _, p in ASSUMED_MIX])
+    return ratios[pick] * np.exp(rng.normal(0, 0.02, args.images))
+
+
+def crop(args):
+    buckets = sd_data.aspect_buckets(args.res, args.multiple)
+
+    def kept(r):
+        b = buckets[sd_data.nearest_bucket(r, 1.0, buckets)]
+        return sd_data.area_kept(r, 1.0, *b), sd_data.area_kept(r, 1.0, 1, 1), b
+    rows = []
+    for a, b in NAMED:
+        bucketed, square, size = kept(a / b)
+        rows.append([f"{a}:{b}", f"{size[0]}x{size[1]}", f"{bucketed:.1%}", f"{square:.1%}"])
+    r = aspects(args)
+    both = np.array([kept(x)[:2] for x in r])
+    rows.append([f"mix of {len(r):,} images ({'--meta ' + args.meta if args.meta else 'ASSUMED_MIX'})", "",
+                 f"{both[:, 0].mean():.1%}", f"{both[:, 1].mean():.1%}"])
+    rows.append(["  images losing > 10% of their area", "", f"{(both[:, 0] < 0.9).mean():.1%}",
+                 f"{(both[:, 1] < 0.9).mean():.1%}"])
+    append_results(torch.device("cpu"), "Aspect buckets: image area kept (bench/buckets.py crop)",
+                   dict(res=args.res, multiple=args.multiple, buckets=len(buckets)),
+                   ["aspect (w:h)", "bucket", "area kept, buckets", "area kept, centre square"], rows)
+
+
+def compile_cost(args):
+    """Per bucket: an eager training step, then the first compiled one (compile + run) and a compiled one after,
+    for static graphs (dynamic=False, one compile per bucket) and automatic dynamic shapes (dynamic=None: torch
+    recompiles once with symbolic sizes after the second shape)."""
+    from torch._dynamo import config as dynamo
+    device = pick_device(args.device)
+    buckets = sd_data.aspect_buckets(args.res, 64)
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(buckets))      # as SD_Train.py sets it
+    cfg = M.unet_config(args.config)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(args.batch, cfg.in_channels, h // 8, w // 8, generator=g).to(device),
+                torch.randint(0, 1000, (args.batch,), generator=g).to(device),
+                torch.randn(args.batch, 77, cfg.context_dim, generator=g).to(device)) for w, h in buckets]
+
+    def step(model, batch):
+        x, t, ctx = batch
+        t0 = time.perf_counter()
+        F.mse_loss(model(x, t, ctx), x).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    def timed(dynamic):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        unet = M.UNet(cfg).initialize_weights().to(device).train()
+        model = unet if dynamic == "eager" else torch.compile(unet, dynamic=dynamic)
+        first = [step(model, b) for b in batches]
+        after = [min(step(model, b) for _ in range(args.steps)) for b in batches]
+        return first, after
+
+    runs = {mode: timed(mode) for mode in ("eager", False, None)}
+    rows = []
+    for i, (w, h) in enumerate(buckets):
+        rows.append([f"{w}x{h}", f"{runs['eager'][1][i] * 1e3:.0f}", f"{runs[False][0][i]:.1f}",
+                     f"{runs[False][1][i] * 1e3:.0f}", f"{runs[None][0][i]:.1f}", f"{runs[None][1][i] * 1e3:.0f}"])
+    rows.append(["all buckets", "", f"{sum(runs[False][0]):.1f}", "", f"{sum(runs[None][0]):.1f}", ""])
+    append_results(device, "Aspect buckets: torch.compile per bucket (bench/buckets.py compile)",
+                   dict(config=args.config, res=args.res, batch=args.batch, steps=args.steps),
+                   ["bucket", "eager ms/step", "static: 1st step s", "static ms/step", "auto-dynamic: 1st step s",
+                    "auto-dynamic ms/step"], rows)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("what", choices=["crop", "compile"], help="the crop's area figures, or the compile cost per bucket")
+    p.add_argument("--res", type=int, default=None, help="base resolution of the buckets (crop: 512, compile: 256)")
+    p.add_argument("--multiple", type=int, default=64, help="crop: bucket sides are multiples of this (64: SD's VAE)")
+    p.add_argument("--meta", default=None, help="crop: LAION parquet folder whose width/height give the aspects")
+    p.add_argument("--images", type=int, default=100_000, help="crop: images drawn from ASSUMED_MIX without --meta")
+    p.add_argument("--config", default="small", choices=sorted(M.UNET_CONFIGS), help="compile: named UNet config")
+    p.add_argument("--batch", type=int, default=2, help="compile: batch size")
+    p.add_argument("--steps", type=int, default=3, help="compile: steps per bucket after the first (the best is kept)")
+    p.add_argument("--device", default="cpu", help="compile: cpu, cuda, ...")
+    args = p.parse_args()
+    args.res = args.res or (512 if args.what == "crop" else 256)
+    crop(args) if args.what == "crop" else compile_cost(args)
