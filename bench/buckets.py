@@ -1,5 +1,6 @@
 """Benchmark aspect-ratio buckets: the share of each image's area the crop keeps (buckets vs SD's centre square),
-and what torch.compile costs per bucket (a static graph each, SD_Train.py's choice, vs automatic dynamic shapes).
+training img/s with buckets vs squares, and what torch.compile costs per bucket (a static graph each, SD_Train.py's
+choice, vs automatic dynamic shapes).
 
 The crop figures need an aspect-ratio distribution: `--meta DIR` reads the width/height columns of LAION parquet
 (01's or 02's output), the real thing; without it, ASSUMED_MIX below, a web-photo mix that is an assumption, not a
@@ -7,6 +8,7 @@ measurement (no LAION metadata is reachable offline here), so the per-aspect row
 
   python bench/buckets.py crop                              # the assumed mix, buckets of 512
   python bench/buckets.py crop --meta data/laion_filtered   # your data's own aspects
+  python bench/buckets.py speed --config small --res 256    # img/s: each bucket, the mix, the square
   python bench/buckets.py compile --config small --res 256  # CPU: compile seconds per bucket
 """
 import argparse
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import append_results  # noqa: I001 (sets sys.path)
+from common import append_results, time_interleaved  # noqa: I001 (sets sys.path)
 import SD_Model as M
 import sd_data
 from sd_common import pick_device
@@ -65,6 +67,46 @@ def crop(args):
                    ["aspect (w:h)", "bucket", "area kept, buckets", "area kept, centre square"], rows)
 
 
+def unet_and_batches(args, device, sizes):
+    """The named UNet (its from-scratch init) and one random (latents, t, context) batch per (width, height)."""
+    cfg = M.unet_config(args.config)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(args.batch, cfg.in_channels, h // 8, w // 8, generator=g).to(device),
+                torch.randint(0, 1000, (args.batch,), generator=g).to(device),
+                torch.randn(args.batch, 77, cfg.context_dim, generator=g).to(device)) for w, h in sizes]
+    torch.manual_seed(0)
+    return M.UNet(cfg).initialize_weights().to(device).train(), batches
+
+
+def train_step(model, batch):
+    """Forward + backward of the UNet on one batch (the gradients are dropped)."""
+    x, t, ctx = batch
+    F.mse_loss(model(x, t, ctx), x).backward()
+    for p in model.parameters():
+        p.grad = None
+
+
+def speed(args):
+    """img/s of the eager training step per bucket and at the square base, timed call by call in turn (a busy
+    neighbour hits all alike); the bucketed figure weighs the buckets as the mix of `aspects` fills them."""
+    device = pick_device(args.device)
+    buckets = sd_data.aspect_buckets(args.res, 64)
+    unet, batches = unet_and_batches(args, device, buckets + [(args.res, args.res)])
+    sec = time_interleaved({i: (lambda b=b: train_step(unet, b)) for i, b in enumerate(batches)}, args.steps, 1,
+                           device)
+    share = np.bincount([sd_data.nearest_bucket(r, 1.0, buckets) for r in aspects(args)], minlength=len(buckets))
+    share = share / share.sum()
+    mix = args.batch / float(np.dot(share, [sec[i] for i in range(len(buckets))]))
+    square = args.batch / sec[len(buckets)]
+    rows = [[f"{w}x{h}", f"{share[i]:.1%}", f"{args.batch / sec[i]:.2f}"] for i, (w, h) in enumerate(buckets)]
+    rows += [["bucketed, the mix", "100%", f"{mix:.2f}"], [f"square {args.res}x{args.res}", "", f"{square:.2f}"],
+             ["bucketed / square", "", f"{mix / square:.3f}x"]]
+    append_results(device, "Aspect buckets: training img/s (bench/buckets.py speed)",
+                   dict(config=args.config, res=args.res, batch=args.batch, steps=args.steps,
+                        mix="--meta " + args.meta if args.meta else "ASSUMED_MIX"),
+                   ["bucket", "share of the mix", "img/s (fwd+bwd)"], rows)
+
+
 def compile_cost(args):
     """Per bucket: an eager training step, then the first compiled one (compile + run) and a compiled one after,
     for static graphs (dynamic=False, one compile per bucket) and automatic dynamic shapes (dynamic=None: torch
@@ -73,24 +115,17 @@ def compile_cost(args):
     device = pick_device(args.device)
     buckets = sd_data.aspect_buckets(args.res, 64)
     dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(buckets))      # as SD_Train.py sets it
-    cfg = M.unet_config(args.config)
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(args.batch, cfg.in_channels, h // 8, w // 8, generator=g).to(device),
-                torch.randint(0, 1000, (args.batch,), generator=g).to(device),
-                torch.randn(args.batch, 77, cfg.context_dim, generator=g).to(device)) for w, h in buckets]
 
     def step(model, batch):
-        x, t, ctx = batch
         t0 = time.perf_counter()
-        F.mse_loss(model(x, t, ctx), x).backward()
+        train_step(model, batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
     def timed(dynamic):
         torch._dynamo.reset()
-        torch.manual_seed(0)
-        unet = M.UNet(cfg).initialize_weights().to(device).train()
+        unet, batches = unet_and_batches(args, device, buckets)
         model = unet if dynamic == "eager" else torch.compile(unet, dynamic=dynamic)
         first = [step(model, b) for b in batches]
         after = [min(step(model, b) for _ in range(args.steps)) for b in batches]
@@ -111,15 +146,18 @@ def compile_cost(args):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["crop", "compile"], help="the crop's area figures, or the compile cost per bucket")
-    p.add_argument("--res", type=int, default=None, help="base resolution of the buckets (crop: 512, compile: 256)")
+    p.add_argument("what", choices=["crop", "speed", "compile"],
+                   help="the crop's area figures, training img/s, or the compile cost per bucket")
+    p.add_argument("--res", type=int, default=None, help="base resolution of the buckets (crop: 512, else 256)")
     p.add_argument("--multiple", type=int, default=64, help="crop: bucket sides are multiples of this (64: SD's VAE)")
-    p.add_argument("--meta", default=None, help="crop: LAION parquet folder whose width/height give the aspects")
-    p.add_argument("--images", type=int, default=100_000, help="crop: images drawn from ASSUMED_MIX without --meta")
-    p.add_argument("--config", default="small", choices=sorted(M.UNET_CONFIGS), help="compile: named UNet config")
-    p.add_argument("--batch", type=int, default=2, help="compile: batch size")
-    p.add_argument("--steps", type=int, default=3, help="compile: steps per bucket after the first (the best is kept)")
-    p.add_argument("--device", default="cpu", help="compile: cpu, cuda, ...")
+    p.add_argument("--meta", default=None, help="crop, speed: LAION parquet folder whose width/height give the aspects")
+    p.add_argument("--images", type=int, default=100_000, help="crop, speed: draws from ASSUMED_MIX without --meta")
+    p.add_argument("--config", default="small", choices=sorted(M.UNET_CONFIGS), help="speed, compile: UNet config")
+    p.add_argument("--batch", type=int, default=2, help="speed, compile: batch size")
+    p.add_argument("--steps", type=int, default=3,
+                   help="speed: timed steps per size (the median is kept); compile: steps per bucket after the "
+                        "first (the best is kept)")
+    p.add_argument("--device", default="cpu", help="speed, compile: cpu, cuda, ...")
     args = p.parse_args()
     args.res = args.res or (512 if args.what == "crop" else 256)
-    crop(args) if args.what == "crop" else compile_cost(args)
+    {"crop": crop, "speed": speed, "compile": compile_cost}[args.what](args)

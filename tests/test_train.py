@@ -584,6 +584,8 @@ def test_bucketed_run_validates_per_bucket_and_resumes_bitwise_after_sigkill(tin
     m = re.search(r"aspect buckets: 3 \| 80x48 (\d+), 64x64 (\d+), 48x80 (\d+) samples/epoch \| (\d+) left over",
                   stdout)
     assert m, stdout[-3000:]
+    assert "four/latents' holds square latents (encoded without --buckets): its 4 samples train as the 64x64 " \
+        "bucket" in stdout                                                    # a square folder joins, one line says so
     per_bucket = [int(g) for g in m.groups()[:3]]
     assert sum(per_bucket) == 32 and int(m[4]) == sum(c % 4 for c in per_bucket)
     steps = sum(c // 4 for c in per_bucket)
