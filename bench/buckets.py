@@ -124,19 +124,26 @@ def compile_cost(args):
         return time.perf_counter() - t0
 
     def timed(dynamic):
+        """(first-step seconds, best later step seconds) per bucket, or the error that stopped the compiler."""
         torch._dynamo.reset()
         unet, batches = unet_and_batches(args, device, buckets)
         model = unet if dynamic == "eager" else torch.compile(unet, dynamic=dynamic)
-        first = [step(model, b) for b in batches]
-        after = [min(step(model, b) for _ in range(args.steps)) for b in batches]
-        return first, after
+        try:
+            first = [step(model, b) for b in batches]
+            return first, [min(step(model, b) for _ in range(args.steps)) for b in batches]
+        except Exception as e:   # noqa: BLE001 - a compiler failure is a result here, reported in the table
+            return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
 
     runs = {mode: timed(mode) for mode in ("eager", False, None)}
-    rows = []
-    for i, (w, h) in enumerate(buckets):
-        rows.append([f"{w}x{h}", f"{runs['eager'][1][i] * 1e3:.0f}", f"{runs[False][0][i]:.1f}",
-                     f"{runs[False][1][i] * 1e3:.0f}", f"{runs[None][0][i]:.1f}", f"{runs[None][1][i] * 1e3:.0f}"])
-    rows.append(["all buckets", "", f"{sum(runs[False][0]):.1f}", "", f"{sum(runs[None][0]):.1f}", ""])
+
+    def cells(mode, i):
+        if isinstance(runs[mode], str):
+            return [runs[mode] if i == 0 else "", ""]
+        return [f"{runs[mode][0][i]:.1f}", f"{runs[mode][1][i] * 1e3:.0f}"]
+    rows = [[f"{w}x{h}", f"{runs['eager'][1][i] * 1e3:.0f}", *cells(False, i), *cells(None, i)]
+            for i, (w, h) in enumerate(buckets)]
+    total = {m: "-" if isinstance(runs[m], str) else f"{sum(runs[m][0]):.1f}" for m in (False, None)}
+    rows.append(["all buckets", "", total[False], "", total[None], ""])
     append_results(device, "Aspect buckets: torch.compile per bucket (bench/buckets.py compile)",
                    dict(config=args.config, res=args.res, batch=args.batch, steps=args.steps),
                    ["bucket", "eager ms/step", "static: 1st step s", "static ms/step", "auto-dynamic: 1st step s",
