@@ -1,12 +1,11 @@
 """Download LAION parquet metadata (huggingface_hub.snapshot_download) and normalise its column names."""
-import argparse
 from pathlib import Path
 
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import sd_data
-from sd_common import UserError, atomic_path, check_writable, run_main
+from sd_common import UserError, arg_parser, atomic_path, check_writable, run_main
 
 
 def download(args):
@@ -74,7 +73,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--repo_id", default="laion/laion2B-en-aesthetic", help="Hugging Face dataset repo to snapshot")
     parser.add_argument("--revision", default=None, help="branch, tag or commit of the dataset repo")
     parser.add_argument("--patterns", nargs="+", default=["*.parquet"], help="allow_patterns of the files to fetch")

@@ -5,14 +5,13 @@ The seed's full-body phase kept the COCO images in which a person's box is at le
 square centred on the tallest such person. Captions are COCO's own (captions_<split>2017.json, one of an
 image's five, fixed per image) when given, else a template naming the people and the most frequent object.
 """
-import argparse
 import json
 import os
 from collections import Counter
 from pathlib import Path
 
 import sd_data
-from sd_common import UserError, check_writable, run_main
+from sd_common import UserError, arg_parser, check_writable, run_main
 
 # detection-datasets/coco: data/{train,val}-000NN-of-000MM-<hash>.parquet, rows of image_id, image {bytes,
 # path}, width, height, objects {bbox_id, category, bbox, area}; category is the index in COCO's 80 names.
@@ -157,7 +156,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--repo_id", default="detection-datasets/coco", help="Hugging Face dataset repo to download")
     parser.add_argument("--raw_dir", default="data/coco_raw", help="where the downloaded parquet files go")
     parser.add_argument("--source", default=None, help="local folder of the parquet files instead of downloading")

@@ -1,5 +1,4 @@
 """Filter LAION metadata by quality (aesthetic, CLIP similarity, size, watermark, NSFW, caption) and dedup."""
-import argparse
 import hashlib
 import json
 from contextlib import ExitStack, closing
@@ -11,7 +10,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import sd_data
-from sd_common import UserError, atomic_path, check_writable, run_main, write_atomic
+from sd_common import UserError, arg_parser, atomic_path, check_writable, run_main, write_atomic
 
 # The seed's phases (003 summary, "Training Phases"). Phase 1 says "no watermark/NSFW" without a number:
 # we read it as LAION's predicted probabilities < 0.5. Phase 2 is a stricter cut of phase 1's pool, so it
@@ -148,7 +147,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--meta", default="data/laion_meta", help="input folder of normalised parquet (from 01)")
     parser.add_argument("--out", default="data/laion_filtered", help="output folder of filtered parquet")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="the seed's phase thresholds")

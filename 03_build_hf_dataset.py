@@ -1,5 +1,4 @@
 """Build an Arrow Hugging Face image dataset (image, caption, key, source) from DiffusionDB/JourneyDB tars."""
-import argparse
 import json
 import tempfile
 from collections import Counter
@@ -8,7 +7,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import sd_data
-from sd_common import UserError, atomic_folder, check_writable, run_main
+from sd_common import UserError, arg_parser, atomic_folder, check_writable, run_main
 
 BUILD_INFO = "build_info.json"
 
@@ -68,7 +67,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--tars", nargs="+", default=["data/diffusiondb_tars", "data/journeydb_tars"],
                         help="input folders of webdataset tars (from 01b/01c)")
     parser.add_argument("--out", default="data/dm_image_dataset", help="output folder of the saved DatasetDict")

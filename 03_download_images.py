@@ -1,5 +1,4 @@
 """Download the filtered LAION images with img2dataset into resized, centre-cropped webdataset tar shards."""
-import argparse
 import json
 import os
 from collections import Counter
@@ -8,7 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 import sd_data
-from sd_common import UserError, check_writable, run_main
+from sd_common import UserError, arg_parser, check_writable, run_main
 
 # albumentations (imported by img2dataset) asks PyPI for a newer version on import; a downloader on a
 # cluster node should not phone home, and the tests must not touch the network.
@@ -71,7 +70,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--meta", default="data/laion_filtered", help="input folder of filtered parquet (from 02)")
     parser.add_argument("--out", default="data/laion_tars", help="output folder of webdataset tar shards")
     parser.add_argument("--image_size", type=int, default=512, help="output side in pixels")

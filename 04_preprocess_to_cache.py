@@ -1,12 +1,11 @@
 """Read webdataset tar shards into parquet batches of (image_key, caption, 77 CLIP token ids)."""
-import argparse
 import os
 from collections import Counter
 from pathlib import Path
 
 import SD_Model
 import sd_data
-from sd_common import atomic_path, check_writable, run_main
+from sd_common import arg_parser, atomic_path, check_writable, run_main
 
 _tokenizer = None
 
@@ -58,7 +57,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--tars", default="data/laion_tars", help="input folder of webdataset tar shards")
     parser.add_argument("--out", default="data/laion_tokens", help="output folder of parquet batches (one per tar)")
     parser.add_argument("--tokenizer", default=SD_Model.DEFAULT_TEXT_ENCODER["sd1"],

@@ -1,5 +1,4 @@
 """Merge 04's parquet batches into a Hugging Face DatasetDict with a deterministic train/validation split."""
-import argparse
 import json
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import sd_data
-from sd_common import UserError, atomic_folder, check_writable, run_main
+from sd_common import UserError, arg_parser, atomic_folder, check_writable, run_main
 
 BUILD_INFO = "build_info.json"
 
@@ -66,7 +65,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--batches", default="data/laion_tokens", help="input folder of parquet batches (from 04)")
     parser.add_argument("--out", default="data/laion_hf", help="output folder of the saved DatasetDict")
     parser.add_argument("--val_fraction", type=float, default=0.01,

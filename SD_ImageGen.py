@@ -1,13 +1,12 @@
 """Sample images from a trained checkpoint (EMA weights, DDIM/DDPM, CFG with a real negative prompt), or export
 it as a diffusers pipeline folder or an original-layout single file."""
-import argparse
 import math
 from pathlib import Path
 
 import torch
 
 import SD_Model as M
-from sd_common import check_writable, pick_device, pick_dtype, run_main
+from sd_common import arg_parser, check_writable, pick_device, pick_dtype, run_main
 
 
 def save_png(image, path, info):
@@ -104,8 +103,7 @@ def add_sampling_flags(p):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = arg_parser(__doc__)
     add_sampling_flags(p)
     p.add_argument("--prompt", default=None, help="the prompt")
     p.add_argument("--prompts", default=None, help="a file with one prompt per line (instead of --prompt)")

@@ -8,7 +8,6 @@ Parameter names mirror diffusers' UNet2DConditionModel (down_blocks.0.resnets.0.
 diffusers folder loads with no renaming and parity with diffusers is a strict load_state_dict away; the
 original CompVis layout (input_blocks.1.0.in_layers.2, ...) is one key map further down.
 """
-import argparse
 import copy
 import json
 import math
@@ -23,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sd_common import UserError, atomic_folder, atomic_path, pick_dtype, run_main
+from sd_common import HelpFormatter, UserError, arg_parser, atomic_folder, atomic_path, pick_dtype, run_main
 
 
 #################################################################################
@@ -1468,14 +1467,13 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="SD UNet tools: parameter layout and checkpoint conversion.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser("SD UNet tools: parameter layout and checkpoint conversion.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="print parameter count and per-stage layout of a named config",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--config", default="sd1", choices=sorted(UNET_CONFIGS), help="named UNet config")
     p = sub.add_parser("convert", help="convert UNet weights between formats (lossless)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("src", help="our checkpoint (.pt/.safetensors), a diffusers folder, or an original single file")
     p.add_argument("dst", help="output file (ours, original) or folder (diffusers)")
     p.add_argument("--format", required=True, choices=["ours", "diffusers", "original"], help="output format")

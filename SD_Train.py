@@ -44,7 +44,8 @@ from tqdm import tqdm
 from SD_Model import (DEFAULT_TEXT_ENCODER, DEFAULT_VAE, LOSS_WEIGHTINGS, FrozenTextEncoder, FrozenVAE,
                       NoiseSchedule, Pipeline, build_unet, checkpoint_meta, configure_cuda_backends, generate,
                       make_grid, peak_tflops, read_training_checkpoint, read_unet_state, save_unet, unet_config)
-from sd_common import UserError, atomic_path, check_writable, pick_device, pick_dtype, run_main, write_atomic
+from sd_common import (UserError, arg_parser, atomic_path, check_writable, pick_device, pick_dtype, run_main,
+                       write_atomic)
 from sd_latents import LatentMix, epoch_order, open_source, prefetch, step_batches, synthetic_source
 
 REPO = Path(__file__).resolve().parent
@@ -983,8 +984,7 @@ def train(cfg, rank, world, device, stop):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--phase", default="tiny", help="phase in configs/phases.yaml whose values fill the options")
     parser.add_argument("--phases_file", default=str(PHASES_FILE.relative_to(REPO)),
                         help="the phases file (relative paths start at the repo root)")

@@ -8,7 +8,6 @@ The seed's 4-stage pipeline, each stage overlapping the next through bounded que
   4. VAE encode       (main)       posterior mean x scaling factor (bf16 on CUDA), then a writer
                                    thread saves each latent as fp16 .npy atomically.
 """
-import argparse
 import multiprocessing as mp
 import os
 import queue
@@ -24,7 +23,7 @@ from tqdm import tqdm
 import SD_Model
 import sd_data
 import sd_latents
-from sd_common import UserError, check_writable, pick_device, pick_dtype, run_main
+from sd_common import UserError, arg_parser, check_writable, pick_device, pick_dtype, run_main
 
 DONE = object()  # end-of-stream marker passed down the queues
 
@@ -255,12 +254,8 @@ def main(args):
     sd_data.print_summary(f"encode_latents ({device}{part}, {vae.name}) -> {out}", rows)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown on every flag, and the module docstring's stage list kept as written."""
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--tars", default="data/laion_tars", help="input folder of webdataset tar shards")
     parser.add_argument("--out", default="data/laion_latents", help="output latent folder")
     parser.add_argument("--vae", default=SD_Model.DEFAULT_VAE,

@@ -10,7 +10,6 @@ clean-fid all pull in torchvision, which breaks transformers beside a CPU torch 
 written below with the state-dict names of that file: the real weights load strictly with
 torch.load(weights_only=True).
 """
-import argparse
 import csv
 import hashlib
 import json
@@ -22,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import SD_Model as M
-from sd_common import atomic_path, check_writable, pick_dtype, run_main, write_atomic
+from sd_common import arg_parser, atomic_path, check_writable, pick_dtype, run_main, write_atomic
 from SD_ImageGen import save_png
 from SD_ImageGen import main as imagegen_main
 
@@ -585,8 +584,7 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--ckpt", required=True,
                    help="our checkpoint (.pt/.safetensors), a diffusers UNet or pipeline folder, or an original "
                         "single file")

@@ -1,10 +1,9 @@
 """Quick, portable sampling: picks CUDA, then Apple's MPS, then CPU, and draws one prompt with EMA weights."""
-import argparse
 from pathlib import Path
 
 import SD_Model as M
 from SD_ImageGen import add_sampling_flags, save_png
-from sd_common import check_writable, pick_device, pick_dtype, run_main
+from sd_common import arg_parser, check_writable, pick_device, pick_dtype, run_main
 
 
 def main(args):
@@ -22,8 +21,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = arg_parser(__doc__)
     add_sampling_flags(p)
     p.add_argument("--prompt", required=True, help="the prompt")
     p.add_argument("--size", type=int, default=None, help="square image size (default: the training resolution)")

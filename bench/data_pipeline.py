@@ -15,7 +15,7 @@ import torch
 from common import append_results  # noqa: I001 (puts the repo on sys.path)
 import sd_data
 import sd_latents
-from sd_common import pick_device, run_main
+from sd_common import arg_parser, pick_device, run_main
 
 
 def make_jpeg(i, w, h):
@@ -133,7 +133,7 @@ def main(args):
     append_results(device, "Data pipeline (bench/data_pipeline.py)", settings, ["what", "value"], rows)
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--images", type=int, default=64, help="JPEGs generated and pushed through the pipeline")
     parser.add_argument("--source_width", type=int, default=640, help="width of the generated JPEGs")
     parser.add_argument("--source_height", type=int, default=512, help="height of the generated JPEGs")

@@ -7,7 +7,6 @@ costs in speed for what it buys in batch.
 
   GPU:  python bench/max_batch.py --config sd1 --res 512 --dtype bf16 --channels_last
 """
-import argparse
 import gc
 import time
 
@@ -16,7 +15,7 @@ import torch
 from common import append_results, device_name, peak_flops, sync  # noqa: I001 (sets sys.path)
 from unet_step import count_flops, make_step
 import SD_Model as M
-from sd_common import UserError, pick_device, run_main
+from sd_common import UserError, arg_parser, pick_device, run_main
 
 
 def largest_fitting(fits, limit):
@@ -102,8 +101,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--config", default="sd1", choices=sorted(M.UNET_CONFIGS), help="named UNet config")
     p.add_argument("--res", type=int, default=512, help="image resolution (latents are res/8)")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="autocast dtype")

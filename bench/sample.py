@@ -4,7 +4,6 @@ on the same random weights in one run: DDIM with CFG, batch 1; latency, UNet it/
   CPU, small:  python bench/sample.py --config small --res 256 --steps 20
   GPU, full:   python bench/sample.py --config sd1 --res 512 --steps 50 --dtype fp16 --compile reduce-overhead
 """
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 
 from common import append_results, device_name, time_interleaved  # noqa: I001 (sets sys.path)
 import SD_Model as M
-from sd_common import pick_device, pick_dtype
+from sd_common import arg_parser, pick_device, pick_dtype
 from tiny_models import save_tiny_clip, save_tiny_vae
 
 # Full size is SD1's: CLIP-L text tower (768 wide, 12 layers) and the sd-vae-ft-mse architecture.
@@ -74,8 +73,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--config", default="small", choices=sorted(M.UNET_CONFIGS), help="named UNet config")
     p.add_argument("--res", type=int, default=256, help="image resolution")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")

@@ -6,7 +6,6 @@ Unless --text_encoder is passed through, the run uses a random CLIP text tower o
   CPU, small:  python bench/train_e2e.py --phase tiny --nproc 2 --steps 30
   1 H100:      python bench/train_e2e.py --phase phase1 --nproc 1 --steps 60 -- --batch_size 32 --compile true
 """
-import argparse
 import re
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import tempfile
 import torch
 
 from common import ROOT, append_results  # noqa: I001 (sets sys.path)
-from sd_common import pick_device
+from sd_common import arg_parser, pick_device
 
 LINE = re.compile(r"step (\d+)/\d+ .*?\| ([\d.]+) img/s(?: \| MFU ([\d.]+)%)?(?: \| mem ([\d.]+) GB)?")
 
@@ -64,8 +63,7 @@ def main(args, extra):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--phase", default="tiny", help="phase of configs/phases.yaml (model, resolution, batch)")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for torchrun")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps to run")

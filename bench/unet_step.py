@@ -7,7 +7,6 @@ forward+backward FLOPs counted by torch's FlopCounterMode.
   CPU, small:  python bench/unet_step.py --config small --res 256 --batch 4
   GPU, full:   python bench/unet_step.py --config sd1 --res 512 --batch 32 --dtype bf16 --channels_last --compile --optimizer
 """
-import argparse
 import copy
 
 import torch
@@ -16,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import append_results, device_name, peak_flops, time_interleaved  # noqa: I001 (sets sys.path)
 import SD_Model as M
-from sd_common import pick_device, pick_dtype
+from sd_common import arg_parser, pick_device, pick_dtype
 
 
 def build_models(args, device):
@@ -109,8 +108,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--config", default="small", choices=sorted(M.UNET_CONFIGS), help="named UNet config")
     p.add_argument("--res", type=int, default=256, help="image resolution (latents are res/8)")
     p.add_argument("--batch", type=int, default=4, help="batch size")

@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import sd_data
+from sd_common import arg_parser
 from demo import shapes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,8 +132,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--root", default="data/demo", help="folder for every input and output of the demo")
     parser.add_argument("--images", type=int, default=3000, help="generated images")
     parser.add_argument("--seed", type=int, default=0,
