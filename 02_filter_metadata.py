@@ -45,8 +45,9 @@ def digest(value):
     return int.from_bytes(hashlib.blake2b(str(value).encode(), digest_size=8).digest(), "little")
 
 
-def filter_batch(table, thr, args, seen, funnel):
-    """Apply the filters in funnel order to one record batch, counting rows left after each."""
+def filter_batch(table, thr, args, seen, new, funnel):
+    """Apply the filters in funnel order to one record batch, counting rows left after each. Dedup looks in
+    `seen` (finished shards) and `new` (this shard so far), and adds to `new`."""
     for name, column, keep_if in NUMERIC_FILTERS:
         if thr[name] is None:
             continue
@@ -74,9 +75,9 @@ def filter_batch(table, thr, args, seen, funnel):
     keep = []
     for url, h in zip(urls, hashes):
         keys = [("u", digest(url))] + ([("h", digest(h))] if h else [])
-        dup = url is None or any(k in seen for k in keys)
+        dup = url is None or any(k in seen or k in new for k in keys)
         if not dup:
-            seen.update(keys)
+            new.update(keys)
         keep.append(not dup)
     table = table.filter(pa.array(keep, pa.bool_()))
     funnel["not a duplicate"] += table.num_rows
@@ -84,20 +85,25 @@ def filter_batch(table, thr, args, seen, funnel):
 
 
 def filter_shard(src, dst, thr, args, seen):
-    """Stream one shard batch by batch into dst (via a temp file); returns the shard's funnel."""
+    """Stream one shard batch by batch into dst (via a temp file); returns the shard's funnel, or None when the
+    shard cannot be read to its end (a corrupt or cut-off file: its rows are not kept, nor added to `seen`)."""
     from collections import Counter
-    funnel = Counter()
-    pf = pq.ParquetFile(src)
+    funnel, new = Counter(), set()
     writer = None
-    with ExitStack() as stack:                       # unwinds writer first, then the atomic rename (or cleanup)
-        for batch in pf.iter_batches(batch_size=args.batch_rows):
-            table = sd_data.normalize_laion_columns(pa.Table.from_batches([batch]))
-            funnel["rows in"] += table.num_rows
-            kept = filter_batch(table, thr, args, seen, funnel)
-            if writer is None:                       # an empty shard writes nothing
-                tmp = stack.enter_context(atomic_path(dst))
-                writer = stack.enter_context(closing(pq.ParquetWriter(tmp, kept.schema)))
-            writer.write_table(kept)
+    try:
+        with ExitStack() as stack:                   # unwinds writer first, then the atomic rename (or cleanup)
+            for batch in pq.ParquetFile(src).iter_batches(batch_size=args.batch_rows):
+                table = sd_data.normalize_laion_columns(pa.Table.from_batches([batch]))
+                funnel["rows in"] += table.num_rows
+                kept = filter_batch(table, thr, args, seen, new, funnel)
+                if writer is None:                   # an empty shard writes nothing
+                    tmp = stack.enter_context(atomic_path(dst))
+                    writer = stack.enter_context(closing(pq.ParquetWriter(tmp, kept.schema)))
+                writer.write_table(kept)
+    except (OSError, ValueError) as e:               # pyarrow's errors for a corrupt or partial file (as in 01)
+        tqdm.write(f"skipping unreadable shard {src}: {str(e)[:160]}")
+        return None
+    seen |= new
     return funnel
 
 
@@ -114,7 +120,7 @@ def main(args):
     print("filters:", {k: v for k, v in config.items() if v is not None})
 
     # resume: shards already written count in the funnel from their sidecar and seed the dedup set
-    seen, done, funnels = set(), 0, []
+    seen, done, unreadable, funnels = set(), 0, 0, []
     for src in shards:
         dst, side = out / src.name, out / f"{src.stem}.funnel.json"
         if side.exists():
@@ -133,6 +139,9 @@ def main(args):
         if side.exists():
             continue
         funnel = filter_shard(src, dst, thr, args, seen)
+        if funnel is None:                      # not marked done: a re-run (after a re-download) tries it again
+            unreadable += 1
+            continue
         write_atomic(side, json.dumps(funnel))  # written last: marks the shard done
         funnels.append(funnel)
 
@@ -141,10 +150,11 @@ def main(args):
         for k, v in f.items():
             total[k] = total.get(k, 0) + v
     stages = [k for k in total if not k.startswith("skipped:")]  # insertion order = funnel order
-    rows = [("shards", len(shards)), ("shards already done", done)]
+    rows = [("shards", len(shards)), ("shards already done", done), ("skipped: unreadable shard", unreadable)]
     rows += [(k, total[k]) for k in stages] + [(k, total[k]) for k in sorted(total) if k.startswith("skipped:")]
     rows.append(("kept", total.get("not a duplicate", 0)))
-    sd_data.print_summary(f"02 filter funnel -> {out}", rows)
+    sd_data.print_summary(f"02 filter funnel -> {out}", rows, total.get("not a duplicate", 0),
+                          "no row passed the filters (or no shard was readable)")
 
 
 if __name__ == "__main__":
