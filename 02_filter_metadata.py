@@ -13,15 +13,24 @@ from tqdm import tqdm
 import sd_data
 from sd_common import UserError, atomic_path, check_writable, run_main, write_atomic
 
+# One preset per phase of configs/phases.yaml whose data is LAION-style metadata.
 # The seed's phases (003 summary, "Training Phases"). Phase 1 says "no watermark/NSFW" without a number:
 # we read it as LAION's predicted probabilities < 0.5. Phase 2 is a stricter cut of phase 1's pool, so it
 # keeps phase 1's size and NSFW limits; its watermark < 0.15 is the seed script's default (0.25 in its blog).
-PRESETS = {
-    "phase1": dict(min_aesthetic=6.5, min_similarity=0.28, min_width=512, min_height=512,
-                   max_watermark=0.5, max_punsafe=0.5),
-    "phase2": dict(min_aesthetic=7.5, min_similarity=0.30, min_width=512, min_height=512,
-                   max_watermark=0.15, max_punsafe=0.5),
-}
+# Phases 6 and 7 draw their LAION share from phase 2's set (data/laion_hq_*), so their preset is phase 2's.
+SEED_PHASE1 = dict(min_aesthetic=6.5, min_similarity=0.28, min_width=512, min_height=512, max_watermark=0.5,
+                   max_punsafe=0.5)
+SEED_PHASE2 = dict(min_aesthetic=7.5, min_similarity=0.30, min_width=512, min_height=512, max_watermark=0.15,
+                   max_punsafe=0.5)
+# NeMo's stages (summary 000) filter by resolution alone: the 256 px pretraining stages take every pair, SD 1.1
+# the >= 1024x1024 subset, SD 1.2 / 1.5 / 2.0-base the >= 512x512 subset (captions and dedup as for every preset).
+HIRES_1024, HIRES_512 = dict(min_width=1024, min_height=1024), dict(min_width=512, min_height=512)
+PRESETS = {"phase1": SEED_PHASE1, "phase2": SEED_PHASE2, "phase6": SEED_PHASE2, "phase7": SEED_PHASE2,
+           "nemo_pretrain_256": {}, "sd11": HIRES_1024, "sd12": HIRES_512, "sd15": HIRES_512,
+           "sd2_pretrain_256": {}, "sd2_base_512": HIRES_512}
+# Phases whose data is not LAION metadata: --preset names the script that makes it instead of filtering nothing.
+NOT_LAION = {"phase3": "DiffusionDB + JourneyDB: 01b_download_diffusiondb.py and 01c_download_journeydb_images.py",
+             "phase4": "VGGFace2 faces: 01d_prepare_vggface2.py", "phase5": "COCO people: 01e_download_coco_people.py"}
 THRESHOLDS = ["min_aesthetic", "min_similarity", "min_width", "min_height", "max_watermark", "max_punsafe"]
 # funnel order: (threshold, column, keep-if)
 NUMERIC_FILTERS = [
@@ -36,6 +45,9 @@ NUMERIC_FILTERS = [
 
 def resolve_thresholds(args):
     """A flag given on the command line wins over the preset; a threshold in neither is off (None)."""
+    if args.preset in NOT_LAION:
+        raise UserError(f"{args.preset}'s data is not LAION metadata, so 02 has no filter for it; it comes from "
+                        f"{NOT_LAION[args.preset]} (README: 'Every phase's data')")
     preset = PRESETS.get(args.preset, {})
     return {k: getattr(args, k) if getattr(args, k) is not None else preset.get(k) for k in THRESHOLDS}
 
@@ -161,7 +173,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--meta", default="data/laion_meta", help="input folder of normalised parquet (from 01)")
     parser.add_argument("--out", default="data/laion_filtered", help="output folder of filtered parquet")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="the seed's phase thresholds")
+    parser.add_argument("--preset", choices=sorted({*PRESETS, *NOT_LAION}), default=None,
+                        help="the thresholds of a phase or NeMo stage of configs/phases.yaml")
     parser.add_argument("--min_aesthetic", type=float, default=None, help="keep aesthetic >= this (overrides preset)")
     parser.add_argument("--min_similarity", type=float, default=None, help="keep CLIP similarity >= this")
     parser.add_argument("--min_width", type=int, default=None, help="keep original width >= this")
