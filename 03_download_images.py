@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -68,7 +69,14 @@ def start_distributor(args):
         except ImportError:
             raise UserError("--distributor pyspark needs pyspark (pip install pyspark; Java 17+)") from None
         master = args.spark_master or SparkConf().get("spark.master", f"local[{args.processes}]")
-        spark = SparkSession.builder.master(master).appName("03_download_images").getOrCreate()
+        builder = SparkSession.builder.master(master).appName("03_download_images")
+        if master.startswith("local"):                # this machine: loopback only, no web UI, and workers run
+            # this Python (the one with img2dataset; pyspark reads the worker's Python from this variable alone)
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+            os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+            builder = builder.config("spark.ui.enabled", "false").config("spark.driver.host", "127.0.0.1") \
+                .config("spark.driver.bindAddress", "127.0.0.1")
+        spark = builder.getOrCreate()
         for m in modules:
             spark.sparkContext.addPyFile(str(m))
         return distributor.pyspark_distributor, spark.stop
