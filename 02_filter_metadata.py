@@ -120,6 +120,8 @@ def filter_shard(src, dst, thr, args, seen):
 
 
 def main(args):
+    if args.batch_rows < 1:
+        raise UserError(f"--batch_rows must be at least 1 (got {args.batch_rows})")
     shards = sd_data.list_files(args.meta, [".parquet"], "metadata")
     out = Path(args.out)
     check_writable(out, "--out")

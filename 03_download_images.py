@@ -127,6 +127,11 @@ def main(args):
     for needed in ("url", "caption"):
         if needed not in columns:
             raise UserError(f"'{files[0]}' has no '{needed}' column; run 01/02 on it first")
+    for flag in ("processes", "threads", "shard_size", "subjob_size", "image_size", "timeout"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
+    if args.retries < 0 or args.max_shard_retry < 0:
+        raise UserError("--retries and --max_shard_retry must be 0 or more")
     if not 0 < args.refetch_transient <= 1:
         raise UserError(f"--refetch_transient {args.refetch_transient} is outside (0, 1]")
     extra = [c for c in columns if c not in RESERVED]  # keep the LAION scores next to each image

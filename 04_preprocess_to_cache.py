@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 
 import SD_Model
 import sd_data
-from sd_common import atomic_path, check_writable, run_main
+from sd_common import UserError, atomic_path, check_writable, run_main
 
 _tokenizer = None
 SOURCE_TAR = b"source_tar"   # parquet metadata: [size, mtime_ns] of the tar the batch was made from
@@ -55,6 +55,8 @@ def process_shard(tar, dst, tokenizer_name, min_size, batch):
 
 
 def main(args):
+    if args.tokenize_batch < 1:
+        raise UserError(f"--tokenize_batch must be at least 1 (got {args.tokenize_batch})")
     tars = sd_data.list_tars(args.tars)
     out = Path(args.out)
     check_writable(out, "--out")
