@@ -69,7 +69,8 @@ def main(args):
         except (OSError, ValueError) as e:  # pyarrow raises these for a corrupt or partial file
             counts["unreadable"] += 1
             tqdm.write(f"skipping unreadable shard {src}: {str(e)[:160]}")
-    sd_data.print_summary(f"01 metadata -> {out}", list(counts.items()))
+    sd_data.print_summary(f"01 metadata -> {out}", list(counts.items()), counts["normalised"] + counts["already done"],
+                          f"none of the {len(shards)} parquet shards under '{src_dir}' could be read")
 
 
 if __name__ == "__main__":

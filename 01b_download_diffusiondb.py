@@ -54,7 +54,8 @@ def main(args):
     sd_data.run_jobs(convert_part, [(p, args) for p in todo], args.workers, "diffusiondb", "part", total)
     rows = sd_data.count_rows(total, ("parts", "parts already done", "parts converted", "parts missing at source",
                                       "images in", "kept"))
-    sd_data.print_summary(f"01b DiffusionDB -> {out}", rows)
+    sd_data.print_summary(f"01b DiffusionDB -> {out}", rows, total["kept"] + total["parts already done"],
+                          f"no image of parts {args.parts} from '{args.source}' was kept")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,8 @@ def main(args):
                          "archive", total)
     rows = sd_data.count_rows(total, ("archives", "archives already done", "archives converted",
                                       "archives missing at source", "images in", "kept"))
-    sd_data.print_summary(f"01c JourneyDB -> {out}", rows)
+    sd_data.print_summary(f"01c JourneyDB -> {out}", rows, total["kept"] + total["archives already done"],
+                          f"no image of archives {args.archives} from '{args.source}' was kept")
 
 
 if __name__ == "__main__":

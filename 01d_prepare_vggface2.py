@@ -126,7 +126,8 @@ def main(args):
                                       "not picked (over --per_identity)", "no face box: centre crop", "kept"))
     if not genders:
         rows.append((f"no {IDENTITY_META}: captions say 'person'", "yes"))
-    sd_data.print_summary(f"01d VGGFace2 -> {out}", rows)
+    sd_data.print_summary(f"01d VGGFace2 -> {out}", rows, total["kept"] + total["shards already done"],
+                          f"no image under '{root}' was kept")
 
 
 if __name__ == "__main__":

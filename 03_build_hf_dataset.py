@@ -14,10 +14,11 @@ BUILD_INFO = "build_info.json"
 
 def main(args):
     import datasets
-    tars = [t for d in args.tars for t in sd_data.list_files(d, [".tar"], "tar")]
+    sd_data.check_val_fraction(args.val_fraction)
+    tars = sd_data.list_tars(args.tars)
     out = Path(args.out)
     check_writable(out.parent, "--out")                 # the output is built beside it, then swapped in
-    inputs = {"tars": [[str(t), t.stat().st_size, t.stat().st_mtime_ns] for t in tars],
+    inputs = {"tars": [[str(t), *sd_data.file_identity(t)] for t in tars],
               "val_fraction": args.val_fraction, "min_image_size": args.min_image_size}
     info_path = out / BUILD_INFO
     if info_path.exists() and json.loads(info_path.read_text()).get("inputs") == inputs:
@@ -63,7 +64,7 @@ def main(args):
         del dd, splits
         (tmp / BUILD_INFO).write_text(json.dumps({"inputs": inputs, "counts": dict(counts)}, indent=2) + "\n")
     rows_ = [("tars", len(tars))] + sd_data.count_rows(counts, ("truncated tar", "train", "validation"))
-    sd_data.print_summary(f"03 image dataset -> {out}", rows_)
+    sd_data.print_summary(f"03 image dataset -> {out}", rows_, counts["train"], "no usable sample in the tars")
 
 
 if __name__ == "__main__":

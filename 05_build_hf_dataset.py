@@ -15,11 +15,12 @@ BUILD_INFO = "build_info.json"
 
 def main(args):
     import datasets
+    sd_data.check_val_fraction(args.val_fraction)
     batches = sd_data.list_files(args.batches, [".parquet"], "parquet batches")
     out = Path(args.out)
     check_writable(out.parent, "--out")                 # the output is built beside it, then swapped in
     # resume: the same inputs and split give the same dataset, so there is nothing to redo
-    inputs = {"batches": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in batches],
+    inputs = {"batches": [[p.name, *sd_data.file_identity(p)] for p in batches],
               "val_fraction": args.val_fraction}
     info_path = out / BUILD_INFO
     if info_path.exists() and json.loads(info_path.read_text()).get("inputs") == inputs:
@@ -61,7 +62,8 @@ def main(args):
     with atomic_folder(out) as tmp:
         dd.save_to_disk(str(tmp), num_proc=None)
         (tmp / BUILD_INFO).write_text(json.dumps({"inputs": inputs, "counts": counts}, indent=2) + "\n")
-    sd_data.print_summary(f"05 dataset -> {out}", [("batches", len(batches))] + list(counts.items()))
+    sd_data.print_summary(f"05 dataset -> {out}", [("batches", len(batches))] + list(counts.items()), counts["train"],
+                          "no training row")
 
 
 if __name__ == "__main__":

@@ -653,11 +653,14 @@ def require_hub(what, name, hint):
 def _from_pretrained(cls, name, what, flag, subfolder, **kwargs):
     """cls.from_pretrained(name) for a hub id, a model folder, or a diffusers pipeline folder (which keeps
     the part in `subfolder`), turning the library's long offline traceback into one line. A hub id already
-    in the local cache loads without touching the network."""
+    in the local cache loads without touching the network. A name that cannot be a hub id ('./x', '/x', 'a/b/c')
+    or whose first part is a local folder ('data/myclip' beside data/) is a path, and a missing path is an error,
+    never a hub download."""
     path = Path(name)
     if path.is_dir() and (path / subfolder).is_dir() and not (path / "config.json").exists():
         kwargs["subfolder"] = subfolder
-    elif not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+    elif not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or
+                                 (name.count("/") == 1 and path.parent.is_dir())):
         raise UserError(f"{what} folder '{name}' does not exist; pass an existing folder or a hub id with {flag}")
     if not path.exists():
         try:
@@ -666,8 +669,8 @@ def _from_pretrained(cls, name, what, flag, subfolder, **kwargs):
                 return obj
         except (OSError, ValueError):
             pass
-        require_hub(what, name, f"download it where there is network (`hf download {name} --local-dir DIR`) "
-                                f"and pass {flag} DIR")
+        require_hub(what, name, f"nor is it a local folder; download it where there is network (`hf download {name} "
+                                f"--local-dir DIR`) and pass {flag} DIR")
     try:
         obj = cls.from_pretrained(name, **kwargs)
     except pickle.UnpicklingError:                   # torch.load(weights_only=True) refused a .bin: not a download issue
@@ -718,9 +721,10 @@ class FrozenVAE:
         return self.vae.decode(latents.to(self.device, self.dtype) / self.scaling_factor).sample.float()
 
 
-def load_tokenizer(name_or_path):
+def load_tokenizer(name_or_path, flag="--text_encoder"):
+    """The CLIP tokenizer of a text encoder; `flag` is the option that named it, for the error messages."""
     from transformers import CLIPTokenizer
-    return _from_pretrained(CLIPTokenizer, str(name_or_path), "tokenizer", "--text_encoder", "tokenizer")
+    return _from_pretrained(CLIPTokenizer, str(name_or_path), "tokenizer", flag, "tokenizer")
 
 
 def tokenize(tokenizer, texts):

@@ -704,10 +704,13 @@ def open_data(cfg, run, text, show):
     else:
         sources, val_sources = [], []
         for spec in cfg["datasets"]:
-            source, dropped = open_source(spec, "train", cfg["resolution"], run.model_cfg.in_channels, text)
+            source, dropped, orphans = open_source(spec, "train", cfg["resolution"], run.model_cfg.in_channels, text)
             sources.append(source)
             if show and dropped:
                 print(f"note: {dropped} captions in '{spec['captions']}' have no latent in '{spec['latents']}'; skipped")
+            if show and orphans:
+                print(f"note: {orphans} latents in '{spec['latents']}' have no caption in '{spec['captions']}'; not "
+                      "trained on (rerun 04 and 05 on the same tars as encode_latents)")
             try:
                 val_sources.append(open_source(spec, "validation", cfg["resolution"], run.model_cfg.in_channels,
                                                text)[0])

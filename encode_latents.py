@@ -183,7 +183,7 @@ def main(args):
     # under `torchrun --nproc_per_node=G` each process takes every G-th shard on its own GPU; they share
     # nothing but the output folder, so no process group is needed
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    tars = sd_data.list_files(args.tars, [".tar"], "tar")[rank::world]
+    tars = sd_data.list_tars(args.tars)[rank::world]
     out = Path(args.out)
     check_writable(out, "--out")
     device = args.device = pick_device(args.device, index=int(os.environ.get("LOCAL_RANK", 0)))
@@ -251,12 +251,14 @@ def main(args):
     rows += [("latents in folder", len(sd_latents.existing_latent_keys(out))),
              ("img/s", f"{written[0] / max(seconds, 1e-9):.1f}")]
     part = f", shards {rank}::{world}" if world > 1 else ""
-    sd_data.print_summary(f"encode_latents ({device}{part}, {vae.name}) -> {out}", rows)
+    sd_data.print_summary(f"encode_latents ({device}{part}, {vae.name}) -> {out}", rows,
+                          written[0] + counts["already encoded"] if tars else None, "no usable image in the tars")
 
 
 if __name__ == "__main__":
     parser = arg_parser(__doc__)
-    parser.add_argument("--tars", default="data/laion_tars", help="input folder of webdataset tar shards")
+    parser.add_argument("--tars", nargs="+", default=["data/laion_tars"],
+                        help="input folder(s) of webdataset tar shards (phase 3: DiffusionDB's and JourneyDB's)")
     parser.add_argument("--out", default="data/laion_latents", help="output latent folder")
     parser.add_argument("--vae", default=SD_Model.DEFAULT_VAE,
                         help="AutoencoderKL: hub id, folder, or diffusers pipeline folder")

@@ -30,8 +30,10 @@ class BadSample(Exception):
 #                                Summary Table                                  #
 #################################################################################
 
-def print_summary(title, rows):
-    """Print `rows` [(label, value), ...] as a two-column table; every script ends with one."""
+def print_summary(title, rows, usable=None, why=""):
+    """Print `rows` [(label, value), ...] as a two-column table; every script ends with one. `usable`: what the
+    run leaves for the next step (kept now + done before); when it is 0 the run then exits non-zero with one line
+    saying `why`, so a `&&`-chained pipeline stops at the step where nothing came through."""
     rows = [(str(k), f"{v:,}" if isinstance(v, int) else str(v)) for k, v in rows]
     width = max([len(k) for k, _ in rows] + [len(title)])
     vwidth = max([len(v) for _, v in rows] + [5])
@@ -40,6 +42,8 @@ def print_summary(title, rows):
     for k, v in rows:
         print(f"{k:<{width}} | {v:>{vwidth}}")
     print(line, flush=True)
+    if usable is not None and not usable:
+        raise UserError(f"nothing usable came out of {title.split(' -> ')[0]}: {why} (counts above)")
 
 
 def count_rows(counts, labels):
@@ -105,6 +109,26 @@ def normalize_laion_columns(table):
     return table
 
 
+def file_identity(path):
+    """[size, mtime_ns] of a file: what a step records about each input it finished, so that an input which
+    changed since (a tar 03 was still writing, a shard downloaded again) is redone instead of taken as done."""
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def list_tars(folders):
+    """The .tar files of one or several folders (phase 3 reads DiffusionDB's and JourneyDB's together); two with
+    the same name would share one output name downstream, so that is an error."""
+    tars = [t for d in ([folders] if isinstance(folders, (str, Path)) else folders)
+            for t in list_files(d, [".tar"], "tar")]
+    names = {}
+    for t in tars:
+        if t.name in names:
+            raise UserError(f"'{names[t.name]}' and '{t}' have the same name; run them as separate --tars/--out pairs")
+        names[t.name] = t
+    return tars
+
+
 def list_files(folder, suffixes, what):
     """Sorted files in `folder` ending with one of `suffixes`; a clear error when there are none."""
     folder = Path(folder)
@@ -150,6 +174,13 @@ def key_fraction(key):
 def is_validation_key(key, val_fraction):
     """Deterministic train/validation assignment: the same key lands in the same split on every machine."""
     return key_fraction(key) < val_fraction
+
+
+def check_val_fraction(value):
+    """--val_fraction in [0, 1): 1 or more would leave no training rows, a negative one is a typo."""
+    if not 0 <= value < 1:
+        raise UserError(f"--val_fraction {value} is outside [0, 1): it is the share of keys held out for validation")
+    return value
 
 
 #################################################################################
@@ -276,6 +307,51 @@ def write_square_shard(samples, dst, size, quality=95, min_size=64, counts=None)
         raise
     writer.close()
     return writer.count
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def needs_rgb8(data):
+    """True when cv2.imdecode(IMREAD_UNCHANGED) of these bytes gives anything but 8-bit colour channels: 16-bit
+    samples (PNG bit depth 16, 16-bit TIFF) or one grey channel. Read from the header alone; bytes no decoder can
+    open are False (the resizer reports them). Formats cv2 decodes oddly and LAION rarely serves (TIFF, BMP,
+    JPEG 2000) are always True: converting them costs little and never guesses."""
+    from PIL import Image
+    if data[:8] == PNG_SIGNATURE and len(data) >= 26:
+        return data[24] == 16 or data[25] == 0                # IHDR: bit depth, colour type (0 = grey)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.format not in ("JPEG", "WEBP", "GIF", "PNG") or im.mode not in ("RGB", "RGBA", "P", "CMYK")
+    except Exception:
+        return False
+
+
+class RGB8Resizer:
+    """img2dataset's Resizer behind a check of each source image, handed to its Downloader in the Resizer's place.
+
+    img2dataset decodes with cv2.IMREAD_UNCHANGED and JPEG-encodes what it resized: a 16-bit PNG's samples are
+    saturated to 255 on the way (a 16-bit grey PNG of mean 156 was stored as a white JPEG of mean 255) and a grey
+    image is stored with one channel. Sources that `needs_rgb8` flags are first decoded here as every later step
+    decodes (decode_image: 16 -> 8 bits, alpha on white, grey -> RGB) and handed on as an 8-bit RGB BMP (no
+    compression to spend time on); the others pass untouched. What cannot be decoded is reported, with its reason,
+    as the Resizer reports its own failures, so it is counted and skipped."""
+
+    def __init__(self, resizer):
+        self.resizer = resizer
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        import cv2
+        img_stream.seek(0)
+        data = img_stream.read()
+        img_stream.seek(0)
+        if needs_rgb8(data):
+            try:
+                img = decode_image(data, min_size=1, max_pixels=self.resizer.max_image_area)
+            except BadSample as e:
+                return None, None, None, None, None, str(e)
+            img_stream = io.BytesIO(cv2.imencode(".bmp", np.ascontiguousarray(img[:, :, ::-1]))[1].tobytes())
+        return self.resizer(img_stream, blurring_bbox_list)
 
 
 def images_to_tensor(batch):
@@ -492,7 +568,7 @@ def pending_parts(source, spec, flag, out, shard_name, what):
     source and `spec`, makes `out`, and returns (parts, parts whose shard `out / shard_name(n)` is not there
     yet, the summary's first two counts). A re-run converts only what is missing."""
     from collections import Counter
-    if not is_url(source) and not Path(source).is_dir():
+    if not str(source).strip() or not is_url(source) and not Path(source).is_dir():
         raise UserError(f"--source '{source}' is neither a URL nor an existing folder")
     parts = parse_ranges(spec, flag)
     check_writable(out, "--out")

@@ -132,7 +132,10 @@ class LatentSource:
 
 
 def open_source(spec, split, resolution, in_channels, text):
-    """A LatentSource for one `datasets` entry, or a clear error for every way it can fail to fit."""
+    """(A LatentSource for one `datasets` entry, or a clear error for every way it can fail to fit; the number
+    of its captions without a latent; for the train split, the number of latents whose key no split's captions
+    hold). Both counts are data lost between the steps (a tar tokenized while still being written, one encoded
+    but never tokenized): the trainer says so."""
     import pyarrow.compute as pc
     root, captions = Path(spec["latents"]), Path(spec["captions"])
     info = load_latent_info(root)
@@ -171,6 +174,11 @@ def open_source(spec, split, resolution, in_channels, text):
                             f"they were tokenized for another text encoder: rerun 04_preprocess_to_cache.py with "
                             f"--tokenizer {text.name} and 05_build_hf_dataset.py")
     have = existing_latent_keys(root)
+    orphans = None
+    if split == "train":
+        import datasets
+        named = {k for s in datasets.load_from_disk(str(captions)).values() for k in s.data.column("image_key").to_pylist()}
+        orphans = len(have - named)
     keep = [i for i, k in enumerate(keys) if k in have]
     if not keep:
         raise UserError(f"none of the {len(keys)} '{split}' captions in '{captions}' has a latent in '{root}'; "
@@ -178,7 +186,7 @@ def open_source(spec, split, resolution, in_channels, text):
     source = LatentSource(f"{root.name}:{split}", root, [keys[i] for i in keep], ids[keep].astype(np.int64),
                           shape, info)
     source.read_one(0)                               # the first file must match latent_info.json too
-    return source, len(keys) - len(keep)
+    return source, len(keys) - len(keep), orphans
 
 
 def synthetic_source(n, shape, text, seed, name):

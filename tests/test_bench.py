@@ -64,3 +64,12 @@ def test_checkpoint_save_appends_a_table(tmp_path):
     proc = run_bench(tmp_path, "checkpoint_save.py", "--config", "small", "--dir", tmp_path / "ckpt")
     assert proc.returncode == 0, proc.stderr
     assert "| small | " in results(tmp_path) and not list((tmp_path / "ckpt").iterdir())   # measured, then removed
+
+
+def test_data_pipeline_measures_02_and_03_with_projections(tmp_path):
+    proc = run_bench(tmp_path, "data_pipeline.py", "--stages", "filter", "download", "--filter_rows", 20000,
+                     "--download_images", 6, "--download_size", "400x300", "--download_image_size", 64, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    text = results(tmp_path)
+    assert "| 02 filter --preset phase1, 1 process |" in text and "-> LAION-2B-en, 2.3B rows, 1 process" in text
+    assert "img/s per core (6 of 6 kept)" in text and "-> 100M images, one 16-core node" in text

@@ -229,3 +229,30 @@ def test_pipeline_end_to_end(tmp_path, models):
     after = mtimes(d["latents"], "*.npy")
     assert {k: v for k, v in after.items() if k[:-4] not in keys[:2]} == \
         {k: v for k, v in lat_mtimes.items() if k[:-4] not in keys[:2]}
+
+
+def test_download_on_spark_local(tmp_path):
+    """03 --distributor pyspark: img2dataset's shards run as Spark tasks on local[2] (a real Spark, Java and its
+    Python workers, which unpickle sd_data.RGB8Resizer from the files the script ships), over loopback. One run:
+    resuming is img2dataset's shard bookkeeping, the same for every distributor (tested above)."""
+    import cv2
+    www = tmp_path / "www"
+    www.mkdir()
+    sources = {f"good{i}.jpg": good_jpeg(i) for i in range(7)}
+    sources["rgb16.png"] = bad_image_bytes("png16")
+    for name, data in sources.items():
+        (www / name).write_bytes(data)
+    with LoopbackServer(www) as server:
+        urls = [f"{server.url}/{n}" for n in sources]
+        write_parquet(tmp_path / "meta" / "a.parquet", laion_rows(len(urls), url=urls))
+        args = ["--meta", tmp_path / "meta", "--out", tmp_path / "tars", "--image_size", RES, "--shard_size", 4,
+                "--distributor", "pyspark", "--spark_master", "local[2]", "--threads", 4, "--min_image_size", 32]
+        out = run_script("03_download_images.py", *args, timeout=240).stdout
+        assert summary_value(out, "shards downloaded now") == 2
+        assert summary_value(out, "kept (downloaded + resized)") == len(sources)
+    stored = {json.loads(s["json"])["url"].rsplit("/", 1)[1]: s["jpg"]
+              for t in sorted((tmp_path / "tars").glob("*.tar")) for _, s in sd_data.iter_tar_samples(t)}
+    assert sorted(stored) == sorted(sources)
+    for name, data in sources.items():                 # the 16-bit PNG too: RGB, looking like its source
+        got = cv2.imdecode(np.frombuffer(stored[name], np.uint8), cv2.IMREAD_COLOR)[..., ::-1].astype(np.float32)
+        assert np.abs(got - sd_data.load_image_square(data, RES, min_size=1)).mean() < 4.0

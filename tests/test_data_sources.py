@@ -325,3 +325,27 @@ def test_coco_keeps_tall_people_and_crops_around_them(tmp_path, coco):
     assert sd_data.sample_caption(got["001_000000000001"]) == "A man walks past a dog."
     proc = run_script("01e_download_coco_people.py", "--source", src, "--split", "test", check=False)
     assert proc.returncode != 0 and "no test-*.parquet files" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_readme_phase3_commands_make_one_dataset_of_two_tar_folders(tmp_path, diffusiondb, journeydb):
+    """The README's phase-3 lines as written (run from a fresh folder, so their data/ paths land there), with only
+    what tiny local data needs appended: sources, sizes, the tiny tokenizer and VAE, CPU instead of torchrun."""
+    import sd_latents
+    from data_fixtures import readme_commands
+    from tiny_models import save_tiny_tokenizer, save_tiny_vae
+    save_tiny_tokenizer(tmp_path / "tok", "a fantasy castle midjourney prompt".split())
+    save_tiny_vae(tmp_path / "vae")
+    small = ["--resolution", RES, "--min_image_size", 32, "--workers", 1]
+    tiny = {"01b_download_diffusiondb.py": ["--source", diffusiondb[0], "--parts", "1-2", *small],
+            "01c_download_journeydb_images.py": ["--source", journeydb[0], "--archives", "0", *small],
+            "04_preprocess_to_cache.py": ["--tokenizer", tmp_path / "tok", "--workers", 1],
+            "05_build_hf_dataset.py": ["--val_fraction", 0.3],
+            "encode_latents.py": ["--vae", tmp_path / "vae", "--device", "cpu", "--resolution", RES, "--workers", 1]}
+    lines = [(script, args) for phase, script, args in readme_commands() if phase.startswith("phase3")]
+    assert [s for s, _ in lines] == list(tiny)
+    for script, args in lines:
+        run_script(script, *args, *tiny[script], cwd=tmp_path)
+    data = tmp_path / "data"
+    captions = [k for split in ("train", "validation") for k in sd_latents.open_captions(data / "dm_hf", split)["image_key"]]
+    assert len(captions) == len(set(captions)) == 8                # DiffusionDB's 6 and JourneyDB's 2 kept images
+    assert sd_latents.existing_latent_keys(data / "dm_latents") == set(captions)

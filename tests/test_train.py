@@ -342,6 +342,19 @@ def run_main(*argv):
     SD_Train.main(SD_Train.parse_args([str(a) for a in argv]))
 
 
+def test_key_sets_that_disagree_are_counted_both_ways(tiny):
+    """Captions without a latent (a tar encoded but tokenized short) and latents without a caption (a tar tokenized
+    while still being written: issue 15's 10 lost captions) are both counted; SD_Train prints each as a note."""
+    keys = [f"mix{i:05d}" for i in range(10)]        # 8 train + 2 validation captions
+    tok = SD_Model.load_tokenizer(tiny.clip)
+    pair = write_dataset(tiny.root, "mix", 8, 2, tok, 6, tiny.scaling_factor, tiny.vae,
+                         latents_for=keys[3:] + ["mix99990", "mix99991", "mix99992"])
+    text = SD_Model.FrozenTextEncoder(tiny.clip)
+    source, dropped, orphans = sd_latents.open_source({"latents": str(pair[0]), "captions": str(pair[1])}, "train",
+                                                      RES, 4, text)
+    assert (len(source), dropped, orphans) == (5, 3, 3)
+
+
 def test_each_bad_input_gets_its_clear_error(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
