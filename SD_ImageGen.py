@@ -1,5 +1,7 @@
-"""Sample images from a trained checkpoint (EMA weights, DDIM / DDPM / Euler / DPM-Solver++, CFG with a real negative
-prompt), or export it as a diffusers pipeline folder or an original-layout single file."""
+"""Sample images from a trained checkpoint, or export it as a diffusers folder or an original-layout single file.
+
+EMA weights by default; DDIM, DDPM, Euler, Euler ancestral or DPM-Solver++(2M) (Karras sigmas or not); CFG with a
+real negative prompt."""
 import argparse
 import math
 from pathlib import Path

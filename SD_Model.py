@@ -673,7 +673,8 @@ def sample_euler(model_fn, x, schedule, steps=50, *, eta=0.0, spacing="leading",
             x0 = out * (-sigma / (sigma ** 2 + 1) ** 0.5) + (x / (sigma ** 2 + 1))
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
-        sigma_up = torch.minimum(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
+        sigma_up = torch.minimum(sigma_next,
+                                 eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
         sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
         x = x + (x - x0) / sigma * (sigma_down - sigma)
         if eta > 0:

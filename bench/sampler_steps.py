@@ -1,10 +1,12 @@
-"""Steps against quality for every sampler on the `make demo` model: evaluate.py's --shapes prompt-following score
-(color and shape accuracy over every color x shape prompt x --shapes_seeds seeds, the same seeds and batches) and
-images/s for each sampler and step count, then the fewest steps of each sampler that reach the reference's
-(DDIM, 100 steps) score and the images/s that buys. Two tables appended to bench/results/<device>.md.
+"""Steps against quality for every sampler on the `make demo` model: prompt-following score and images/s.
 
-  python bench/sampler_steps.py --ckpt /work/demo-model/ema_final.safetensors --vae /work/demo-model/vae \\
-      --text_encoder /work/demo-model/clip
+For each sampler and step count, evaluate.py's --shapes score (color and shape accuracy over every color x shape
+prompt x --shapes_seeds seeds, the same seeds and batches) and images/s; then the fewest steps of each sampler that
+reach the reference's (DDIM, 100 steps) score and the images/s that buys. Two tables appended to
+bench/results/<device>.md.
+
+  python bench/sampler_steps.py --ckpt data/demo/run/ema_final.safetensors --device cpu     # after `make demo`
+  (a copied model: add --vae DIR --text_encoder DIR, the folders it was trained with)
 """
 import argparse
 import tempfile
@@ -95,6 +97,7 @@ if __name__ == "__main__":
     p.add_argument("--shapes_seeds", type=int, default=4, help="seeds per color x shape prompt (`make demo`: 4)")
     p.add_argument("--seed", type=int, default=0, help="evaluate.py's --seed (the demo's default)")
     p.add_argument("--batch_size", type=int, default=16, help="images per sampling batch (evaluate.py's default)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on a GPU, fp32 on CPU")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="default: fp16 on a GPU, fp32 on CPU")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu")
     run_main(main, p.parse_args())
