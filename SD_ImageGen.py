@@ -1,5 +1,7 @@
-"""Sample images from a trained checkpoint (EMA weights, DDIM/DDPM, CFG with a real negative prompt), or export
-it as a diffusers pipeline folder or an original-layout single file."""
+"""Sample images from a trained checkpoint, or export it as a diffusers folder or an original-layout single file.
+
+EMA weights by default; DDIM, DDPM, Euler, Euler ancestral or DPM-Solver++(2M) (Karras sigmas or not); CFG with a
+real negative prompt."""
 import math
 from pathlib import Path
 
@@ -40,6 +42,7 @@ def run(args, device):
     dtype = pick_dtype(device, args.dtype)
     if args.export and args.export[0] not in EXPORT_FORMATS:
         raise M.UserError(f"--export {args.export[0]}: unknown format; choose one of {list(EXPORT_FORMATS)}")
+    M.check_sampler(args.sampler, args.eta)
     where = Path(args.export[1]) if args.export else Path(args.out)
     check_writable(where if args.export and args.export[0] == "diffusers" else where.parent,
                    "--export" if args.export else "--out")                     # before minutes of loading
@@ -50,13 +53,14 @@ def run(args, device):
         res = args.height or pipe.meta.get("resolution", 512)
         M.export_pipeline(dst, fmt, pipe.unet.state_dict(), pipe.unet.config, pipe.vae, pipe.text_encoder,
                           pipe.schedule, sample_size=res // pipe.vae.factor,
-                          dtype=pick_dtype(device, args.export_dtype))
-        print(f"exported {args.weights} weights of {args.ckpt} as {fmt} to {dst}")
+                          dtype=pick_dtype(device, args.export_dtype), sampler=args.sampler)
+        print(f"exported {args.weights} weights of {args.ckpt} as {fmt} to {dst}" +
+              (f" (scheduler: {args.sampler})" if fmt == "diffusers" else ""))
         return [Path(dst)]
 
     prompts = read_prompts(args)
     # fail before loading anything (the VAE's factor is checked again once it is loaded)
-    M.check_sampling_args(args.height, args.width, args.sampler, args.steps, None, args.n)
+    M.check_sampling_args(args.height, args.width, args.sampler, args.steps, None, args.n, args.eta)
     pipe = M.load_pipeline(args.ckpt, device, dtype, args.weights, args.vae, args.text_encoder)
     if args.compile:
         pipe.unet = torch.compile(pipe.unet, mode=args.compile)    # attribute access passes through to the UNet
@@ -89,6 +93,18 @@ def main(args, run_fn=run):
     return run_fn(args, pick_device(args.device))
 
 
+def add_sampler_flags(p):
+    """--sampler and --eta: this script, inference.py and evaluate.py."""
+    p.add_argument("--sampler", default="ddim",
+                   help=f"one of {', '.join(M.SAMPLERS)}: DDIM, DDPM, Euler, Euler ancestral, DPM-Solver++(2M) and "
+                        "the same on Karras sigmas, each equal to its diffusers scheduler; --export diffusers "
+                        "writes that scheduler")
+    p.add_argument("--eta", type=float, default=None,
+                   help="the noise each step adds, per sampler: ddim 0 (its default, deterministic) to 1 (DDPM's "
+                        "variance); ddpm 1 (its default) to 0 (the posterior mean alone); euler 0 (its default), "
+                        "> 0 adds ancestral noise; euler_a 1 (its default); dpmpp_2m* add none and refuse --eta")
+
+
 def add_sampling_flags(p):
     """The flags every sampling front end shares (this script, inference.py)."""
     p.add_argument("--ckpt", required=True,
@@ -100,6 +116,7 @@ def add_sampling_flags(p):
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (diffusers' convention)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on a GPU, fp32 on CPU")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu")
+    add_sampler_flags(p)
 
 
 def build_parser():
@@ -110,8 +127,6 @@ def build_parser():
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--height", type=int, default=None, help="image height, multiple of 8 (default: the training resolution)")
     p.add_argument("--width", type=int, default=None, help="image width, multiple of 8 (default: the training resolution)")
-    p.add_argument("--sampler", default="ddim", help=f"one of {sorted(M.SAMPLERS)}")
-    p.add_argument("--eta", type=float, default=None, help="sampler noise (default: 0 for ddim, 1 for ddpm)")
     p.add_argument("--weights", default="ema", choices=["ema", "live"], help="which weights of a training checkpoint")
     p.add_argument("--vae", default=None, help="VAE hub id or folder (default: the one the checkpoint names)")
     p.add_argument("--text_encoder", default=None, help="text encoder + tokenizer hub id or folder (default: the checkpoint's)")

@@ -9,6 +9,7 @@ diffusers folder loads with no renaming and parity with diffusers is a strict lo
 original CompVis layout (input_blocks.1.0.in_layers.2, ...) is one key map further down.
 """
 import copy
+import inspect
 import json
 import math
 import pickle
@@ -545,9 +546,18 @@ def sampling_timesteps(schedule, steps, spacing="leading", steps_offset=1):
     return [int(t) for t in ts]
 
 
+def _noise_like(x, generator):
+    """Fresh N(0, 1) noise of x's shape, drawn on the generator's device (diffusers' randn_tensor): a CPU
+    generator gives the same noise whatever device samples."""
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                       device=generator.device if generator is not None else x.device).to(x.device)
+
+
 # Every sampler is a pure function with one signature:
 #   sample_X(model_fn, x, schedule, steps, *, eta, spacing, steps_offset, generator, clip_x0, callback)
-# where model_fn(x, t) -> model output. The initial noise x is the caller's, so seeds are the caller's too.
+# where model_fn(x, t) -> the raw model output at timestep t (an int, or a float for Euler's linspace spacing),
+# and callback(i, t, x, x0) sees every step. The initial noise x ~ N(0, 1) is the caller's, so seeds are the
+# caller's too; a sampler that adds no noise (DPM-Solver++) takes no eta.
 
 @torch.no_grad()
 def sample_ddim(model_fn, x, schedule, steps=50, *, eta=0.0, spacing="leading", steps_offset=1,
@@ -569,8 +579,7 @@ def sample_ddim(model_fn, x, schedule, steps=50, *, eta=0.0, spacing="leading", 
         std = eta * var ** 0.5
         x = a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
         if eta > 0:
-            x = x + std * torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                                      device=generator.device if generator is not None else x.device).to(x.device)
+            x = x + std * _noise_like(x, generator)
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -595,15 +604,132 @@ def sample_ddpm(model_fn, x, schedule, steps=50, *, eta=1.0, spacing="leading", 
         x = (a_prev ** 0.5 * beta_t / (1 - a_t)) * x0 + (alpha_t ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
         if t > 0 and eta > 0:
             var = torch.clamp((1 - a_prev) / (1 - a_t) * beta_t, min=1e-20)
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                                device=generator.device if generator is not None else x.device).to(x.device)
-            x = x + eta * var ** 0.5 * noise
+            x = x + eta * var ** 0.5 * _noise_like(x, generator)
         if callback is not None:
             callback(i, t, x, x0)
     return x
 
 
-SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm}
+# The sigma-space samplers below (Karras et al. 2022) write x_t = sqrt(abar) (x0 + sigma eps) with
+# sigma = sqrt((1 - abar) / abar). Euler works on x_sigma = x0 + sigma eps and hands the model
+# x_sigma / sqrt(sigma^2 + 1), the x_t it was trained on (diffusers' scale_model_input); DPM-Solver works on x_t
+# itself and reads sigma only for its step sizes. Both follow diffusers' float32 arithmetic op for op.
+
+def train_sigmas(schedule):
+    """sigma of every training timestep. A zero-terminal-SNR schedule has abar_T = 0, sigma_T = inf: diffusers clamps
+    abar_T to 2**-24 (fp16's smallest subnormal) for these samplers, so sigma_T ~ 4096 and the model still sees
+    x_sigma / sqrt(sigma^2 + 1), pure noise."""
+    abar = schedule.alphas_cumprod.clone()
+    if schedule.zero_terminal_snr:
+        abar[-1] = 2.0 ** -24
+    return ((1 - abar) / abar) ** 0.5
+
+
+def sigma_steps(schedule, steps, spacing="leading", steps_offset=1, solver="euler", karras=False):
+    """(timesteps, sigmas) a sigma-space sampler visits, as diffusers' set_timesteps makes them: `steps` timesteps
+    and steps + 1 float32 sigmas ending at 0.
+      euler  EulerDiscreteScheduler / EulerAncestralDiscreteScheduler: the spacing's timesteps (linspace's left
+             fractional), sigma interpolated at each
+      dpm    DPMSolverMultistepScheduler: leading and linspace space steps + 1 points and drop t = 0 (the solver
+             steps to sigma = 0 itself); karras=True puts Karras et al.'s sigmas (rho = 7, Eq. 5) between the
+             schedule's extremes and calls the model at the timestep of equal log sigma, rounded"""
+    T = schedule.num_train_timesteps
+    full = train_sigmas(schedule).numpy()
+    if solver == "euler":
+        ts = (np.linspace(0, T - 1, steps, dtype=np.float32)[::-1] if spacing == "linspace" else
+              np.array(sampling_timesteps(schedule, steps, spacing, steps_offset), dtype=np.float32))
+    else:
+        ts = np.array(sampling_timesteps(schedule, steps, spacing, steps_offset) if spacing == "trailing" else
+                      sampling_timesteps(schedule, steps + 1, spacing, steps_offset)[:-1])
+    if karras:
+        rho, lo, hi = 7.0, full[0].item(), full[-1].item()
+        sigmas = (hi ** (1 / rho) + np.linspace(0, 1, steps) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+        ts = np.interp(np.log(sigmas), np.log(full), np.arange(T))
+        if schedule.beta_schedule != "squaredcos_cap_v2":      # diffusers truncates the cosine schedule's instead
+            ts = ts.round()
+    else:
+        sigmas = np.interp(ts, np.arange(T), full)
+    sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+    return [float(t) if solver == "euler" else int(t) for t in ts], sigmas
+
+
+@torch.no_grad()
+def sample_euler(model_fn, x, schedule, steps=50, *, eta=0.0, spacing="leading", steps_offset=1, generator=None,
+                 clip_x0=None, callback=None):
+    """Implements Euler steps in sigma (Karras et al. 2022, Algorithm 2 without churn), equal step for step to
+    diffusers' EulerDiscreteScheduler. eta > 0 makes it ancestral as k-diffusion's sample_euler_ancestral: step down
+    to sigma_down, then add noise of std sigma_up (sigma_down^2 + sigma_up^2 = the next sigma^2); eta = 1 is
+    diffusers' EulerAncestralDiscreteScheduler."""
+    ts, sigmas = sigma_steps(schedule, steps, spacing, steps_offset, "euler")
+    # diffusers' init_noise_sigma: x_T as x_sigma, sqrt(sigma_0^2 + 1) x_T, for leading spacing; k-diffusion's
+    # sigma_0 x_T for the others
+    x = x * (sigmas.max() if spacing != "leading" else (sigmas.max() ** 2 + 1) ** 0.5)
+    for i, t in enumerate(ts):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        out = model_fn(x / (sigma ** 2 + 1) ** 0.5, t)
+        if schedule.prediction_type == "epsilon":
+            x0 = x - sigma * out
+        else:
+            x0 = out * (-sigma / (sigma ** 2 + 1) ** 0.5) + (x / (sigma ** 2 + 1))
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        sigma_up = torch.minimum(sigma_next,
+                                 eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
+        sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
+        x = x + (x - x0) / sigma * (sigma_down - sigma)
+        if eta > 0:
+            x = x + _noise_like(x, generator) * sigma_up
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def sample_euler_ancestral(model_fn, x, schedule, steps=50, *, eta=1.0, **kw):
+    """Euler ancestral: sample_euler with eta = 1 by default, diffusers' EulerAncestralDiscreteScheduler."""
+    return sample_euler(model_fn, x, schedule, steps, eta=eta, **kw)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model_fn, x, schedule, steps=50, *, spacing="leading", steps_offset=1, generator=None,
+                    clip_x0=None, karras=False, callback=None):
+    """Implements DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2: multistep, second order, on the x0 prediction),
+    equal step for step to diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)
+    with its defaults: first order on the first step (no history) and the last (to sigma = 0, where it returns
+    the x0 prediction). Deterministic: no eta. `generator` is unused, kept for the shared signature."""
+    ts, sigmas = sigma_steps(schedule, steps, spacing, steps_offset, "dpm", karras)
+    alphas = 1 / (sigmas ** 2 + 1) ** 0.5                   # sqrt(abar)
+    stds = sigmas * alphas                                   # sqrt(1 - abar)
+    lambdas = torch.log(alphas) - torch.log(stds)            # half the log-SNR: +inf at sigma = 0
+    x0_prev = None
+    for i, t in enumerate(ts):
+        out = model_fn(x, t)
+        if schedule.prediction_type == "epsilon":
+            x0 = (x - stds[i] * out) / alphas[i]
+        else:
+            x0 = alphas[i] * x - stds[i] * out
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        h = lambdas[i + 1] - lambdas[i]
+        step = alphas[i + 1] * (torch.exp(-h) - 1.0)
+        x = (stds[i + 1] / stds[i]) * x - step * x0         # first order: DDIM (Lu et al. 2022, Eq. 9)
+        if x0_prev is not None and i < len(ts) - 1:          # second order from the previous x0 (their Eq. 17)
+            r = (lambdas[i] - lambdas[i - 1]) / h
+            x = x - 0.5 * step * ((1.0 / r) * (x0 - x0_prev))
+        x0_prev = x0
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def sample_dpmpp_2m_karras(model_fn, x, schedule, steps=50, **kw):
+    """DPM-Solver++(2M) on Karras et al.'s sigmas (the UIs' 'DPM++ 2M Karras'), diffusers'
+    DPMSolverMultistepScheduler(use_karras_sigmas=True)."""
+    return sample_dpmpp_2m(model_fn, x, schedule, steps, karras=True, **kw)
+
+
+# The names users know from the UIs and diffusers; the first is the default.
+SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm, "euler": sample_euler, "euler_a": sample_euler_ancestral,
+            "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_karras": sample_dpmpp_2m_karras}
 
 
 def cfg_model_fn(unet, cond, uncond, scale):
@@ -1253,13 +1379,15 @@ def single_file_state(unet_sd, unet_cfg, vae_model, text_model, dtype):
     return sd
 
 
-def export_pipeline(dst, fmt, unet_sd, unet_cfg, vae, text_encoder, schedule, sample_size=64, dtype=torch.float16):
+def export_pipeline(dst, fmt, unet_sd, unet_cfg, vae, text_encoder, schedule, sample_size=64, dtype=torch.float16,
+                    sampler="ddim"):
     """Write a whole text-to-image model: `diffusers` = a StableDiffusionPipeline folder (model_index.json,
     unet/, vae/, text_encoder/, tokenizer/, scheduler/); `single-file` = the original layout in one
     .safetensors (model.diffusion_model / first_stage_model / cond_stage_model.transformer) that diffusers'
-    from_single_file and the common UIs read."""
+    from_single_file and the common UIs read. The folder's scheduler is `sampler`'s (diffusers_scheduler_config)."""
     unet_sd = {k: v.to(dtype) for k, v in clean_state_dict(unet_sd).items()}
     if fmt == "diffusers":
+        scheduler_class, scheduler = diffusers_scheduler_config(schedule, sampler=sampler)
         dst = Path(dst)
         if dst.exists() and any(dst.iterdir()) and not (dst / "model_index.json").exists():
             raise UserError(f"'{dst}' exists and is not a pipeline folder this export would replace; pick a new one")
@@ -1275,13 +1403,12 @@ def export_pipeline(dst, fmt, unet_sd, unet_cfg, vae, text_encoder, schedule, sa
             text_encoder.tokenizer.save_pretrained(tmp / "tokenizer")
             save_bpe_files(text_encoder.tokenizer, tmp / "tokenizer")
             (tmp / "scheduler").mkdir()
-            (tmp / "scheduler" / "scheduler_config.json").write_text(
-                json.dumps(diffusers_scheduler_config(schedule), indent=2))
+            (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
             (tmp / "model_index.json").write_text(json.dumps({
                 "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
                 "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+                "scheduler": ["diffusers", scheduler_class], "safety_checker": [None, None],
                 "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
     elif fmt == "single-file":
         from safetensors.torch import save_file
@@ -1307,15 +1434,31 @@ def default_spacing(schedule):
     return "trailing" if schedule.zero_terminal_snr else "leading"
 
 
-def diffusers_scheduler_config(schedule, spacing=None, steps_offset=1):
-    """The DDIMScheduler config that samples as our sample_ddim does (no clip, alpha_prev(0) = abar_0)."""
+def diffusers_scheduler_config(schedule, spacing=None, steps_offset=1, sampler="ddim"):
+    """(class name, config) of the diffusers scheduler that samples as SAMPLERS[sampler] does, step for step (the
+    sampler tests load it with from_config): what an export writes, so the pipeline draws with the user's choice."""
     spacing = spacing or default_spacing(schedule)
-    return {"_class_name": "DDIMScheduler", "_diffusers_version": "0.30.0",
-            "num_train_timesteps": schedule.num_train_timesteps, "beta_start": schedule.beta_start,
-            "beta_end": schedule.beta_end, "beta_schedule": schedule.beta_schedule,
-            "prediction_type": schedule.prediction_type, "rescale_betas_zero_snr": schedule.zero_terminal_snr,
-            "clip_sample": False, "set_alpha_to_one": False, "steps_offset": steps_offset,
-            "timestep_spacing": spacing}
+    dpm = dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
+               final_sigmas_type="zero", use_karras_sigmas=False)
+    own = {"ddim": ("DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=False)),  # alpha_prev(0) = abar_0
+           "ddpm": ("DDPMScheduler", dict(clip_sample=False, variance_type="fixed_small")),
+           "euler": ("EulerDiscreteScheduler", dict(interpolation_type="linear", use_karras_sigmas=False)),
+           "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+           "dpmpp_2m": ("DPMSolverMultistepScheduler", dpm),
+           "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", dict(dpm, use_karras_sigmas=True))}
+    check_sampler(sampler)
+    if sampler == "dpmpp_2m_karras" and (schedule.zero_terminal_snr or schedule.beta_schedule == "squaredcos_cap_v2"):
+        # Karras sigmas from this schedule's huge sigma_max map several steps to t = T - 1 (or truncate cosine's to
+        # one t): diffusers then starts at the second of them and indexes past its sigmas (diffusers issue #12771)
+        raise UserError("diffusers' DPMSolverMultistepScheduler with Karras sigmas fails on a zero-terminal-SNR or "
+                        "cosine schedule (repeated first timestep, diffusers issue #12771); export with --sampler "
+                        "dpmpp_2m")
+    name, extra = own[sampler]
+    return name, {"_class_name": name, "_diffusers_version": "0.30.0",
+                  "num_train_timesteps": schedule.num_train_timesteps, "beta_start": schedule.beta_start,
+                  "beta_end": schedule.beta_end, "beta_schedule": schedule.beta_schedule,
+                  "prediction_type": schedule.prediction_type, "rescale_betas_zero_snr": schedule.zero_terminal_snr,
+                  "steps_offset": steps_offset, "timestep_spacing": spacing, **extra}
 
 
 #################################################################################
@@ -1381,7 +1524,19 @@ def initial_latents(n, channels, height, width, seed, device, factor):
     return torch.randn((n, channels, height // factor, width // factor), generator=g).to(device), g
 
 
-def check_sampling_args(height, width, sampler, steps, factor=None, images_per_prompt=1):
+def check_sampler(sampler, eta=None):
+    """A sampler name and its eta, one line each: eta scales the noise a sampler adds, so it is >= 0, and a sampler
+    that adds none (no eta in its signature) refuses one rather than ignore it."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+    if eta is not None and "eta" not in inspect.signature(SAMPLERS[sampler]).parameters:
+        noisy = [n for n, f in SAMPLERS.items() if "eta" in inspect.signature(f).parameters]
+        raise UserError(f"{sampler} adds no noise: --eta does not apply to it (it does to {', '.join(noisy)})")
+    if eta is not None and eta < 0:
+        raise UserError(f"--eta must be at least 0, got {eta}")
+
+
+def check_sampling_args(height, width, sampler, steps, factor=None, images_per_prompt=1, eta=None):
     """Every sampling argument checked before any model is loaded: one line each. A size left None (the
     checkpoint's resolution) is not checked; `factor` (the VAE's downsampling) is known once the VAE is loaded."""
     for name, side in (("height", height), ("width", width)):
@@ -1389,8 +1544,7 @@ def check_sampling_args(height, width, sampler, steps, factor=None, images_per_p
             raise UserError(f"{name} must be positive, got {side}")
         if side is not None and factor and side % factor:
             raise UserError(f"{name} must be a multiple of {factor} (the VAE's downsampling), got {side}")
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler '{sampler}'; choose one of {sorted(SAMPLERS)}")
+    check_sampler(sampler, eta)
     if steps < 1:
         raise UserError(f"sampling steps must be at least 1, got {steps}")
     if images_per_prompt < 1:
@@ -1402,7 +1556,7 @@ def generate(pipe, prompts, negative="", steps=50, guidance_scale=7.5, sampler="
              width=512, images_per_prompt=1, clip_x0=None, progress=False):
     """Prompts -> uint8 images (N, H, W, 3). The negative prompt (or "") is the unconditional CFG branch;
     `progress` shows a bar over the sampling steps (minutes on a CPU)."""
-    check_sampling_args(height, width, sampler, steps, pipe.vae.factor, images_per_prompt)
+    check_sampling_args(height, width, sampler, steps, pipe.vae.factor, images_per_prompt, eta)
     prompts = [p for p in prompts for _ in range(images_per_prompt)]
     te, device = pipe.text_encoder, pipe.vae.device
     for p in set(prompts) | {negative}:
@@ -1413,7 +1567,7 @@ def generate(pipe, prompts, negative="", steps=50, guidance_scale=7.5, sampler="
     uncond = te.encode([negative] * len(prompts)).to(device, dtype)
     x, g = initial_latents(len(prompts), pipe.unet.config.in_channels, height, width, seed, device, pipe.vae.factor)
     kw = dict(spacing=pipe.spacing, steps_offset=pipe.steps_offset, generator=g, clip_x0=clip_x0)
-    if eta is not None:   # else each sampler's own default: DDIM deterministic, DDPM full ancestral noise
+    if eta is not None:   # else each sampler's own default: 0 for ddim and euler, 1 for ddpm and euler_a
         kw["eta"] = eta
     model_fn = cfg_model_fn(pipe.unet, cond, uncond, guidance_scale)
     from tqdm import tqdm

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import SD_Model as M
 from sd_common import arg_parser, atomic_path, check_writable, pick_dtype, run_main, write_atomic
-from SD_ImageGen import save_png
+from SD_ImageGen import add_sampler_flags, save_png
 from SD_ImageGen import main as imagegen_main
 
 NEMO_GUIDANCE_SCALES = (1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)   # NeMo's FID-vs-CLIP sweep
@@ -480,7 +480,7 @@ def generate_missing(pipe, prompts, folder, scale, args, resolution):
     for k in tqdm(todo, desc=f"cfg {scale:g}", disable=not todo):
         chunk = prompts[k:k + bs]
         images = M.generate(pipe, chunk, args.negative, args.steps, scale, args.sampler, args.eta, args.seed + k,
-                            resolution, resolution)
+                            resolution, resolution, progress=True)
         for i, (image, prompt) in enumerate(zip(images, chunk), start=k):
             if not paths[i].exists():
                 # Written under a temp name first: an interrupted write never counts as a finished image.
@@ -556,7 +556,7 @@ def run(args, device):
         raise M.UserError(f"--ref_images '{args.ref_images}' is neither a folder of images nor a statistics .npz")
     if args.save_ref_stats and not (args.ref_images and Path(args.ref_images).is_dir()):
         raise M.UserError("--save_ref_stats writes the statistics of a --ref_images folder; pass one")
-    M.check_sampling_args(args.resolution, args.resolution, args.sampler, args.steps)
+    M.check_sampling_args(args.resolution, args.resolution, args.sampler, args.steps, eta=args.eta)
     check_writable(args.out, "--out")
     inception = load_inception(args.inception, device) if args.ref_images and not args.shapes else None
     clip = None if args.shapes else ClipScore(args.clip, device)
@@ -614,8 +614,7 @@ def build_parser():
     p.add_argument("--negative", default="", help="negative prompt: replaces the empty prompt in the CFG branch")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the first chunk's noise; chunk k uses seed + k")
-    p.add_argument("--sampler", default="ddim", help=f"one of {sorted(M.SAMPLERS)}")
-    p.add_argument("--eta", type=float, default=None, help="sampler noise (default: 0 for ddim, 1 for ddpm)")
+    add_sampler_flags(p)
     p.add_argument("--weights", default="ema", choices=["ema", "live"], help="which weights of a training checkpoint")
     p.add_argument("--vae", default=None, help="VAE hub id or folder (default: the one the checkpoint names)")
     p.add_argument("--text_encoder", default=None,

@@ -9,14 +9,15 @@ from sd_common import arg_parser, check_writable, pick_device, pick_dtype, run_m
 def main(args):
     M.configure_cuda_backends()
     device = pick_device(args.device)
-    M.check_sampling_args(args.size, args.size, "ddim", args.steps)   # before loading anything
+    M.check_sampling_args(args.size, args.size, args.sampler, args.steps, eta=args.eta)   # before loading anything
     check_writable(Path(args.out).parent, "--out")
     pipe = M.load_pipeline(args.ckpt, device, pick_dtype(device, args.dtype))
     res = args.size or pipe.meta.get("resolution", 512)
-    image = M.generate(pipe, [args.prompt], args.negative, args.steps, args.guidance_scale, "ddim", seed=args.seed,
-                       height=res, width=res, progress=True)[0]
+    image = M.generate(pipe, [args.prompt], args.negative, args.steps, args.guidance_scale, args.sampler, args.eta,
+                       seed=args.seed, height=res, width=res, progress=True)[0]
     save_png(image, args.out, dict(prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps,
-                                   guidance_scale=args.guidance_scale, checkpoint=args.ckpt, device=device.type))
+                                   guidance_scale=args.guidance_scale, sampler=args.sampler, eta=args.eta,
+                                   checkpoint=args.ckpt, device=device.type))
     print(f"wrote {args.out} ({device.type})")
 
 

@@ -38,7 +38,7 @@ def build(args, device, dtype, workdir):
     theirs_unet.load_state_dict(unet.state_dict())
     theirs = StableDiffusionPipeline(
         vae=ours.vae.vae, text_encoder=te.model, tokenizer=te.tokenizer, unet=theirs_unet.to(device, dtype).eval(),
-        scheduler=DDIMScheduler(**{k: v for k, v in M.diffusers_scheduler_config(ours.schedule).items()
+        scheduler=DDIMScheduler(**{k: v for k, v in M.diffusers_scheduler_config(ours.schedule)[1].items()
                                    if not k.startswith("_")}),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     theirs.set_progress_bar_config(disable=True)

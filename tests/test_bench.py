@@ -73,3 +73,23 @@ def test_data_pipeline_measures_02_and_03_with_projections(tmp_path):
     text = results(tmp_path)
     assert "| 02 filter --preset phase1, 1 process |" in text and "-> LAION-2B-en, 2.3B rows, 1 process" in text
     assert "img/s per core (6 of 6 kept)" in text and "-> 100M images, one 16-core node" in text
+
+
+def test_sampler_steps_scores_every_sampler_and_finds_the_fewest_steps(tmp_path):
+    """On a random tiny checkpoint: a row per sampler x step count, the reference, and the summary table."""
+    import SD_Model as M
+    from tiny_models import save_tiny_clip, save_tiny_vae
+    clip, vae = save_tiny_clip(tmp_path / "clip"), save_tiny_vae(tmp_path / "vae")
+    meta = M.checkpoint_meta("small", M.NoiseSchedule(), vae, 1.0, clip, "last", 32)
+    M.save_unet(M.UNet(M.unet_config("small")).initialize_weights().state_dict(), "small",
+                tmp_path / "ema_final.safetensors", "ours", meta)
+    proc = run_bench(tmp_path, "sampler_steps.py", "--ckpt", tmp_path / "ema_final.safetensors", "--samplers",
+                     "euler_a", "dpmpp_2m_karras", "--steps", 1, "--reference", "ddim:2", "--shapes_seeds", 1,
+                     "--batch_size", 24, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    text = results(tmp_path)
+    assert "| sampler | steps | color | shape | images/s | reaches ddim-2 |" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| euler_a |", "| dpmpp_2m_karras |", "| ddim |"))]
+    assert len(rows) == 2 + 1 + 2           # the grid, the reference, a summary row per sampler
+    proc = run_bench(tmp_path, "sampler_steps.py", "--ckpt", tmp_path / "ema_final.safetensors", "--reference", "ddim")
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --reference takes")

@@ -13,7 +13,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.torch import load_file, save_file
 
 import SD_Model as M
-from conftest import ROOT
+from conftest import ROOT, fake_model
 
 
 def rel_err(a, b):
@@ -344,12 +344,6 @@ def test_loss_weightings_are_finite_at_zero_terminal_snr():
 
 # --- samplers --------------------------------------------------------------------------------------------
 
-def fake_model(x, t):
-    """A fixed nonlinear stand-in for the UNet."""
-    t = float(t)
-    return 0.3 * torch.tanh(x) * torch.cos(torch.tensor(t / 300.0)) + 0.1 * torch.sin(torch.tensor(t / 97.0))
-
-
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("spacing,eta", [("leading", 0.0), ("trailing", 0.0), ("leading", 0.7)])
 def test_ddim_matches_diffusers_step_for_step(prediction, spacing, eta):
@@ -400,7 +394,7 @@ def test_zero_terminal_snr_models_sample_from_pure_noise():
     ztsnr = M.NoiseSchedule(prediction_type="v_prediction", zero_terminal_snr=True)
     assert M.Pipeline(None, None, None, ztsnr).spacing == "trailing"
     assert M.Pipeline(None, None, None, M.NoiseSchedule()).spacing == "leading"
-    assert M.diffusers_scheduler_config(ztsnr)["timestep_spacing"] == "trailing"
+    assert M.diffusers_scheduler_config(ztsnr)[1]["timestep_spacing"] == "trailing"
     assert M.sampling_timesteps(ztsnr, 25, M.default_spacing(ztsnr))[0] == 999
     assert ztsnr.alphas_cumprod[-1] == 0
 
