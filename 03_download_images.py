@@ -1,4 +1,5 @@
-"""Download the filtered LAION images with img2dataset into resized, centre-cropped webdataset tar shards."""
+"""Download the filtered LAION images with img2dataset into resized, centre-cropped webdataset tar shards (and
+OUT/preview.png: a grid of random samples with their captions)."""
 import argparse
 import json
 import os
@@ -32,6 +33,7 @@ def read_stats(out):
 
 
 def main(args):
+    sd_data.check_preview(args.preview)
     files = sd_data.list_files(args.meta, [".parquet"], "filtered metadata")
     columns = pq.read_schema(files[0]).names
     for needed in ("url", "caption"):
@@ -68,6 +70,9 @@ def main(args):
             ("skipped: decode/resize failed", total["failed_to_resize"])]
     rows += [(f"  {reason[:60]}", n) for reason, n in reasons.most_common(args.top_errors)]
     sd_data.print_summary(f"03 img2dataset -> {out}", rows)
+    tars = sorted(out.glob("*.tar"))
+    if args.preview and tars:
+        sd_data.write_tar_preview(out, tars, args.preview, args.preview_seed)
 
 
 if __name__ == "__main__":
@@ -95,4 +100,5 @@ if __name__ == "__main__":
                         help="X-Robots-Tag directives that make img2dataset drop an image")
     parser.add_argument("--user_agent_token", default=None, help="token added to the user agent (X-Robots-Tag scoping)")
     parser.add_argument("--top_errors", type=int, default=8, help="most common failure reasons listed in the summary")
+    sd_data.add_preview_args(parser)
     run_main(main, parser.parse_args())
