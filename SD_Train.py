@@ -278,6 +278,7 @@ def resolve_config(args):
         raise UserError("latent_fraction must be in [0, 1] and cfg_dropout in [0, 1)")
     if cfg["resolution"] < 1:
         raise UserError(f"resolution must be positive, got {cfg['resolution']}")
+    pick_loggers(cfg)                                # a contradiction or a missing package, before any work
     return cfg
 
 
@@ -620,11 +621,12 @@ def draw_loss_curve(series, size=(900, 520)):
     lo, hi = lo - 0.05 * (hi - lo + 0.1), hi + 0.05 * (hi - lo + 0.1)
     x = lambda step: left + (step - s0) / max(s1 - s0, 1) * (w - left - right)     # noqa: E731
     y = lambda v: top + (hi - math.log10(v)) / (hi - lo) * (h - top - bottom)      # noqa: E731
-    # y ticks: 1, 2, 5 x 10^k inside the range (only the decades when they are enough)
-    ticks = [m * 10.0 ** k for k in range(math.floor(lo), math.ceil(hi) + 1) for m in (1, 2, 5)
-             if lo <= math.log10(m * 10.0 ** k) <= hi]
-    if len([t for t in ticks if f"{t:g}".lstrip("0.").startswith("1")]) >= 3:
-        ticks = [t for t in ticks if f"{t:g}".lstrip("0.").startswith("1")]
+    # y ticks: the decades inside the range, or 1, 2, 5 x 10^k, or every m x 10^k: the first with 3 or more
+    for mantissas in ((1,), (1, 2, 5), range(1, 10)):
+        ticks = [m * 10.0 ** k for k in range(math.floor(lo), math.ceil(hi) + 1) for m in mantissas
+                 if lo <= math.log10(m * 10.0 ** k) <= hi]
+        if len(ticks) >= 3:
+            break
     for t in ticks:
         draw.line([(left, y(t)), (w - right, y(t))], fill=(225, 225, 225))
         draw.text((left - 6, y(t)), f"{t:g}", fill="black", font=font, anchor="rm")
@@ -777,13 +779,16 @@ def setup_distributed(cfg):
 
 def main(args):
     cfg = resolve_config(args)
-    if args.dry_run is not None and args.dry_run < 1:
-        raise UserError(f"--dry_run STEPS times at least 1 step, got {args.dry_run}")
+    dry_steps = None
+    if args.dry_run is not None:
+        dry_steps = int(args.dry_run) if args.dry_run.isdigit() else 0
+        if dry_steps < 1:
+            raise UserError(f"--dry_run STEPS: how many steps to time, at least 1 (got {args.dry_run!r})")
     rank, world, device = setup_distributed(cfg)
     try:
         with StopSignals() as stop:
-            if args.dry_run:
-                dry_run(cfg, rank, world, device, stop, args.dry_run)
+            if dry_steps:
+                dry_run(cfg, rank, world, device, stop, dry_steps)
             else:
                 train(cfg, rank, world, device, stop)
     finally:
@@ -1140,6 +1145,7 @@ def dry_run(cfg, rank, world, device, stop, steps):
 
     # The plan. Hours: the steps left at the measured speed (validation and checkpoint writes not counted).
     per_rank = run.G / sec / world
+    hours = lambda h: f"{h:,.2f} h" + (f" ({60 * h:.1f} min)" if h < 1 else "")      # noqa: E731
     last = min(cfg["max_steps"] or data.total_steps, data.total_steps)
     saves = checkpoints_written(cfg, data.steps_per_epoch, start, last)
     kept = min(saves, cfg["keep_last"] + 1) if cfg["keep_last"] else saves          # + the one being written
@@ -1165,13 +1171,14 @@ def dry_run(cfg, rank, world, device, stop, steps):
             ("step time", f"{sec:.3f} s (median of {steps}, {run.precision} on {device.type})"),
             ("img/s", f"{run.G / sec:,.1f} ({per_rank:,.1f} per rank)"),
             ("MFU", mfu),
-            ("estimated hours", f"{(last - start) * sec / 3600:,.2f} h for {last - start:,} steps"),
+            ("estimated hours", f"{hours((last - start) * sec / 3600)} for {last - start:,} steps"),
             ("memory", memory),
             ("checkpoints", f"{checkpoint_bytes(n_params) / 1e9:.2f} GB each, {saves} written, {kept} on disk at "
                             f"once (keep_last {cfg['keep_last']})"),
             ("disk needed", f"{need / 1e9:.2f} GB (checkpoints + {2 * n_params / 1e9:.2f} GB EMA export)"),
             ("disk free", f"{free / 1e9:.2f} GB at {where}: " + ("room enough" if free >= need else
-                                                                f"NOT ENOUGH, {(need - free) / 1e9:.2f} GB short"))]
+                                                                f"NOT ENOUGH, {(need - free) / 1e9:.2f} GB short") +
+             ("" if where.is_dir() and os.access(where, os.W_OK) else " (but not a folder this user can write)"))]
     # The same phase on other GPU counts of this kind, at this speed per rank (linear scaling assumed); a phase
     # with a global_batch keeps it (grad_accum follows the count), others keep batch_size x grad_accum per rank.
     unit, scaled = "GPU" if device.type == "cuda" else "process", []
@@ -1183,7 +1190,7 @@ def dry_run(cfg, rank, world, device, stop, steps):
         total = cfg["epochs"] * (len(data.mix) // batch)
         left = min(cfg["max_steps"] or total, total) - start
         scaled.append((f"{ranks} {unit}{'es' if unit == 'process' and ranks > 1 else 's' if ranks > 1 else ''}: "
-                       f"global batch {batch}, {left:,} steps", f"{left * batch / (per_rank * ranks) / 3600:,.2f} h"))
+                       f"global batch {batch}, {left:,} steps", hours(left * batch / (per_rank * ranks) / 3600)))
     if show:
         print_summary(f"dry run of phase '{cfg['phase']}' (nothing written)", rows)
         print_summary(f"estimated hours by {unit} count (this speed per {unit}, linear scaling assumed)", scaled)
@@ -1229,7 +1236,7 @@ def build_parser():
     parser.add_argument("--phase", default="tiny", help="phase in configs/phases.yaml whose values fill the options")
     parser.add_argument("--phases_file", default=str(PHASES_FILE.relative_to(REPO)),
                         help="the phases file (relative paths start at the repo root)")
-    parser.add_argument("--dry_run", nargs="?", type=int, const=5, default=None, metavar="STEPS",
+    parser.add_argument("--dry_run", nargs="?", const="5", default=None, metavar="STEPS",
                         help="print the phase's plan (samples, steps, img/s from STEPS timed steps, hours, memory, "
                              "disk) and exit, writing nothing")
     for name, (_, default, help_text, *choices) in OPTIONS.items():

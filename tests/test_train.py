@@ -847,7 +847,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tmp_path, monkeypatch,
     sec = float(rows["step time"].split()[0])
     assert re.fullmatch(r"[\d,.]+ \([\d,.]+ per rank\)", rows["img/s"]) and rows["MFU"] == "n/a (CPU)"
     hours = lambda label: float(rows[label].split()[0].replace(",", ""))  # noqa: E731
-    assert rows["estimated hours"].endswith(" h for 16 steps") and hours("estimated hours") == \
+    assert rows["estimated hours"].endswith(" for 16 steps") and hours("estimated hours") == \
         pytest.approx(16 * sec / 3600, abs=0.006)                               # sec as printed, to 1 ms
     assert re.fullmatch(r"\d+\.\d\d GB RSS \(CPU\)", rows["memory"])
     # checkpoints at steps 3, 6, 8 (epoch end), 9, 12, 15 and 16 (epoch end, last): 7, at most 2 + 1 on disk
@@ -857,5 +857,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tmp_path, monkeypatch,
     assert rows["disk free"].endswith(f"at {tmp_path}: room enough")
     assert hours("8 processes: global batch 32, 2 steps") == pytest.approx(2 * 32 / (4 / sec * 8) / 3600, abs=0.006)
     assert "note: these are CPU figures" in text
-    with pytest.raises(SD_Model.UserError, match=r"--dry_run STEPS times at least 1 step, got 0"):
-        run_main(*base_args(tiny, out), "--dry_run", 0)
+    for bad in (0, -1, "abc"):
+        with pytest.raises(SD_Model.UserError, match=rf"--dry_run STEPS: how many steps to time, at least 1 \(got "
+                                                     rf"'{bad}'\)"):
+            run_main(*base_args(tiny, out), "--dry_run", bad)
