@@ -188,7 +188,7 @@ def test_pipeline_end_to_end(tmp_path, models):
     assert list(train["image_key"]) == sorted(train["image_key"])      # key order, whatever the download order
     assert len(train[0]["input_ids"]) == 77
     # its preview: rows of either split (seed 1), each with its image from the tars and the dataset's caption
-    rows = dict(zip(train["image_key"] + val["image_key"], train["caption"] + val["caption"]))
+    rows = dict(zip([*train["image_key"], *val["image_key"]], [*train["caption"], *val["caption"]]))
     samples = {k: s for t in sorted(d["tars"].glob("*.tar")) for k, s in sd_data.iter_tar_samples(t)}
     keys, captions, tiles = preview_contents(d["hf"] / "preview.png", sd_data.PREVIEW_TILE)
     assert keys == sorted(rows, key=lambda k: sd_data.preview_rank(k, 1))[:6]
