@@ -78,11 +78,18 @@ def write_dataset_preview(args, out):
         return
     dd = datasets.load_from_disk(str(out))
     ds = dd["train" if "train" in dd else "validation"].cast_column("image", datasets.Image(decode=False))
-    keys = ds["image_key"]
-    rows = ds.select(sorted(range(len(keys)), key=lambda i: sd_data.preview_rank(keys[i], args.preview_seed))
-                     [:args.preview])
-    tiles = [sd_data.load_image_square(r["image"]["bytes"], sd_data.PREVIEW_TILE, min_size=1) for r in rows]
-    sd_data.write_preview(out / sd_data.PREVIEW_NAME, tiles, rows["caption"], rows["image_key"])
+    keys, tiles, captions, shown = ds["image_key"], [], [], []
+    for i in sorted(range(len(keys)), key=lambda i: sd_data.preview_rank(keys[i], args.preview_seed)):
+        if len(tiles) == args.preview:
+            break
+        row = ds[i]
+        try:
+            tiles.append(sd_data.load_image_square(row["image"]["bytes"], sd_data.PREVIEW_TILE, min_size=1))
+        except Exception:                            # noqa: BLE001 - a body broken behind a good header: not shown
+            continue
+        captions.append(row["caption"])
+        shown.append(row["image_key"])
+    sd_data.write_preview(out / sd_data.PREVIEW_NAME, tiles, captions, shown)
 
 
 if __name__ == "__main__":

@@ -444,7 +444,8 @@ def preview_samples(tars, n, seed, keys=None, min_size=1):
                 continue
             try:
                 image, caption = usable_sample(sample, min_size)
-            except BadSample:
+                decode_image(image, min_size)        # a broken body can hide behind a good header
+            except Exception:                        # noqa: BLE001 - BadSample, or a codec crash on one odd file
                 continue
             (heapq.heappush if len(best) < n else heapq.heapreplace)(best, (-rank, key, image, caption))
     return [(key, image, caption) for _, key, image, caption in sorted(best, reverse=True)]

@@ -128,22 +128,28 @@ def test_shard_writer_is_atomic(tmp_path):
 
 def test_preview_takes_the_first_ranked_usable_samples_of_seeded_shards(tmp_path):
     """6 shards of 3 samples: a preview reads PREVIEW_SHARDS of them (a seeded pick), skips the unusable samples
-    and those outside `keys`, and keeps the lowest-ranked keys."""
+    (an HTML page, no caption, a PNG whose body is broken behind a good header) and those outside `keys`, and keeps
+    the lowest-ranked keys."""
+    broken = bytearray(to_bytes(natural_image(96, 80, 3), "PNG"))
+    broken[len(broken) // 2:len(broken) // 2 + 60] = bytes(60)
+    bad = {(5, 1): bad_image_bytes("html"), (2, 0): bytes(broken), (4, 0): bytes(broken)}
     tars = []
     for t in range(6):
         members = {}
         for i in range(3):
-            members[f"s{t}{i}.jpg"] = good_jpeg(10 * t + i) if (t, i) != (0, 1) else bad_image_bytes("html")
-            if (t, i) != (1, 2):                                          # one sample without a caption
+            members[f"s{t}{i}.jpg"] = bad.get((t, i), good_jpeg(10 * t + i))
+            if (t, i) != (3, 2):                                          # one sample without a caption
                 members[f"s{t}{i}.txt"] = f"sample {t} {i}".encode()
         tars.append(tmp_path / f"{t:05d}.tar")
         write_tar(tars[-1], members)
     picked = sorted(np.random.default_rng(7).choice(6, sd_data.PREVIEW_SHARDS, replace=False))
-    usable = [f"s{t}{i}" for t in picked for i in range(3) if (t, i) not in ((0, 1), (1, 2))]
+    assert {2, 3, 4, 5} == set(picked)                                            # every bad sample is read
+    usable = [f"s{t}{i}" for t in picked for i in range(3) if (t, i) not in {*bad, (3, 2)}]
     got = sd_data.preview_samples(tars, 5, 7)
     assert [k for k, _, _ in got] == sorted(usable, key=lambda k: sd_data.preview_rank(k, 7))[:5]
     assert all(c == f"sample {k[1]} {k[2]}" and image == good_jpeg(10 * int(k[1]) + int(k[2])) for k, image, c in got)
     assert sd_data.preview_samples(tars, 5, 7) == got                            # seeded: the same again
+    assert sorted(k for k, _, _ in sd_data.preview_samples(tars, 50, 7)) == sorted(usable)   # bad ones never shown
     wanted = set(usable[::2])
     assert [k for k, _, _ in sd_data.preview_samples(tars, 50, 7, keys=wanted)] == \
         sorted(wanted, key=lambda k: sd_data.preview_rank(k, 7))
