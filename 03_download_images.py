@@ -1,4 +1,5 @@
-"""Download the filtered LAION images with img2dataset into resized, centre-cropped webdataset tar shards.
+"""Download the filtered LAION images with img2dataset into resized, centre-cropped webdataset tar shards (and
+OUT/preview.png: a grid of random samples with their captions).
 
 img2dataset's parts (its Reader, Resizer, Downloader, tar writer and distributors) do the work, on one machine
 (`--distributor multiprocessing`) or many (`pyspark`, `ray`); this script assembles them instead of calling
@@ -121,6 +122,7 @@ def download(args, out, extra, done_shards):
 
 
 def main(args):
+    sd_data.check_preview(args.preview)
     files = sd_data.list_files(args.meta, [".parquet"], "filtered metadata")
     columns = pq.read_schema(files[0]).names
     for needed in ("url", "caption"):
@@ -162,6 +164,9 @@ def main(args):
     if still:
         print(f"note: {still} shards lost {args.refetch_transient:.0%} or more of their URLs to timeouts or "
               "connection errors; run the same command again to fetch them again")
+    tars = sorted(out.glob("*.tar"))
+    if args.preview and tars:
+        sd_data.write_tar_preview(out, tars, args.preview, args.preview_seed)
 
 
 if __name__ == "__main__":
@@ -202,4 +207,5 @@ if __name__ == "__main__":
                         help="X-Robots-Tag directives that make img2dataset drop an image")
     parser.add_argument("--user_agent_token", default=None, help="token added to the user agent (X-Robots-Tag scoping)")
     parser.add_argument("--top_errors", type=int, default=8, help="most common failure reasons listed in the summary")
+    sd_data.add_preview_args(parser)
     run_main(main, parser.parse_args())

@@ -846,6 +846,11 @@ class FrozenVAE:
         """(N, 4, h, w) scaled latents -> (N, 3, f*h, f*w) images in [-1, 1], float32."""
         return self.vae.decode(latents.to(self.device, self.dtype) / self.scaling_factor).sample.float()
 
+    def decode_images(self, latents):
+        """(N, 4, h, w) scaled latents -> (N, f*h, f*w, 3) uint8 RGB."""
+        images = (self.decode(latents) / 2 + 0.5).clamp(0, 1)
+        return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
 
 def load_tokenizer(name_or_path, flag="--text_encoder"):
     """The CLIP tokenizer of a text encoder; `flag` is the option that named it, for the error messages."""
@@ -1573,8 +1578,7 @@ def generate(pipe, prompts, negative="", steps=50, guidance_scale=7.5, sampler="
     from tqdm import tqdm
     with tqdm(total=steps, disable=not progress, desc=f"{sampler} x{len(prompts)}", unit="step", leave=False) as bar:
         latents = SAMPLERS[sampler](model_fn, x, pipe.schedule, steps, callback=lambda *_: bar.update(1), **kw)
-    images = (pipe.vae.decode(latents) / 2 + 0.5).clamp(0, 1)
-    return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return pipe.vae.decode_images(latents)
 
 
 def make_grid(images, cols):

@@ -7,6 +7,8 @@ The seed's 4-stage pipeline, each stage overlapping the next through bounded que
      then batching    (thread)     stack into uint8 batches, pinned for an async copy when on CUDA
   4. VAE encode       (main)       posterior mean x scaling factor (bf16 on CUDA), then a writer
                                    thread saves each latent as fp16 .npy atomically.
+Then OUT/preview.png: random samples, each source image beside the VAE's decode of its stored latent, so a wrong
+colour space, a white 16-bit image or a bad scaling factor shows at a glance.
 """
 import multiprocessing as mp
 import os
@@ -183,6 +185,7 @@ def main(args):
     # under `torchrun --nproc_per_node=G` each process takes every G-th shard on its own GPU; they share
     # nothing but the output folder, so no process group is needed
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    sd_data.check_preview(args.preview)
     tars = sd_data.list_tars(args.tars)[rank::world]
     out = Path(args.out)
     check_writable(out, "--out")
@@ -253,6 +256,26 @@ def main(args):
     part = f", shards {rank}::{world}" if world > 1 else ""
     sd_data.print_summary(f"encode_latents ({device}{part}, {vae.name}) -> {out}", rows,
                           written[0] + counts["already encoded"] if tars else None, "no usable image in the tars")
+    if args.preview and rank == 0:                   # from rank 0's shards, whose latents it has just written
+        write_preview(args, tars, out, vae)
+
+
+def write_preview(args, tars, out, vae):
+    """OUT/preview.png: each sample's source image (as the VAE saw it) beside the decode of its stored latent."""
+    samples = sd_data.preview_samples(tars, args.preview, args.preview_seed, sd_latents.existing_latent_keys(out),
+                                      args.min_image_size)
+    tiles = []
+    for i in range(0, len(samples), args.batch_size):
+        chunk = samples[i:i + args.batch_size]
+        latents = np.stack([sd_latents.read_latent(out, key) for key, _, _ in chunk])
+        decoded = vae.decode_images(torch.from_numpy(latents).float())          # (b, res, res, 3) uint8
+        for (_, image, _), dec in zip(chunk, decoded):
+            src = sd_data.load_image_square(image, args.resolution, args.min_image_size)
+            tiles.append(np.concatenate([sd_data.resize_center_crop(x, sd_data.PREVIEW_TILE) for x in (src, dec)], 1))
+    sd_data.write_preview(out / sd_data.PREVIEW_NAME, tiles, [c for _, _, c in samples], [k for k, _, _ in samples])
+
+
+
 
 
 if __name__ == "__main__":
@@ -273,4 +296,5 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu; "
                                                          "under torchrun each process takes GPU LOCAL_RANK")
     parser.add_argument("--compile", action="store_true", help="torch.compile the VAE encoder (~20-30%% faster on GPU per the seed)")
+    sd_data.add_preview_args(parser)
     run_main(main, parser.parse_args())

@@ -175,3 +175,27 @@ def readme_commands(section="### Every phase's data"):
         at = next(i for i, w in enumerate(words) if w.endswith(".py"))
         commands.append((phase, words[at], words[at + 1:]))
     return commands
+
+
+def preview_contents(path, tile_w, tile_h=sd_data.PREVIEW_TILE):
+    """(keys, captions, tiles) of a preview.png: its text chunks, and each tile cut out of the grid where
+    sd_data.preview_grid puts it. Checks the grid holds exactly that many cells, each with a caption drawn under
+    its tile, and nothing in the slots after the last one."""
+    import json
+    im = Image.open(path)
+    keys, captions = json.loads(im.text["keys"]), json.loads(im.text["captions"])
+    grid = np.asarray(im.convert("RGB"))
+    pad, strip = sd_data.PREVIEW_PAD, sd_data.PREVIEW_LINES * (sd_data.PREVIEW_FONT + 3)
+    cell_w, cell_h = tile_w + 2 * pad, tile_h + 2 * pad + strip
+    cols = grid.shape[1] // cell_w
+    assert grid.shape == (-(-len(keys) // cols) * cell_h, cols * cell_w, 3) and len(captions) == len(keys)
+    tiles = []
+    for i in range(-(-len(keys) // cols) * cols):
+        r, c = divmod(i, cols)
+        cell = grid[r * cell_h:(r + 1) * cell_h, c * cell_w:(c + 1) * cell_w]
+        if i >= len(keys):
+            assert not cell.any(), f"slot {i} after the last tile is not empty"
+            continue
+        assert (cell[pad + tile_h:].min(-1) > 150).sum() > 20, f"no caption drawn under tile {i}"
+        tiles.append(cell[pad:pad + tile_h, pad:pad + tile_w])
+    return keys, captions, tiles

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import sd_data
-from data_fixtures import (LoopbackServer, bad_image_bytes, good_jpeg, natural_image, run_script, summary_value,
-                           to_bytes, write_tar)
+from data_fixtures import (LoopbackServer, bad_image_bytes, good_jpeg, natural_image, preview_contents, run_script,
+                           summary_value, to_bytes, write_tar)
 
 pytestmark = pytest.mark.slow                     # every test here runs the real scripts
 
@@ -158,7 +158,7 @@ def test_build_image_dataset(tmp_path, diffusiondb, journeydb):
     run_script("01c_download_journeydb_images.py", "--source", journeydb[0], "--archives", "0", "--out", jdb,
                "--resolution", RES, "--min_image_size", 32, "--workers", 1)
     write_tar(jdb / "zz-extra.tar", {"nocap.jpg": to_bytes(natural_image(80, 80, 3), "JPEG")})
-    args = ["--tars", ddb, jdb, "--out", tmp_path / "hf", "--val_fraction", 0.3]
+    args = ["--tars", ddb, jdb, "--out", tmp_path / "hf", "--val_fraction", 0.3, "--preview", 4]
     out = run_script("03_build_hf_dataset.py", *args).stdout
     import datasets
     dd = datasets.load_from_disk(str(tmp_path / "hf"))
@@ -168,6 +168,15 @@ def test_build_image_dataset(tmp_path, diffusiondb, journeydb):
     row = dd["train"][0]
     assert row["image"].size == (RES, RES) and row["caption"] and row["source"] in ("diffusiondb", "journeydb")
     assert {"diffusiondb", "journeydb"} == set(dd["train"]["source"]) | set(dd["validation"]["source"])
+    # the preview: the 4 train rows whose keys rank first for seed 0, as the dataset stores them, captioned
+    keys, captions, tiles = preview_contents(tmp_path / "hf" / "preview.png", sd_data.PREVIEW_TILE)
+    stored = dd["train"].cast_column("image", datasets.Image(decode=False))
+    rows = {r["image_key"]: r for r in stored}
+    assert keys == sorted(rows, key=lambda k: sd_data.preview_rank(k, 0))[:4]
+    assert captions == [rows[k]["caption"] for k in keys]
+    for k, tile in zip(keys, tiles):
+        want = sd_data.load_image_square(rows[k]["image"]["bytes"], sd_data.PREVIEW_TILE, min_size=1)
+        assert np.array_equal(tile, want), k
     out = run_script("03_build_hf_dataset.py", *args).stdout
     assert "nothing rebuilt" in out
 

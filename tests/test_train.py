@@ -3,6 +3,8 @@ then the real script end to end on the `small` UNet, a tiny local CLIP and VAE a
 encode_latents / 05 contract: overfitting, grad accumulation and DDP equivalence, SIGKILL + resume bitwise, a kill
 in the middle of a checkpoint write, FSDP2 checkpoint/resume, NaN stop, --init, and every bad input's error."""
 import importlib.util
+import io
+import json
 import math
 import os
 import re
@@ -758,3 +760,129 @@ def test_a_disk_too_small_for_one_checkpoint_is_one_line_before_training(tiny, t
     with pytest.raises(SD_Model.UserError, match=r"has 0.00 GB free but one checkpoint of this UNet takes 0.04 GB"):
         run_main(*base_args(tiny, tmp_path / "run"))
     assert not SD_Train.list_checkpoints(tmp_path / "run")
+
+
+#################################################################################
+#               Watching the run: TensorBoard, the loss curve, the dry run      #
+#################################################################################
+
+def test_logger_choice_maps_the_older_wandb_flag_and_names_a_missing_package(monkeypatch):
+    import importlib.util
+    pick = lambda logger, mode="disabled": SD_Train.pick_loggers({"logger": logger, "wandb": mode})  # noqa: E731
+    assert pick("auto") == (True, None)                           # tensorboard is in requirements.txt
+    assert pick("auto", "offline") == (True, "offline")           # the older `--wandb offline` alone still works
+    assert pick("tensorboard") == (True, None) and pick("none") == (False, None)
+    assert pick("wandb") == (False, "online") and pick("both", "offline") == (True, "offline")
+    with pytest.raises(SD_Model.UserError, match="--wandb offline asks for wandb but --logger tensorboard leaves"):
+        pick("tensorboard", "offline")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name))
+    assert pick("auto") == (False, None)                          # a pod without it: auto only notes it
+    with pytest.raises(SD_Model.UserError, match=r"needs the tensorboard package: pip install tensorboard"):
+        pick("both")
+
+
+def tensorboard_events(out):
+    """A run folder's event files, read by TensorBoard's own loader (which applies purge_step as the UI does)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+@pytest.mark.slow
+def test_tensorboard_events_metrics_and_loss_curve_across_a_resume(tiny, tmp_path, monkeypatch):
+    """--logger tensorboard, read back with TensorBoard's EventAccumulator: every scalar of the log line at every
+    step, the validation loss and grid at every validation. A run stopped after logging step 3 whose checkpoint of
+    step 3 was lost resumes at 2: step 3 is logged again and appears once (TensorBoard hides the stopped run's,
+    metrics.jsonl drops it), and loss_curve.png is redrawn at the next validation."""
+    from PIL import Image
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "run"
+    args = [*base_args(tiny, out), "--logger", "tensorboard", "--save_steps", 2, "--val_steps", 2,
+            "--val_prompts", "a red circle|a blue square", "--vae", tiny.vae]
+    run_main(*args, "--max_steps", 3)                                            # validates at 2, saves 2 and 3
+    curve_at_2 = np.asarray(Image.open(out / "loss_curve.png"))
+    ckpt(out, 3).unlink()
+    run_main(*args, "--max_steps", 4, "--resume", "auto")                        # from step 2; validates at 4
+    events = tensorboard_events(out)
+    train_tags = {"train/loss", "train/mse", "train/lr", "train/grad_norm", "train/img_per_s", "train/rss_gb",
+                  *(f"train/mse_q{i}" for i in range(4))}
+    val_tags = {"val/loss", *(f"val/loss_t{t}" for t in (100, 300, 500, 700, 900))}
+    assert train_tags | val_tags <= set(events.Tags()["scalars"])
+    for tag in train_tags:
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3, 4], tag
+    for tag in val_tags:
+        assert [e.step for e in events.Scalars(tag)] == [2, 4], tag
+    loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert loss == pytest.approx(logged(out, "loss"), abs=1e-4)                  # train.log's (last) line per step
+    lr = {e.step: e.value for e in events.Scalars("train/lr")}
+    assert lr == pytest.approx(logged(out, "lr"), rel=1e-3)
+    grids = events.Images("val/images")
+    assert [g.step for g in grids] == [2, 4] and (grids[1].width, grids[1].height) == (2 * RES, RES)
+    grid = np.asarray(Image.open(io.BytesIO(grids[1].encoded_image_string)).convert("RGB"))
+    assert np.array_equal(grid, np.asarray(Image.open(out / "samples" / "step_00000004.png").convert("RGB")))
+    # metrics.jsonl: each step once, the same values; the curve was redrawn with the steps after 2
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "train/loss" in h] == [1, 2, 3, 4]
+    assert [h["step"] for h in history if "val/loss" in h] == [2, 4]
+    assert {h["step"]: h["train/loss"] for h in history if "train/loss" in h} == pytest.approx(loss, rel=1e-6)
+    curve_at_4 = np.asarray(Image.open(out / "loss_curve.png"))
+    assert curve_at_4.shape == curve_at_2.shape == (520, 900, 3) and not np.array_equal(curve_at_4, curve_at_2)
+
+
+def test_loss_curve_puts_each_point_on_a_log_axis():
+    """Two series drawn by draw_loss_curve: the points' pixels carry their series' colour where a log axis puts
+    them (three decades apart -> evenly spaced rows), and non-finite or non-positive values are left out."""
+    steps = [0, 50, 100]
+    img = np.asarray(SD_Train.draw_loss_curve({"a": [(s, v) for s, v in zip(steps, (1.0, 0.1, 0.01))],
+                                               "b": [(50, float("nan")), (60, 0.0), (100, 1.0)]}))
+
+    def colour_rows(colour):
+        ys, xs = np.nonzero((np.abs(img.astype(int) - colour).sum(-1) < 30))
+        return ys, xs
+    ys, xs = colour_rows((31, 119, 180))
+    dots = [ys[np.abs(xs - x) <= 1].mean() for x in (xs.min() + 3, (xs.min() + xs.max()) / 2, xs.max() - 3)]
+    assert abs((dots[1] - dots[0]) - (dots[2] - dots[1])) < 3 and dots[2] > dots[1] > dots[0]   # equal decades
+    ys_b, xs_b = colour_rows((255, 127, 14))
+    assert len(ys_b) and xs_b.max() > xs.max() - 5                               # b's one finite point, at step 100
+
+
+def summary_rows(output):
+    """{label: value} of every printed summary table row."""
+    return {k.strip(): v.strip() for line in output.splitlines() if " | " in line for k, v in [line.split(" | ", 1)]}
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "runs" / "tiny"
+    before = sorted(tmp_path.rglob("*"))
+    run_main(*base_args(tiny, out), "--epochs", 2, "--save_steps", 3, "--keep_last", 2, "--dry_run", 2)
+    assert sorted(tmp_path.rglob("*")) == before and not out.exists()           # not even the run folder
+    text = capsys.readouterr().out
+    rows = summary_rows(text)
+    n = sum(p.numel() for p in SD_Model.build_unet("small").parameters())
+    ckpt_gb = 16 * n * 1.02 / 1e9
+    assert rows["UNet parameters"] == f"{n:,}" and rows["dataset latents:train"] == "32"
+    assert rows["samples per epoch"] == "32" and rows["global batch"] == "4 (4 x 1 accum x 1 ranks)"
+    assert rows["steps"] == "8/epoch x 2 epochs = 16"
+    assert re.fullmatch(r"\d+\.\d{3} s \(median of 2, fp32 on cpu\)", rows["step time"])
+    sec = float(rows["step time"].split()[0])
+    assert re.fullmatch(r"[\d,.]+ \([\d,.]+ per rank\)", rows["img/s"]) and rows["MFU"] == "n/a (CPU)"
+    hours = lambda label: float(rows[label].split()[0].replace(",", ""))  # noqa: E731
+    assert rows["estimated hours"].endswith(" for 16 steps") and hours("estimated hours") == \
+        pytest.approx(16 * sec / 3600, abs=0.006)                               # sec as printed, to 1 ms
+    assert re.fullmatch(r"\d+\.\d\d GB RSS \(CPU\)", rows["memory"])
+    # checkpoints at steps 3, 6, 8 (epoch end), 9, 12, 15 and 16 (epoch end, last): 7, at most 2 + 1 on disk
+    assert rows["checkpoints"] == f"{ckpt_gb:.2f} GB each, 7 written, 3 on disk at once (keep_last 2)"
+    assert rows["disk needed"] == f"{(3 * 16 * n * 1.02 + 2 * n) / 1e9:.2f} GB (checkpoints + {2 * n / 1e9:.2f} GB " \
+                                  "EMA export)"
+    assert rows["disk free"].endswith(f"at {tmp_path}: room enough")
+    assert hours("8 processes: global batch 32, 2 steps") == pytest.approx(2 * 32 / (4 / sec * 8) / 3600, abs=0.006)
+    assert "note: these are CPU figures" in text
+    for bad in (0, -1, "abc"):
+        with pytest.raises(SD_Model.UserError, match=rf"--dry_run STEPS: how many steps to time, at least 1 \(got "
+                                                     rf"'{bad}'\)"):
+            run_main(*base_args(tiny, out), "--dry_run", bad)
