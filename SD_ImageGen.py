@@ -63,11 +63,12 @@ def run(args, device):
         pipe.unet = torch.compile(pipe.unet, mode=args.compile)    # attribute access passes through to the UNet
     res = pipe.meta.get("resolution", 512)
     height, width = args.height or res, args.width or res
-    images = M.generate(pipe, prompts, args.negative, args.steps, args.guidance_scale, args.sampler, args.eta,
+    sampler = args.sampler or M.default_sampler(pipe.schedule)
+    images = M.generate(pipe, prompts, args.negative, args.steps, args.guidance_scale, sampler, args.eta,
                         args.seed, height, width, args.n, progress=True)
     info = dict(prompt=" | ".join(prompts), negative=args.negative, seed=args.seed, steps=args.steps,
                 guidance_scale=args.guidance_scale,
-                sampler=args.sampler, eta=args.eta, weights=args.weights, checkpoint=args.ckpt, size=f"{width}x{height}")
+                sampler=sampler, eta=args.eta, weights=args.weights, checkpoint=args.ckpt, size=f"{width}x{height}")
     out = Path(args.out)
     if args.grid or len(images) == 1:
         image = M.make_grid(images, args.n if len(prompts) > 1 else math.ceil(math.sqrt(len(images)))) \
@@ -112,7 +113,8 @@ def build_parser():
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--height", type=int, default=None, help="image height, multiple of 8 (default: the training resolution)")
     p.add_argument("--width", type=int, default=None, help="image width, multiple of 8 (default: the training resolution)")
-    p.add_argument("--sampler", default="ddim", help=f"one of {sorted(M.SAMPLERS)}")
+    p.add_argument("--sampler", default=None, help=f"one of {sorted(M.SAMPLERS)} (default: ddim, or flow_euler for a "
+                                                   "rectified-flow checkpoint)")
     p.add_argument("--eta", type=float, default=None, help="sampler noise (default: 0 for ddim, 1 for ddpm)")
     p.add_argument("--weights", default="ema", choices=["ema", "live"], help="which weights of a training checkpoint")
     p.add_argument("--vae", default=None, help="VAE hub id or folder (default: the one the checkpoint names)")

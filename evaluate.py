@@ -564,6 +564,7 @@ def run(args, device):
     pipe = M.load_pipeline(args.ckpt, device, pick_dtype(device, args.dtype), args.weights, args.vae,
                            args.text_encoder)
     resolution = args.resolution or pipe.meta.get("resolution", 512)
+    args.sampler = args.sampler or M.default_sampler(pipe.schedule)   # recorded in settings.json and every PNG
     ref = reference_stats(args, inception, resolution) if inception else None
     out = Path(args.out) / "shapes" if args.shapes else Path(args.out)   # own settings: both can share --out
     settings = generation_settings(args, prompts, resolution)
@@ -616,7 +617,8 @@ def build_parser():
     p.add_argument("--negative", default="", help="negative prompt: replaces the empty prompt in the CFG branch")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the first chunk's noise; chunk k uses seed + k")
-    p.add_argument("--sampler", default="ddim", help=f"one of {sorted(M.SAMPLERS)}")
+    p.add_argument("--sampler", default=None, help=f"one of {sorted(M.SAMPLERS)} (default: ddim, or flow_euler for a "
+                                                   "rectified-flow checkpoint)")
     p.add_argument("--eta", type=float, default=None, help="sampler noise (default: 0 for ddim, 1 for ddpm)")
     p.add_argument("--weights", default="ema", choices=["ema", "live"], help="which weights of a training checkpoint")
     p.add_argument("--vae", default=None, help="VAE hub id or folder (default: the one the checkpoint names)")

@@ -1,4 +1,5 @@
-"""Quick, portable sampling: picks CUDA, then Apple's MPS, then CPU, and draws one prompt with EMA weights."""
+"""Quick, portable sampling: picks CUDA, then Apple's MPS, then CPU, and draws one prompt with EMA weights (DDIM, or
+flow Euler for a rectified-flow checkpoint)."""
 import argparse
 from pathlib import Path
 
@@ -10,11 +11,11 @@ from sd_common import check_writable, pick_device, pick_dtype, run_main
 def main(args):
     M.configure_cuda_backends()
     device = pick_device(args.device)
-    M.check_sampling_args(args.size, args.size, "ddim", args.steps)   # before loading anything
+    M.check_sampling_args(args.size, args.size, None, args.steps)     # before loading anything
     check_writable(Path(args.out).parent, "--out")
     pipe = M.load_pipeline(args.ckpt, device, pick_dtype(device, args.dtype))
     res = args.size or pipe.meta.get("resolution", 512)
-    image = M.generate(pipe, [args.prompt], args.negative, args.steps, args.guidance_scale, "ddim", seed=args.seed,
+    image = M.generate(pipe, [args.prompt], args.negative, args.steps, args.guidance_scale, seed=args.seed,
                        height=res, width=res, progress=True)[0]
     save_png(image, args.out, dict(prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps,
                                    guidance_scale=args.guidance_scale, checkpoint=args.ckpt, device=device.type))
