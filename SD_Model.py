@@ -253,7 +253,7 @@ class UNetConfig:
 
 
 class UNet(nn.Module):
-    """The SD text-conditional UNet: forward(x, t, context) -> eps / v prediction, shaped like x."""
+    """The SD text-conditional UNet: forward(x, t, context) -> eps / v / flow-velocity prediction, shaped like x."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -1415,7 +1415,7 @@ def default_spacing(schedule):
 
 def diffusers_scheduler_config(schedule, spacing=None, steps_offset=1):
     """The DDIMScheduler config that samples as our sample_ddim does (no clip, alpha_prev(0) = abar_0), or for a
-    flow model the one flow scheduler StableDiffusionPipeline can run (diffusers_flow_scheduler_config)."""
+    flow model a flow scheduler StableDiffusionPipeline can run (diffusers_flow_scheduler_config)."""
     if schedule.flow:
         return diffusers_flow_scheduler_config(schedule)
     spacing = spacing or default_spacing(schedule)

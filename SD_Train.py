@@ -374,13 +374,13 @@ class EMA:
             ema_update_(self.shadow, self.params, decay)
             return
         self.wait()
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))    # after the optimizer step
-            with torch.cuda.stream(self.stream):
-                torch._foreach_copy_(self.staging, self.params, non_blocking=True)
-            self.copied.record(self.stream)
-        else:
-            torch._foreach_copy_(self.staging, self.params)
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            if self.stream is not None:
+                self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))  # after the optimizer step
+            for buf, p in zip(self.staging, self.params):   # device -> pinned host: asynchronous on CUDA
+                buf.copy_(p, non_blocking=True)
+            if self.copied is not None:
+                self.copied.record(self.stream)
         self.pending = self.worker.submit(self._fold, decay)
 
     def _fold(self, decay):

@@ -116,7 +116,7 @@ def test_our_checkpoint_exports_to_diffusers_and_single_file(tiny_pipeline, tmp_
 
 def test_flow_checkpoint_samples_with_flow_euler_and_exports_a_pipeline_diffusers_runs(tiny_pipeline, tmp_path):
     """A rectified-flow checkpoint: SD_ImageGen samples it with flow_euler unasked (ddim is one line); --export
-    diffusers writes the flow scheduler StableDiffusionPipeline can run (DPMSolverMultistepScheduler's flow mode at
+    diffusers writes a flow scheduler StableDiffusionPipeline can run (DPMSolverMultistepScheduler's flow mode at
     order 1, Euler on its own sigma grid), which draws our image within 0.5 of 255 on average and loads back as the
     same flow model; single-file refuses. FlowMatchEulerDiscreteScheduler itself fails in that pipeline."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
