@@ -492,8 +492,8 @@ class NoiseSchedule:
         of a normal draw; or uniform), shifted by flow_shift, on the 0..T scale."""
         if not self.flow:
             return rng.integers(0, self.num_train_timesteps)
-        if self.flow_t_density == "logit_normal":
-            sigma = 1 / (1 + math.exp(-(self.flow_logit_mean + self.flow_logit_std * rng.standard_normal())))
+        if self.flow_t_density == "logit_normal":   # sigmoid(z) as (1 + tanh(z / 2)) / 2: no overflow at any z
+            sigma = 0.5 * (1 + math.tanh((self.flow_logit_mean + self.flow_logit_std * rng.standard_normal()) / 2))
         else:
             sigma = 1.0 - rng.random()              # (0, 1]: sigma = 0 would make the SNR infinite
         return self.num_train_timesteps * time_shift(sigma, self.flow_shift)
@@ -1479,7 +1479,7 @@ def load_pipeline(ckpt, device="cpu", dtype=torch.float32, weights="ema", vae=No
         sched_kw = {k: sc[d] for k, d in [("num_train_timesteps", "num_train_timesteps"), ("beta_start", "beta_start"),
                     ("beta_end", "beta_end"), ("beta_schedule", "beta_schedule"), ("prediction_type", "prediction_type"),
                     ("zero_terminal_snr", "rescale_betas_zero_snr")] if d in sc}
-        if sc.get("prediction_type") == "flow_prediction" or sc["_class_name"].startswith("FlowMatch"):
+        if sc.get("prediction_type") == "flow_prediction" or sc.get("_class_name", "").startswith("FlowMatch"):
             # a flow model: our export's DPMSolverMultistepScheduler flow mode, or a FlowMatch* scheduler
             sched_kw.update(prediction_type="flow", flow_shift=sc.get("flow_shift", sc.get("shift", 1.0)))
         spacing, offset = sc.get("timestep_spacing", "leading"), sc.get("steps_offset", 1)

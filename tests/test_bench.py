@@ -64,3 +64,16 @@ def test_checkpoint_save_appends_a_table(tmp_path):
     proc = run_bench(tmp_path, "checkpoint_save.py", "--config", "small", "--dir", tmp_path / "ckpt")
     assert proc.returncode == 0, proc.stderr
     assert "| small | " in results(tmp_path) and not list((tmp_path / "ckpt").iterdir())   # measured, then removed
+
+
+def test_ema_appends_a_table_with_every_variant(tmp_path):
+    proc = run_bench(tmp_path, "ema.py", "--config", "small", "--res", 64, "--batch", 1, "--every", 2, "--block", 2,
+                     "--rounds", 1, "--warmup", 0, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    text = results(tmp_path)
+    assert "### EMA cost per training step (bench/ema.py)" in text and "sd1_fp32_ema_gb_off_the_gpu_with_cpu=3.44" in text
+    for row in ("| no EMA |", "| EMA every step (model) |", "| EMA every 2 steps (model) |", "| EMA every step (cpu) |",
+                "| EMA every 2 steps (cpu) |"):
+        assert row in text
+    proc = run_bench(tmp_path, "ema.py", "--every", 3, "--block", 4, "--device", "cpu")
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --block 4 must be a multiple")
