@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import append_results, sync, time_interleaved  # noqa: I001 (sets sys.path)
+from common import append_results, random_batch, random_unet, sync, time_interleaved  # noqa: I001 (sets sys.path)
 import SD_Model as M
 import SD_Train
 from sd_common import UserError, pick_device, pick_dtype, run_main
@@ -30,21 +30,11 @@ def ema_gb(n_params):
 
 
 def build(args, device):
-    """A from-scratch UNet of the config (outputs made non-zero), its AdamW, and one fixed batch."""
+    """The UNet of the config (bench/common.random_unet), its AdamW as SD_Train.py builds it, and one fixed batch."""
     cfg = M.unet_config(args.config)
-    torch.manual_seed(0)
-    unet = M.UNet(cfg).initialize_weights()
-    for p in unet.parameters():
-        if not p.any():
-            torch.nn.init.normal_(p, std=0.02)
-    unet.to(device).train()
+    unet = random_unet(cfg).to(device).train()
     opt = SD_Train.build_optimizer(unet.parameters(), {"lr": 1e-5, "weight_decay": 1e-2})
-    g, h = torch.Generator().manual_seed(1), args.res // 8
-    batch = (torch.randn(args.batch, cfg.in_channels, h, h, generator=g).to(device),
-             torch.randint(0, 1000, (args.batch,), generator=g).to(device),
-             torch.randn(args.batch, 77, cfg.context_dim, generator=g).to(device),
-             torch.randn(args.batch, cfg.out_channels, h, h, generator=g).to(device))
-    return unet, opt, batch
+    return unet, opt, random_batch(cfg, args.batch, args.res, device)
 
 
 def make_block(unet, opt, batch, ema, args, device, ema_seconds):
@@ -86,7 +76,8 @@ def main(args):
     if min(args.batch, args.res, args.every, args.block, args.rounds) < 1 or args.warmup < 0:
         raise UserError("--batch, --res, --every, --block and --rounds must be at least 1, --warmup 0 or more")
     if args.block % args.every:
-        raise UserError(f"--block {args.block} must be a multiple of --every {args.every} (whole EMA periods per block)")
+        raise UserError(f"--block {args.block} must be a multiple of --every {args.every} (whole EMA periods per "
+                        "block)")
     device = pick_device(args.device)
     M.configure_cuda_backends()
     unet, opt, batch = build(args, device)
