@@ -42,7 +42,8 @@ def run(args, device):
     dtype = pick_dtype(device, args.dtype)
     if args.export and args.export[0] not in EXPORT_FORMATS:
         raise M.UserError(f"--export {args.export[0]}: unknown format; choose one of {list(EXPORT_FORMATS)}")
-    M.check_sampler(args.sampler, args.eta)
+    if args.sampler is not None:                     # None: the checkpoint's own (M.default_sampler)
+        M.check_sampler(args.sampler, args.eta)
     where = Path(args.export[1]) if args.export else Path(args.out)
     check_writable(where if args.export and args.export[0] == "diffusers" else where.parent,
                    "--export" if args.export else "--out")                     # before minutes of loading
@@ -51,11 +52,12 @@ def run(args, device):
         pipe = M.load_pipeline(args.ckpt, "cpu", torch.float32, args.weights, args.vae, args.text_encoder)
         fmt, dst = args.export
         res = args.height or pipe.meta.get("resolution", 512)
+        sampler = args.sampler or M.default_sampler(pipe.schedule)
         M.export_pipeline(dst, fmt, pipe.unet.state_dict(), pipe.unet.config, pipe.vae, pipe.text_encoder,
                           pipe.schedule, sample_size=res // pipe.vae.factor,
-                          dtype=pick_dtype(device, args.export_dtype), sampler=args.sampler)
+                          dtype=pick_dtype(device, args.export_dtype), sampler=sampler)
         print(f"exported {args.weights} weights of {args.ckpt} as {fmt} to {dst}" +
-              (f" (scheduler: {args.sampler})" if fmt == "diffusers" else ""))
+              (f" (scheduler: {sampler})" if fmt == "diffusers" else ""))
         return [Path(dst)]
 
     prompts = read_prompts(args)
@@ -66,11 +68,12 @@ def run(args, device):
         pipe.unet = torch.compile(pipe.unet, mode=args.compile)    # attribute access passes through to the UNet
     res = pipe.meta.get("resolution", 512)
     height, width = args.height or res, args.width or res
-    images = M.generate(pipe, prompts, args.negative, args.steps, args.guidance_scale, args.sampler, args.eta,
+    sampler = args.sampler or M.default_sampler(pipe.schedule)
+    images = M.generate(pipe, prompts, args.negative, args.steps, args.guidance_scale, sampler, args.eta,
                         args.seed, height, width, args.n, progress=True)
     info = dict(prompt=" | ".join(prompts), negative=args.negative, seed=args.seed, steps=args.steps,
                 guidance_scale=args.guidance_scale,
-                sampler=args.sampler, eta=args.eta, weights=args.weights, checkpoint=args.ckpt, size=f"{width}x{height}")
+                sampler=sampler, eta=args.eta, weights=args.weights, checkpoint=args.ckpt, size=f"{width}x{height}")
     out = Path(args.out)
     if args.grid or len(images) == 1:
         image = M.make_grid(images, args.n if len(prompts) > 1 else math.ceil(math.sqrt(len(images)))) \
@@ -95,10 +98,11 @@ def main(args, run_fn=run):
 
 def add_sampler_flags(p):
     """--sampler and --eta: this script, inference.py and evaluate.py."""
-    p.add_argument("--sampler", default="ddim",
+    p.add_argument("--sampler", default=None,
                    help=f"one of {', '.join(M.SAMPLERS)}: DDIM, DDPM, Euler, Euler ancestral, DPM-Solver++(2M) and "
-                        "the same on Karras sigmas, each equal to its diffusers scheduler; --export diffusers "
-                        "writes that scheduler")
+                        "the same on Karras sigmas, each equal to its diffusers scheduler, and flow Euler / Heun for "
+                        "rectified-flow models; --export diffusers writes that scheduler (default: ddim, or "
+                        "flow_euler for a flow checkpoint)")
     p.add_argument("--eta", type=float, default=None,
                    help="the noise each step adds, per sampler: ddim 0 (its default, deterministic) to 1 (DDPM's "
                         "variance); ddpm 1 (its default) to 0 (the posterior mean alone); euler 0 (its default), "

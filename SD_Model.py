@@ -254,7 +254,7 @@ class UNetConfig:
 
 
 class UNet(nn.Module):
-    """The SD text-conditional UNet: forward(x, t, context) -> eps / v prediction, shaped like x."""
+    """The SD text-conditional UNet: forward(x, t, context) -> eps / v / flow-velocity prediction, shaped like x."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -420,18 +420,28 @@ def unet_config(name_or_dict):
 
 @dataclass
 class NoiseSchedule:
-    """The DDPM forward process (Ho et al. 2020) in one place: training, validation and sampling all read
-    alphas_cumprod from here. Arithmetic follows diffusers' DDPMScheduler in float32, step for step."""
+    """The forward process and the UNet's target in one place: training, validation and sampling all read them
+    from here, and every checkpoint records them (to_dict).
+      epsilon / v_prediction  the DDPM forward process (Ho et al. 2020) on integer t in [0, T): alphas_cumprod
+                              follows diffusers' DDPMScheduler in float32, step for step
+      flow                    rectified flow (Liu et al. 2022; SD3, Esser et al. 2024): x = (1 - s) x0 + s noise on
+                              the straight path, s = t / T in [0, 1], target the velocity noise - x0. t stays on
+                              the 0..T scale (float), which is also the UNet's timestep input, as SD3 feeds it."""
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"              # scaled_linear | linear | squaredcos_cap_v2
-    prediction_type: str = "epsilon"                  # epsilon | v_prediction
+    prediction_type: str = "epsilon"                  # epsilon | v_prediction | flow
     zero_terminal_snr: bool = False                  # Lin et al. 2023, "Common Diffusion Noise Schedules..."
+    flow_shift: float = 1.0                          # flow: time_shift of training and sampling sigmas (1 = none)
+    flow_t_density: str = "logit_normal"             # flow: density of training sigmas (SD3's rf/lognorm)
+    flow_logit_mean: float = 0.0                     # flow: logit_normal's m and s (SD3's best: 0, 1)
+    flow_logit_std: float = 1.0
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)
 
     CHOICES = {"beta_schedule": ("scaled_linear", "linear", "squaredcos_cap_v2"),
-               "prediction_type": ("epsilon", "v_prediction")}
+               "prediction_type": ("epsilon", "v_prediction", "flow"),
+               "flow_t_density": ("logit_normal", "uniform")}
 
     def to_dict(self):
         """The settings that define the schedule (what checkpoints and exports record)."""
@@ -455,46 +465,92 @@ class NoiseSchedule:
         else:
             raise UserError(f"unknown beta_schedule '{self.beta_schedule}'; choose one of "
                             f"{self.CHOICES['beta_schedule']}")
-        if self.prediction_type not in self.CHOICES["prediction_type"]:
-            raise UserError(f"unknown prediction_type '{self.prediction_type}'; choose one of "
-                            f"{self.CHOICES['prediction_type']}")
+        for name in ("prediction_type", "flow_t_density"):
+            if getattr(self, name) not in self.CHOICES[name]:
+                raise UserError(f"unknown {name} '{getattr(self, name)}'; choose one of {self.CHOICES[name]}")
+        if self.flow and self.zero_terminal_snr:
+            raise UserError("zero_terminal_snr rescales DDPM betas; a flow model reaches pure noise at t = T by "
+                            "construction: leave it false")
+        if not (self.flow_shift > 0 and self.flow_logit_std > 0):
+            raise UserError(f"flow_shift and flow_logit_std must be positive (got {self.flow_shift}, "
+                            f"{self.flow_logit_std})")
         if self.zero_terminal_snr:
             betas = _rescale_zero_terminal_snr(betas)
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+
+    @property
+    def flow(self):
+        return self.prediction_type == "flow"
+
+    @property
+    def t_dtype(self):
+        """Training timesteps' dtype: a flow model's t is continuous, DDPM's an index into alphas_cumprod."""
+        return torch.float32 if self.flow else torch.long
+
+    def draw_train_t(self, rng):
+        """One training timestep from a numpy Generator (sd_latents.sample_randomness's per-sample stream):
+        uniform over DDPM's T integers, or for flow a sigma from flow_t_density (SD3's logit-normal: the sigmoid
+        of a normal draw; or uniform), shifted by flow_shift, on the 0..T scale."""
+        if not self.flow:
+            return rng.integers(0, self.num_train_timesteps)
+        if self.flow_t_density == "logit_normal":   # sigmoid(z) as (1 + tanh(z / 2)) / 2: no overflow at any z
+            sigma = 0.5 * (1 + math.tanh((self.flow_logit_mean + self.flow_logit_std * rng.standard_normal()) / 2))
+        else:
+            sigma = 1.0 - rng.random()              # (0, 1]: sigma = 0 would make the SNR infinite
+        return self.num_train_timesteps * time_shift(sigma, self.flow_shift)
 
     def _at(self, t, like):
         """alpha_bar_t gathered for a batch of timesteps, shaped to broadcast against `like`."""
         a = self.alphas_cumprod.to(like.device)[t.to(like.device)].float()
         return a.reshape(-1, *([1] * (like.dim() - 1)))
 
+    def _sigma(self, t, like=None):
+        """A flow model's sigma = t / T, shaped to broadcast against `like` when given."""
+        s = t.float() / self.num_train_timesteps
+        return s if like is None else s.to(like.device).reshape(-1, *([1] * (like.dim() - 1)))
+
     def q_sample(self, x0, t, noise):
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; flow: (1 - sigma) x0 + sigma noise."""
+        if self.flow:
+            s = self._sigma(t, x0)
+            return ((1 - s) * x0.float() + s * noise.float()).to(x0.dtype)
         a = self._at(t, x0)
         return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
 
     def target(self, x0, t, noise):
-        """What the UNet learns to predict: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)."""
+        """What the UNet learns to predict: eps, v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022), or
+        the flow's velocity noise - x0."""
         if self.prediction_type == "epsilon":
             return noise
+        if self.flow:
+            return (noise.float() - x0.float()).to(x0.dtype)
         a = self._at(t, x0)
         return (a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()).to(x0.dtype)
 
     def snr(self, t):
+        if self.flow:
+            s = self._sigma(t)
+            return ((1 - s) / s) ** 2
         a = self.alphas_cumprod.to(t.device)[t]
         return a / (1 - a)
 
     def loss_weight(self, t, weighting, gamma=5.0):
         """Per-sample weight of the MSE to self.target, one of LOSS_WEIGHTINGS. Each is written as a weight on the
         x0 error (w_x0) and carried into this schedule's target space: the eps loss already weighs the x0 error by
-        SNR, the v loss by SNR + 1, so the weight here is w_x0 / SNR or w_x0 / (SNR + 1).
-          none          1 (plain loss of the target: SD's and NeMo's)
+        SNR, the v loss by SNR + 1, the flow loss by 1 / sigma^2, so the weight here is w_x0 / SNR, w_x0 / (SNR + 1)
+        or w_x0 sigma^2.
+          none          1 (plain loss of the target: SD's and NeMo's; for flow SD3's, whose weighting is the
+                        density its sigmas are drawn from, flow_t_density)
           min_snr       w_x0 = min(SNR, gamma) (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR")
           soft_min_snr  w_x0 = SNR gamma / (SNR + gamma), the smooth minimum of SNR and gamma (Crowson et al.
                         2024, HDiT): no kink at SNR = gamma
           debiased      1 / sqrt(SNR) for eps, 1 / (SNR + 1) for v, SNR capped at 1000 (Yu et al. 2024, "Debias
-                        the Training of Diffusion Models"; kohya's --debiased_estimation_loss)"""
+                        the Training of Diffusion Models"; kohya's --debiased_estimation_loss); flow carries the
+                        paper's eps form over: w_x0 = sqrt(SNR)"""
         if weighting not in LOSS_WEIGHTINGS:
             raise UserError(f"unknown loss weighting '{weighting}'; choose one of {list(LOSS_WEIGHTINGS)}")
+        if self.flow:
+            return self._flow_loss_weight(t, weighting, gamma)
         snr = self.snr(t).float()
         if weighting == "none":
             return torch.ones_like(snr)
@@ -508,6 +564,17 @@ class NoiseSchedule:
             return torch.clamp(snr, max=gamma) / (snr + 1)
         # soft_min_snr: gamma / (SNR + gamma) in eps space, finite at SNR = 0 and SNR = inf
         return gamma / (snr + gamma) if not v else snr * gamma / ((snr + gamma) * (snr + 1))
+
+    def _flow_loss_weight(self, t, weighting, gamma):
+        """w_x0 sigma^2 with SNR = ((1 - s) / s)^2, written in s so that s = 0 and s = 1 stay finite."""
+        s = self._sigma(t)
+        if weighting == "none":
+            return torch.ones_like(s)
+        if weighting == "min_snr":                   # min(SNR, gamma) s^2
+            return torch.minimum((1 - s) ** 2, gamma * s ** 2)
+        if weighting == "soft_min_snr":              # SNR gamma / (SNR + gamma) s^2
+            return gamma * (1 - s) ** 2 * s ** 2 / ((1 - s) ** 2 + gamma * s ** 2)
+        return s * torch.minimum(1 - s, 1000.0 ** 0.5 * s)   # debiased: min(sqrt(SNR), sqrt(1000)) s^2
 
     def predict_x0_eps(self, model_out, x, t):
         """(x0, eps) implied by the model output at timestep t (a python int or 0-dim tensor)."""
@@ -730,6 +797,105 @@ def sample_dpmpp_2m_karras(model_fn, x, schedule, steps=50, **kw):
 # The names users know from the UIs and diffusers; the first is the default.
 SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm, "euler": sample_euler, "euler_a": sample_euler_ancestral,
             "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_karras": sample_dpmpp_2m_karras}
+
+
+# --- Rectified-flow samplers (prediction_type flow) -------------------------------------------------------
+# A flow model predicts the velocity v = noise - x0 of the straight path x = (1 - s) x0 + s noise (Liu et al. 2022;
+# SD3, Esser et al. 2024), so sampling integrates dx/ds = v from s = 1 (pure noise) down to s = 0. The UNet sees
+# s on the 0..T scale (t = s T), as in training. Same signature as the samplers above; spacing and steps_offset
+# belong to DDPM's integer timesteps and are unused here.
+
+def time_shift(sigma, shift):
+    """SD3's timestep shift (Esser et al. 2024, eq. 23): s -> shift s / (1 + (shift - 1) s). shift > 1 spends more
+    of training and sampling at high noise, which larger images need (more pixels, more redundancy to destroy)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def resolution_shift(resolution, base=256):
+    """SD3's resolution-dependent shift sqrt(m / n) for m = resolution^2 pixels and its base n = 256^2 (sec. 5.3.2):
+    2 at 512 px, 4 at 1024 px (SD3 itself settled on 3.0 there)."""
+    return resolution / base
+
+
+def flow_sigmas(schedule, steps):
+    """The steps + 1 descending sigmas a flow sampler visits, ending at 0, as diffusers'
+    FlowMatchEulerDiscreteScheduler(shift).set_timesteps makes them: a linspace from 1 to its smallest training
+    sigma (1 / T, already shifted once), shifted again, in float32."""
+    T, shift = schedule.num_train_timesteps, schedule.flow_shift
+    sigma_min = time_shift(torch.ones(1) / T, shift).item()                  # float32, as the scheduler's init
+    sigmas = time_shift(np.linspace(T, sigma_min * T, steps) / T, shift)       # float64, as its set_timesteps
+    return torch.cat([torch.from_numpy(sigmas).float(), torch.zeros(1)])
+
+
+def _flow_velocity(model_fn, x, sigma, T, clip_x0):
+    """The model's velocity at sigma (UNet timestep sigma T, float32 as diffusers passes it), and the x0 it implies
+    (clamped when clip_x0 is given, the velocity then recomputed from the clamped x0)."""
+    v = model_fn(x, float(sigma * T)).float()
+    x0 = x.float() - sigma * v
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+        v = (x.float() - x0) / sigma
+    return v, x0
+
+
+def _deterministic(eta):
+    if eta:
+        raise UserError(f"the flow samplers are deterministic ODE solvers; eta must be 0, got {eta}")
+
+
+@torch.no_grad()
+def sample_flow_euler(model_fn, x, schedule, steps=28, *, eta=0.0, spacing=None, steps_offset=None, generator=None,
+                      clip_x0=None, callback=None):
+    """Implements Euler steps of the flow ODE dx/ds = v (SD3's sampler), equal step for step to diffusers'
+    FlowMatchEulerDiscreteScheduler."""
+    _deterministic(eta)
+    sigmas = flow_sigmas(schedule, steps)
+    for i in range(steps):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        v, x0 = _flow_velocity(model_fn, x, s, schedule.num_train_timesteps, clip_x0)
+        x = x.float() + (s_next - s) * v
+        if callback is not None:
+            callback(i, float(s * schedule.num_train_timesteps), x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_flow_heun(model_fn, x, schedule, steps=28, *, eta=0.0, spacing=None, steps_offset=None, generator=None,
+                     clip_x0=None, callback=None):
+    """Implements Heun steps (Karras et al. 2022, Algorithm 1) on the flow's sigmas, slopes written from the
+    denoised x0 as d = (x - x0) / s: an Euler predictor, then the mean of both slopes; the last step, to s = 0,
+    stays Euler (2 x steps - 1 model calls). Equal step for step to diffusers' FlowMatchHeunDiscreteScheduler."""
+    _deterministic(eta)
+    sigmas, T = flow_sigmas(schedule, steps), schedule.num_train_timesteps
+    for i in range(steps):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        _, x0 = _flow_velocity(model_fn, x, s, T, clip_x0)
+        d = (x.float() - x0) / s
+        x_euler = x.float() + (s_next - s) * d
+        if s_next > 0:
+            _, x0 = _flow_velocity(model_fn, x_euler, s_next, T, clip_x0)
+            x = x.float() + (s_next - s) * (d + (x_euler - x0) / s_next) / 2
+        else:
+            x = x_euler
+        if callback is not None:
+            callback(i, float(s * T), x, x0)
+    return x
+
+
+FLOW_SAMPLERS = {"flow_euler": sample_flow_euler, "flow_heun": sample_flow_heun}
+SAMPLERS.update(FLOW_SAMPLERS)
+
+
+def default_sampler(schedule):
+    """The sampler a checkpoint samples with unless told otherwise: DDIM, or flow Euler for a flow model."""
+    return "flow_euler" if schedule.flow else "ddim"
+
+
+def check_sampler_fits(sampler, schedule):
+    """A DDPM-family sampler cannot run a flow model, nor a flow sampler an eps / v one: one line, not noise."""
+    if (sampler in FLOW_SAMPLERS) != schedule.flow:
+        fits = sorted(FLOW_SAMPLERS) if schedule.flow else sorted(set(SAMPLERS) - set(FLOW_SAMPLERS))
+        raise UserError(f"sampler '{sampler}' does not fit this {schedule.prediction_type} model; use one of {fits}")
 
 
 def cfg_model_fn(unet, cond, uncond, scale):
@@ -1420,6 +1586,9 @@ def export_pipeline(dst, fmt, unet_sd, unet_cfg, vae, text_encoder, schedule, sa
         if text_encoder.layer != "last":
             raise UserError("single-file export of a penultimate-layer (OpenCLIP) text encoder is not supported; "
                             "use --export diffusers")
+        if schedule.flow:   # the original layout names no objective: every reader would sample it as eps
+            raise UserError("a flow model has no single-file form: UIs and from_single_file would sample it as an "
+                            "eps model; use --export diffusers, or sample the checkpoint with SD_ImageGen.py")
         sd = single_file_state(unet_sd, unet_cfg, vae.vae, text_encoder.model, dtype)
         # Beside the weights, what rebuilds the VAE and text encoder around them (single_file_parts): their
         # configs and the tokenizer, so the file alone samples (a few MB of metadata on GBs of weights).
@@ -1442,6 +1611,9 @@ def default_spacing(schedule):
 def diffusers_scheduler_config(schedule, spacing=None, steps_offset=1, sampler="ddim"):
     """(class name, config) of the diffusers scheduler that samples as SAMPLERS[sampler] does, step for step (the
     sampler tests load it with from_config): what an export writes, so the pipeline draws with the user's choice."""
+    if schedule.flow:
+        flow = diffusers_flow_scheduler_config(schedule)
+        return flow["_class_name"], flow
     spacing = spacing or default_spacing(schedule)
     dpm = dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
                final_sigmas_type="zero", use_karras_sigmas=False)
@@ -1464,6 +1636,20 @@ def diffusers_scheduler_config(schedule, spacing=None, steps_offset=1, sampler="
                   "beta_end": schedule.beta_end, "beta_schedule": schedule.beta_schedule,
                   "prediction_type": schedule.prediction_type, "rescale_betas_zero_snr": schedule.zero_terminal_snr,
                   "steps_offset": steps_offset, "timestep_spacing": spacing, **extra}
+
+
+def diffusers_flow_scheduler_config(schedule):
+    """A flow model's scheduler for diffusers' StableDiffusionPipeline. Not FlowMatchEulerDiscreteScheduler (what
+    sample_flow_euler equals): the pipeline scales its first latents by scheduler.init_noise_sigma, which that
+    scheduler lacks (AttributeError before the first step). DPMSolverMultistepScheduler's flow mode (diffusers >=
+    0.32; older ones ignore these keys and sample it as eps) runs there, and at solver_order 1 it is DPM-Solver++(1),
+    which in the flow's parametrization is the Euler step itself; its sigmas run from time_shift(1 - 1/T) down to 0
+    (ours from 1) and its UNet sees int(s T), so its images are close to flow_euler's, not bit-equal."""
+    return {"_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": "0.32.0",
+            "num_train_timesteps": schedule.num_train_timesteps, "prediction_type": "flow_prediction",
+            "use_flow_sigmas": True, "flow_shift": schedule.flow_shift, "solver_order": 1,
+            "algorithm_type": "dpmsolver++", "final_sigmas_type": "zero",
+            "steps_offset": 1}            # unused by flow sigmas; StableDiffusionPipeline warns on any other value
 
 
 #################################################################################
@@ -1504,6 +1690,9 @@ def load_pipeline(ckpt, device="cpu", dtype=torch.float32, weights="ema", vae=No
         sched_kw = {k: sc[d] for k, d in [("num_train_timesteps", "num_train_timesteps"), ("beta_start", "beta_start"),
                     ("beta_end", "beta_end"), ("beta_schedule", "beta_schedule"), ("prediction_type", "prediction_type"),
                     ("zero_terminal_snr", "rescale_betas_zero_snr")] if d in sc}
+        if sc.get("prediction_type") == "flow_prediction" or sc.get("_class_name", "").startswith("FlowMatch"):
+            # a flow model: our export's DPMSolverMultistepScheduler flow mode, or a FlowMatch* scheduler
+            sched_kw.update(prediction_type="flow", flow_shift=sc.get("flow_shift", sc.get("shift", 1.0)))
         spacing, offset = sc.get("timestep_spacing", "leading"), sc.get("steps_offset", 1)
     own_parts = "tokenizer_files" in meta and not (vae or text_encoder)    # one of our single files
     vae = vae or meta.get("vae")
@@ -1549,7 +1738,8 @@ def check_sampling_args(height, width, sampler, steps, factor=None, images_per_p
             raise UserError(f"{name} must be positive, got {side}")
         if side is not None and factor and side % factor:
             raise UserError(f"{name} must be a multiple of {factor} (the VAE's downsampling), got {side}")
-    check_sampler(sampler, eta)
+    if sampler is not None:                              # None: the checkpoint's own (default_sampler)
+        check_sampler(sampler, eta)
     if steps < 1:
         raise UserError(f"sampling steps must be at least 1, got {steps}")
     if images_per_prompt < 1:
@@ -1557,11 +1747,13 @@ def check_sampling_args(height, width, sampler, steps, factor=None, images_per_p
 
 
 @torch.no_grad()
-def generate(pipe, prompts, negative="", steps=50, guidance_scale=7.5, sampler="ddim", eta=None, seed=0, height=512,
+def generate(pipe, prompts, negative="", steps=50, guidance_scale=7.5, sampler=None, eta=None, seed=0, height=512,
              width=512, images_per_prompt=1, clip_x0=None, progress=False):
-    """Prompts -> uint8 images (N, H, W, 3). The negative prompt (or "") is the unconditional CFG branch;
-    `progress` shows a bar over the sampling steps (minutes on a CPU)."""
+    """Prompts -> uint8 images (N, H, W, 3). The negative prompt (or "") is the unconditional CFG branch; sampler
+    None is the checkpoint's default_sampler; `progress` shows a bar over the sampling steps (minutes on a CPU)."""
     check_sampling_args(height, width, sampler, steps, pipe.vae.factor, images_per_prompt, eta)
+    sampler = sampler or default_sampler(pipe.schedule)
+    check_sampler_fits(sampler, pipe.schedule)
     prompts = [p for p in prompts for _ in range(images_per_prompt)]
     te, device = pipe.text_encoder, pipe.vae.device
     for p in set(prompts) | {negative}:

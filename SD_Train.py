@@ -46,7 +46,8 @@ from tqdm import tqdm
 
 from SD_Model import (DEFAULT_TEXT_ENCODER, DEFAULT_VAE, LOSS_WEIGHTINGS, FrozenTextEncoder, FrozenVAE,
                       NoiseSchedule, Pipeline, build_unet, checkpoint_meta, configure_cuda_backends, generate,
-                      make_grid, peak_tflops, read_training_checkpoint, read_unet_state, save_unet, unet_config)
+                      make_grid, peak_tflops, read_training_checkpoint, read_unet_state, resolution_shift, save_unet,
+                      unet_config)
 from sd_common import (UserError, arg_parser, atomic_path, check_writable, pick_device, pick_dtype, run_main,
                        write_atomic)
 from sd_data import print_summary
@@ -86,6 +87,11 @@ def _float(v):
         return float(v)                              # also takes YAML's "1e-5", which PyYAML reads as a string
     except ValueError:
         raise ValueError("expected a number") from None
+
+
+def _shift(v):
+    """A flow model's timestep shift: a number, or 'auto' for SD3's resolution-dependent one (resolved later)."""
+    return "auto" if str(v).lower() == "auto" else _float(v)
 
 
 def _str_list(v):
@@ -142,8 +148,14 @@ OPTIONS = {
     "beta_start": (_float, None, "first beta"),
     "beta_end": (_float, None, "last beta"),
     "beta_schedule": (str, None, "beta schedule"),
-    "prediction_type": (str, None, "UNet target"),
+    "prediction_type": (str, None, "UNet target: epsilon, v_prediction, or flow (rectified flow as SD3: x = (1 - s) "
+                                   "x0 + s noise, target noise - x0; SD3's loss is loss_weighting none)"),
     "zero_terminal_snr": (_bool, None, "rescale betas to zero terminal SNR (Lin et al. 2023; needs v_prediction)"),
+    "flow_shift": (_shift, None, "flow: timestep shift s -> shift s / (1 + (shift - 1) s) of training and sampling "
+                                 "(SD3 eq. 23; 1 = none); 'auto' = SD3's resolution-dependent resolution / 256"),
+    "flow_t_density": (str, None, "flow: density of the training sigmas, SD3's logit_normal or uniform"),
+    "flow_logit_mean": (_float, None, "flow: mean m of logit_normal (SD3: 0)"),
+    "flow_logit_std": (_float, None, "flow: std s of logit_normal (SD3: 1)"),
     # data
     "datasets": (_datasets, [], "latent folders (encode_latents.py) with their caption datasets (05) and mix "
                                 "ratios: LATENTS:CAPTIONS[:RATIO],..."),
@@ -176,6 +188,8 @@ OPTIONS = {
                                   "the noise, so an epsilon model learns to move an image's mean (very dark / light "
                                   "images); 0 = off, as SD"),
     "ema_decay": (_float, 0.9999, "EMA decay, warmed up as min(decay, (1 + step) / (10 + step))"),
+    "ema_every": (_int, 1, "update the EMA every N optimizer steps, with decay ** N: the same horizon in steps for "
+                           "1/N of the update's time"),
     "max_bad_steps": (_int, 20, "stop after this many non-finite losses in a row"),
     "seed": (_int, 0, "seed of the init, the data order and every sample's timestep, noise and CFG coin"),
     # speed and memory
@@ -186,6 +200,10 @@ OPTIONS = {
     "grad_checkpointing": (_bool, True, "recompute activations in backward (~40%% less memory)"),
     "compile": (_bool, False, "torch.compile the UNet"),
     "fsdp": (_bool, False, "shard UNet, gradients and optimizer with FSDP2 (fully_shard) instead of DDP"),
+    "ema_device": (str, "model", "where the fp32 EMA lives: beside the UNet (model), or in host memory (cpu: 4 bytes "
+                                 "a parameter off the GPU, 3.4 GB for SD1; a pinned copy of the parameters goes over "
+                                 "after each update, folded in while the next step runs; host RAM: twice that per "
+                                 "rank)", ("model", "cpu")),
     # checkpoints
     "save_steps": (_int, 0, "also checkpoint every N steps (0 -> at epoch ends only)"),
     "keep_last": (_int, 3, "keep the newest K step checkpoints (0 -> keep all); an 860M checkpoint is ~13 GB"),
@@ -195,8 +213,9 @@ OPTIONS = {
     "val_prompts": (_str_list, VAL_PROMPTS, "validation prompt grid ('a|b|c'; empty -> no images)"),
     "negative_prompt": (str, "", "negative prompt of the validation grid (the unconditional branch of CFG)"),
     "val_cfg_scale": (_float, 7.5, "CFG scale of the validation grid"),
-    "val_ddim_steps": (_int, 50, "DDIM steps of the validation grid"),
-    "val_timesteps": (_int_list, [100, 300, 500, 700, 900], "fixed timesteps of the validation loss"),
+    "val_ddim_steps": (_int, 50, "sampling steps of the validation grid (DDIM, or flow Euler for a flow model)"),
+    "val_timesteps": (_int_list, [100, 300, 500, 700, 900], "fixed timesteps of the validation loss (flow: sigma = "
+                                                            "t / num_train_timesteps)"),
     "logger": (str, "auto", "dashboards beside train.log and loss_curve.png: TensorBoard event files in out_dir "
                             "(`tensorboard --logdir runs`) and/or wandb; auto = TensorBoard when installed, plus "
                             "wandb when --wandb is online or offline", LOGGERS),
@@ -265,7 +284,7 @@ def resolve_config(args):
     if cfg["fsdp"] and cfg["precision"] == "fp16":
         raise UserError("--fsdp trains in bf16 or fp32; fp16's GradScaler would see only this rank's shard")
     for key in ("batch_size", "grad_accum", "epochs", "log_every", "loader_threads", "max_bad_steps",
-                "num_train_timesteps"):
+                "num_train_timesteps", "ema_every"):
         if cfg[key] < 1:
             raise UserError(f"{key} must be at least 1 (got {cfg[key]})")
     for key in ("max_steps", "save_steps", "keep_last", "val_steps", "val_samples", "epoch_samples", "synthetic",
@@ -280,6 +299,11 @@ def resolve_config(args):
     if cfg["resolution"] < 1:
         raise UserError(f"resolution must be positive, got {cfg['resolution']}")
     pick_loggers(cfg)                                # a contradiction or a missing package, before any work
+    if cfg["flow_shift"] == "auto":
+        cfg["flow_shift"] = resolution_shift(cfg["resolution"])
+    NoiseSchedule.from_dict(cfg)                     # its own checks (flow settings), before any work
+    if cfg["ema_device"] == "cpu" and cfg["fsdp"]:
+        raise UserError("--fsdp already shards the EMA across the GPUs; --ema_device cpu is for DDP and one GPU")
     return cfg
 
 
@@ -311,6 +335,75 @@ def ema_update_(ema, params, decay):
     """ema <- decay * ema + (1 - decay) * param, as two foreach ops over all tensors (on the params' device)."""
     torch._foreach_mul_(ema, decay)
     torch._foreach_add_(ema, params, alpha=1 - decay)
+
+
+class EMA:
+    """The fp32 EMA of the UNet's parameters, updated after every `every`-th optimizer step with decay
+    ema_decay_at(step) ** every: a step's parameters then weigh in k steps later by decay ** k either way, so the
+    horizon in steps is a per-step EMA's, for 1 / every of the updates.
+      device 'model'  beside the parameters (on the GPU: 4 bytes a parameter, 3.4 GB for SD1), updated in place.
+      device 'cpu'    in host memory. An update copies the parameters into a staging buffer (pinned, on a side CUDA
+                      stream, so the copy overlaps the next step's forward) and a worker thread folds them in while
+                      the next step runs. The next optimizer step waits, on the GPU, for the copy to have read the
+                      parameters; the next update waits for the fold (it refills the buffer); so does every read of
+                      `tensors`. A CPU-only machine runs the same path with a plain copy, bit for bit the 'model'
+                      path's arithmetic."""
+
+    def __init__(self, params, device, every, max_decay):
+        self.params, self.every, self.max_decay = params, every, max_decay
+        self.offload = device == "cpu"
+        self.shadow = [p.to("cpu", copy=True) for p in params] if self.offload else [p.clone() for p in params]
+        self.pending = self.copied = self.stream = None
+        if self.offload:
+            cuda = params[0].device.type == "cuda"
+            self.staging = [torch.empty_like(e, pin_memory=cuda) for e in self.shadow]   # pinned: async D2H
+            if cuda:
+                self.stream, self.copied = torch.cuda.Stream(params[0].device), torch.cuda.Event()
+            self.worker = ThreadPoolExecutor(1)
+
+    @property
+    def tensors(self):
+        """The EMA tensors (in the order of the params), once any fold in flight has landed."""
+        self.wait()
+        return self.shadow
+
+    def wait(self):
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()                         # re-raises a failed fold here
+
+    def before_params_change(self):
+        """Called before the optimizer step overwrites the parameters: the staging copy must have read them."""
+        if self.copied is not None:
+            torch.cuda.current_stream(self.stream.device).wait_event(self.copied)   # a GPU-side wait, no host sync
+
+    def update(self, step):
+        """Fold in the parameters as they are after optimizer step `step` (from 0), when that step is due."""
+        if (step + 1) % self.every:
+            return
+        decay = ema_decay_at(step, self.max_decay) ** self.every
+        if not self.offload:
+            ema_update_(self.shadow, self.params, decay)
+            return
+        self.wait()
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            if self.stream is not None:
+                self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))  # after the optimizer step
+            for buf, p in zip(self.staging, self.params):   # device -> pinned host: asynchronous on CUDA
+                buf.copy_(p, non_blocking=True)
+            if self.copied is not None:
+                self.copied.record(self.stream)
+        self.pending = self.worker.submit(self._fold, decay)
+
+    def _fold(self, decay):
+        if self.copied is not None:
+            self.copied.synchronize()
+        ema_update_(self.shadow, self.staging, decay)
+
+    def close(self):
+        self.wait()
+        if self.offload:
+            self.worker.shutdown()
 
 
 def build_lr_scheduler(optimizer, lr, warmup_steps, total_steps):
@@ -459,8 +552,9 @@ def find_resume(cfg, say):
 # resume that changes one is another run, unless named in --resume_override.
 RUN_IDENTITY = ("seed", "datasets", "synthetic", "epoch_samples", "resolution", "cfg_dropout", "num_train_timesteps",
                 "noise_offset", "beta_start", "beta_end", "beta_schedule", "prediction_type", "zero_terminal_snr",
-                "loss_weighting", "min_snr_gamma", "ema_decay", "grad_clip", "lr", "warmup_steps", "weight_decay",
-                "epochs", "batch_size", "grad_accum", "model", "text_encoder", "text_layer", "precision", "world_size")
+                "flow_shift", "flow_t_density", "flow_logit_mean", "flow_logit_std", "loss_weighting", "min_snr_gamma",
+                "ema_decay", "ema_every", "grad_clip", "lr", "warmup_steps", "weight_decay", "epochs", "batch_size",
+                "grad_accum", "model", "text_encoder", "text_layer", "precision", "world_size")
 
 
 def check_same_run(path, meta, cfg, world, data_fingerprint=None):
@@ -496,7 +590,7 @@ def validate(ema_unet, schedule, text, vae, val_mix, cfg, device, amp, step, out
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
         losses = []
         for t in cfg["val_timesteps"]:
-            tt = torch.full((len(x0),), t, device=device, dtype=torch.long)
+            tt = torch.full((len(x0),), t, device=device, dtype=schedule.t_dtype)   # flow: sigma = t / T
             with amp():
                 per_sample, _ = diffusion_loss(ema_unet, schedule, x0, context, tt, noise)
             metrics[f"val/loss_t{t}"] = per_sample.mean().item()
@@ -891,7 +985,7 @@ def open_data(cfg, run, text, show):
 
 def build_model(cfg, run, data, device, world):
     """The UNet (same seed on every rank -> same init; DDP also broadcasts it), wrapped for DDP or FSDP2, and its
-    fp32 EMA shadow on the same device (sharded like the params under FSDP)."""
+    fp32 EMA (beside it, sharded like the params under FSDP, or in host memory: EMA)."""
     torch.manual_seed(cfg["seed"])
     unet = build_unet(run.model_cfg, run.init_sd, source=f"--init '{cfg['init']}'").to(device)
     unet.set_grad_checkpointing(cfg["grad_checkpointing"])
@@ -914,8 +1008,8 @@ def build_model(cfg, run, data, device, world):
     else:
         model = unet
     names, params = zip(*[(n, p.detach()) for n, p in unet.named_parameters()])
-    return SimpleNamespace(unet=unet, model=model, names=names, params=params, ema=[p.clone() for p in params],
-                           flops=flops)
+    ema = EMA(params, cfg["ema_device"], cfg["ema_every"], cfg["ema_decay"])
+    return SimpleNamespace(unet=unet, model=model, names=names, params=params, ema=ema, flops=flops)
 
 
 def train_step(net, micro, text, uncond, schedule, scaler, cfg, run, stop):
@@ -937,7 +1031,7 @@ def train_step(net, micro, text, uncond, schedule, scaler, cfg, run, stop):
                                                     cfg["loss_weighting"], cfg["min_snr_gamma"])
                 loss = (per_sample * weight).mean() / run.A
             scaler.scale(loss).backward()
-        quartile = (t * 4 // cfg["num_train_timesteps"]).clamp(max=3)
+        quartile = (t * 4 // cfg["num_train_timesteps"]).long().clamp(max=3)   # flow's t is a float
         stats[0] += loss.detach()
         stats[1] += per_sample.detach().mean() / run.A
         stats[2:6].index_add_(0, quartile, per_sample.detach().float())
@@ -955,8 +1049,9 @@ def apply_step(net, optimizer, scaler, stats, step, cfg):
     grad_norm = _full(torch.nn.utils.clip_grad_norm_(net.unet.parameters(), cfg["grad_clip"])).item()
     ok = math.isfinite(stats[0].item()) and (math.isfinite(grad_norm) or scaler.is_enabled())
     if ok:
+        net.ema.before_params_change()
         scaler.step(optimizer)
-        ema_update_(net.ema, net.params, ema_decay_at(step, cfg["ema_decay"]))
+        net.ema.update(step)
     scaler.update()                                  # also after a skipped step: unscale_ needs a fresh update
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, ok
@@ -980,7 +1075,7 @@ def check_disk(out_dir, n_params):
 
 def ema_state(net):
     """The EMA weights as full CPU tensors (every rank joins the FSDP gathers)."""
-    return {n: _full(e).detach().cpu() for n, e in zip(net.names, net.ema)}
+    return {n: _full(e).detach().cpu() for n, e in zip(net.names, net.ema.tensors)}
 
 
 def validate_ema(net, run, data, text, vae, schedule, cfg, step, out_dir, log, rank):
@@ -1043,8 +1138,8 @@ def train(cfg, rank, world, device, stop):
     uncond = text.encode([""])                                                  # (1, 77, D)
     progress = {"epoch": 0, "batch": 0, "step": 0, "bad_steps": 0, "window": None}
     if run.resume is not None:
-        progress = load_checkpoint(run.resume, net.unet, optimizer, net.ema, net.names, scheduler, scaler, rank,
-                                   world)
+        progress = load_checkpoint(run.resume, net.unet, optimizer, net.ema.tensors, net.names, scheduler, scaler,
+                                   rank, world)
         log.print(f"resumed from {run.resume_path} at step {progress['step']} (epoch {progress['epoch']}, "
                   f"batch {progress['batch']})")
         run.resume = None                            # the memory-mapped file is not needed any more
@@ -1055,8 +1150,8 @@ def train(cfg, rank, world, device, stop):
 
     def save(progress):
         path = checkpoint_path(out_dir, step)
-        save_checkpoint(path, net.unet, optimizer, net.ema, net.names, scheduler, scaler, progress, meta, rank,
-                        cfg["keep_last"])
+        save_checkpoint(path, net.unet, optimizer, net.ema.tensors, net.names, scheduler, scaler, progress, meta,
+                        rank, cfg["keep_last"])
         log.print(f"saved {path}")
 
     # The loop: one optimizer step per iteration; per-sample randomness comes with the batch.
@@ -1068,7 +1163,7 @@ def train(cfg, rank, world, device, stop):
     bad_in_row = 0
     while epoch < cfg["epochs"] and step < max_steps:
         order = epoch_order(data.mix.sizes, data.mix.ratios, data.mix.epoch_samples, cfg["seed"], epoch)
-        batches = step_batches(data.mix, order, first_step, cfg, world, rank, epoch, cfg["num_train_timesteps"],
+        batches = step_batches(data.mix, order, first_step, cfg, world, rank, epoch, schedule.draw_train_t,
                                pin=device.type == "cuda")
         for p, micro in prefetch(batches):
             net.model.train()
@@ -1123,6 +1218,7 @@ def train(cfg, rank, world, device, stop):
         save_unet({k: v.half() for k, v in full.items()}, run.model_cfg, export, "ours", meta)
         log.print(f"done at step {step}: exported EMA weights to {export}")
     dist.barrier()
+    net.ema.close()
     log.close()
     data.pool.shutdown()
 

@@ -563,6 +563,7 @@ def run(args, device):
     pipe = M.load_pipeline(args.ckpt, device, pick_dtype(device, args.dtype), args.weights, args.vae,
                            args.text_encoder)
     resolution = args.resolution or pipe.meta.get("resolution", 512)
+    args.sampler = args.sampler or M.default_sampler(pipe.schedule)   # recorded in settings.json and every PNG
     ref = reference_stats(args, inception, resolution) if inception else None
     out = Path(args.out) / "shapes" if args.shapes else Path(args.out)   # own settings: both can share --out
     settings = generation_settings(args, prompts, resolution)

@@ -1,4 +1,5 @@
-"""Quick, portable sampling: picks CUDA, then Apple's MPS, then CPU, and draws one prompt with EMA weights."""
+"""Quick, portable sampling: picks CUDA, then Apple's MPS, then CPU, and draws one prompt with EMA weights (DDIM, or
+flow Euler for a rectified-flow checkpoint)."""
 from pathlib import Path
 
 import SD_Model as M

@@ -227,22 +227,23 @@ def micro_slice(step_in_epoch, micro, rank, batch_size, grad_accum, world):
     return range(start, start + batch_size)
 
 
-def sample_randomness(seed, epoch, positions, shape, num_timesteps, cfg_dropout, noise_offset=0.0):
+def sample_randomness(seed, epoch, positions, shape, draw_t, cfg_dropout, noise_offset=0.0):
     """Timestep, CFG-dropout coin and noise (plus noise_offset x a per-channel constant) of each sample, a pure
     function of (seed, epoch, position in the epoch): the same sample gets the same draws whatever the world
     size, micro-batching or resume point, which is what makes DDP == one process, accumulation == a bigger
-    batch and resume == no interruption.
+    batch and resume == no interruption. `draw_t(rng)` draws one timestep (SD_Model.NoiseSchedule.draw_train_t:
+    DDPM's integer t, or a flow model's continuous one).
     A counter-based Philox stream per sample (key = seed, epoch; counter = position) keeps every stream
     distinct; torch's CPU generator would keep only 32 bits of a combined seed."""
     t, drop, noise = [], [], []
     for p in positions:
         rng = np.random.Generator(np.random.Philox(counter=[0, p, 0, 0], key=[seed, epoch]))
-        t.append(rng.integers(0, num_timesteps))
+        t.append(draw_t(rng))
         drop.append(rng.random() < cfg_dropout)
         noise.append(rng.standard_normal(tuple(shape), dtype=np.float32))
         if noise_offset:                                  # drawn last: offset 0 leaves every other draw as it was
             noise[-1] += noise_offset * rng.standard_normal((shape[0], 1, 1), dtype=np.float32)
-    return torch.tensor(t, dtype=torch.long), torch.tensor(drop), torch.from_numpy(np.stack(noise))
+    return torch.tensor(t), torch.tensor(drop), torch.from_numpy(np.stack(noise))   # t: int64, or float32 (flow)
 
 
 class LatentMix:
@@ -267,7 +268,7 @@ class LatentMix:
         return torch.from_numpy(latents), torch.from_numpy(ids)
 
 
-def step_batches(mix, order, first_step, cfg, world, rank, epoch, num_timesteps, pin):
+def step_batches(mix, order, first_step, cfg, world, rank, epoch, draw_t, pin):
     """Yield (step_in_epoch, [micro-batch dicts]) from `first_step` on; skipped steps load nothing."""
     B, A = cfg["batch_size"], cfg["grad_accum"]
     for p in range(first_step, len(order) // (B * A * world)):
@@ -275,7 +276,7 @@ def step_batches(mix, order, first_step, cfg, world, rank, epoch, num_timesteps,
         for a in range(A):
             pos = micro_slice(p, a, rank, B, A, world)
             latents, ids = mix.read(order[pos.start:pos.stop])
-            t, drop, noise = sample_randomness(cfg["seed"], epoch, pos, latents.shape[1:], num_timesteps,
+            t, drop, noise = sample_randomness(cfg["seed"], epoch, pos, latents.shape[1:], draw_t,
                                                cfg["cfg_dropout"], cfg["noise_offset"])
             mb = {"latents": latents, "ids": ids, "t": t, "drop": drop, "noise": noise}
             micro.append({k: v.pin_memory() for k, v in mb.items()} if pin else mb)

@@ -68,3 +68,24 @@ def append_results(device, title, settings, header, rows):
     with open(out, "a") as f:
         f.write(text)
     return out
+
+
+def random_unet(cfg):
+    """Our from-scratch UNet of `cfg` with its zero-initialized outputs made random, so that no branch is
+    trivially zero (fp32, on CPU)."""
+    import SD_Model
+    torch.manual_seed(0)
+    unet = SD_Model.UNet(cfg).initialize_weights()
+    for p in unet.parameters():
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.02)
+    return unet
+
+
+def random_batch(cfg, batch, res, device, memory_format=torch.contiguous_format):
+    """One fixed training batch for `cfg` at `res` px (latents res/8): (x, t, context, target)."""
+    g, h = torch.Generator().manual_seed(1), res // 8
+    return (torch.randn(batch, cfg.in_channels, h, h, generator=g).to(device, memory_format=memory_format),
+            torch.randint(0, 1000, (batch,), generator=g).to(device),
+            torch.randn(batch, 77, cfg.context_dim, generator=g).to(device),
+            torch.randn(batch, cfg.out_channels, h, h, generator=g).to(device))

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import append_results, device_name, peak_flops, time_interleaved  # noqa: I001 (sets sys.path)
+from common import (append_results, device_name, peak_flops, random_batch, random_unet,  # noqa: I001 (sets sys.path)
+                    time_interleaved)
 import SD_Model as M
 from sd_common import arg_parser, pick_device, pick_dtype
 
@@ -23,11 +24,7 @@ def build_models(args, device):
     no branch is trivially zero)."""
     from diffusers import UNet2DConditionModel
     cfg = M.unet_config(args.config)
-    torch.manual_seed(0)
-    ours = M.UNet(cfg).initialize_weights()
-    for p in ours.parameters():
-        if not p.any():
-            torch.nn.init.normal_(p, std=0.02)
+    ours = random_unet(cfg)
     theirs = UNet2DConditionModel.from_config(M.diffusers_config(cfg, args.res // 8))
     theirs.load_state_dict(ours.state_dict())
     models = {"ours": ours, "diffusers": theirs}
@@ -78,13 +75,8 @@ def main(args):
     device = pick_device(args.device)
     M.configure_cuda_backends()
     cfg, models = build_models(args, device)
-    h = args.res // 8
-    g = torch.Generator().manual_seed(1)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    batch = (torch.randn(args.batch, cfg.in_channels, h, h, generator=g).to(device, memory_format=fmt),
-             torch.randint(0, 1000, (args.batch,), generator=g).to(device),
-             torch.randn(args.batch, 77, cfg.context_dim, generator=g).to(device),
-             torch.randn(args.batch, cfg.out_channels, h, h, generator=g).to(device))
+    batch = random_batch(cfg, args.batch, args.res, device, fmt)
     flops = count_flops(models["ours"], batch)
     steps = {k: make_step(m, k == "ours", args, device, batch) for k, m in models.items()}
     sec = time_interleaved(steps, args.steps, args.warmup, device)

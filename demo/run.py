@@ -9,6 +9,7 @@ x shape prompt -> evaluate.py --shapes: the score. Everything lands under --root
 finished step (each script resumes on its own), so deleting --root is the way to start over.
 
     python -m demo.run
+    python -m demo.run --prediction_type flow --loss_weighting none --score_steps 5 10 25 50   # same data, own run
 """
 import argparse
 import os
@@ -21,22 +22,28 @@ from urllib.parse import urlparse
 import sd_data
 from sd_common import arg_parser
 from demo import shapes
+from SD_Model import LOSS_WEIGHTINGS
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def folders(root):
+def folders(root, prediction_type="epsilon"):
     """Every input and output of the demo, by name. latents/, captions/ and clip/ are what the `demo` phase in
-    configs/phases.yaml reads when --root is left at data/demo."""
+    configs/phases.yaml reads when --root is left at data/demo. Another objective than eps trains, samples and
+    scores in folders of its own (run_flow/, ...) on the same data."""
     root = Path(root)
-    names = ["www", "meta", "filtered", "tars", "tokens", "captions", "clip", "vae", "latents", "run", "samples",
-             "eval"]
-    return argparse.Namespace(root=root, **{n: root / n for n in names})
+    names = ["www", "meta", "filtered", "tars", "tokens", "captions", "clip", "vae", "latents"]
+    own = "" if prediction_type == "epsilon" else f"_{prediction_type}"
+    return argparse.Namespace(root=root, **{n: root / n for n in names},
+                              **{n: root / f"{n}{own}" for n in ("run", "samples", "eval")})
 
 
 def script_steps(args, d):
-    """(title, argv) of each script run, in order: exactly what a user would type for this data set."""
+    """(title, argv) of each script run, in order, the scores last: exactly what a user would type for this data
+    set."""
     py, res, seed = sys.executable, str(args.resolution), str(args.seed)
+    objective = ["--prediction_type", args.prediction_type] + \
+        (["--loss_weighting", args.loss_weighting] if args.loss_weighting else [])
     return [
         ("02 filter metadata", [py, "02_filter_metadata.py", "--meta", d.meta, "--out", d.filtered,
                                 "--preset", "phase1", "--min_width", res, "--min_height", res]),
@@ -57,16 +64,15 @@ def script_steps(args, d):
                                              "--nproc_per_node", str(args.nproc), "SD_Train.py", "--phase", "demo",
                                              "--resume", "auto", "--datasets", f"{d.latents}:{d.captions}",
                                              "--text_encoder", d.clip, "--resolution", res, "--seed", seed,
-                                             "--out_dir", d.run]),
+                                             "--out_dir", d.run, *objective]),
         ("sample the prompt grid", [py, "SD_ImageGen.py", "--ckpt", d.run / "ema_final.safetensors",
                                     "--prompts", d.samples / "prompts.txt", "--n", str(args.n), "--grid",
                                     "--steps", str(args.steps), "--cfg", str(args.cfg), "--seed", seed,
                                     "--device", "cpu", "--out", d.samples / "grid.png"]),
-        ("evaluate.py: prompt-following score", [py, "evaluate.py", "--ckpt", d.run / "ema_final.safetensors",
-                                                 "--shapes", "--shapes_seeds", str(args.n), "--steps", str(args.steps),
-                                                 "--guidance_scales", str(args.cfg), "--seed", seed,
-                                                 "--device", "cpu", "--out", d.eval]),
-    ]
+    ] + [(f"evaluate.py: prompt-following score, {n} steps",
+          [py, "evaluate.py", "--ckpt", d.run / "ema_final.safetensors", "--shapes", "--shapes_seeds", str(args.n),
+           "--steps", str(n), "--guidance_scales", str(args.cfg), "--seed", seed, "--device", "cpu",
+           "--out", d.eval / f"steps_{n}"]) for n in args.score_steps or [args.steps]]
 
 
 def run_script(title, argv, timings):
@@ -91,7 +97,9 @@ def served_port(meta_file):
 
 def main(args):
     from tiny_models import save_tiny_clip
-    d = folders(args.root)
+    if min([args.steps, *(args.score_steps or [])]) < 1:     # before minutes of data and training
+        raise SystemExit("make demo: --steps and --score_steps must be at least 1")
+    d = folders(args.root, args.prediction_type)
     steps = dict(script_steps(args, d))
     timings, start = [], time.time()
     print(f"make demo: {args.images} generated {args.resolution} px images -> the whole pipeline -> a score; "
@@ -121,7 +129,7 @@ def main(args):
     prompts_file = d.samples / "prompts.txt"
     prompts_file.parent.mkdir(parents=True, exist_ok=True)
     prompts_file.write_text("\n".join(shapes.prompt_grid()) + "\n")
-    score = steps.pop("evaluate.py: prompt-following score")
+    scores = {title: steps.pop(title) for title in list(steps) if title.startswith("evaluate.py")}
     for title, argv in steps.items():
         run_script(title, argv, timings)
     sd_data.print_summary(f"make demo: {time.time() - start:.0f} s until the score",
@@ -129,7 +137,8 @@ def main(args):
     print(f"prompt grid (a row per prompt, {args.n} seeds): {d.samples / 'grid.png'}")
 
     # Last, the score: every color x shape prompt, args.n seeds each, through the fixed-rule classifier.
-    run_script("evaluate.py: prompt-following score", score, timings)
+    for title, argv in scores.items():
+        run_script(title, argv, timings)
 
 
 if __name__ == "__main__":
@@ -143,6 +152,14 @@ if __name__ == "__main__":
     parser.add_argument("--vae_steps", type=int, default=600, help="optimizer steps of the demo VAE")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
     parser.add_argument("--n", type=int, default=4, help="seeds per prompt in the grid and the score")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps for the score")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps of the grid and the score")
+    parser.add_argument("--score_steps", type=int, nargs="+", default=None,
+                        help="score once per step count instead (eval/steps_N each): how many steps each objective "
+                             "needs")
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale for the score")
+    parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "flow"],
+                        help="the UNet's objective (SD_Train.py --prediction_type); not eps: run, samples and eval "
+                             "go to run_<type>/ ... on the same data")
+    parser.add_argument("--loss_weighting", default=None, choices=LOSS_WEIGHTINGS,
+                        help="SD_Train.py --loss_weighting (default: the demo phase's, min_snr; SD3's flow loss: none)")
     main(parser.parse_args())

@@ -93,3 +93,16 @@ def test_sampler_steps_scores_every_sampler_and_finds_the_fewest_steps(tmp_path)
     assert len(rows) == 2 + 1 + 2           # the grid, the reference, a summary row per sampler
     proc = run_bench(tmp_path, "sampler_steps.py", "--ckpt", tmp_path / "ema_final.safetensors", "--reference", "ddim")
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --reference takes")
+
+
+def test_ema_appends_a_table_with_every_variant(tmp_path):
+    proc = run_bench(tmp_path, "ema.py", "--config", "small", "--res", 64, "--batch", 1, "--every", 2, "--block", 2,
+                     "--rounds", 1, "--warmup", 0, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    text = results(tmp_path)
+    assert "### EMA cost per training step (bench/ema.py)" in text and "sd1_fp32_ema_gb_off_the_gpu_with_cpu=3.44" in text
+    for row in ("| no EMA |", "| EMA every step (model) |", "| EMA every 2 steps (model) |", "| EMA every step (cpu) |",
+                "| EMA every 2 steps (cpu) |"):
+        assert row in text
+    proc = run_bench(tmp_path, "ema.py", "--every", 3, "--block", 4, "--device", "cpu")
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --block 4 must be a multiple")

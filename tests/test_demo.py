@@ -87,13 +87,21 @@ def test_metadata_passes_02_as_the_demo_runs_it(tmp_path):
     d = run.folders(tmp_path)
     scenes = shapes.write_dataset(d.www, d.meta / "part-00000.parquet", 40, 0, SIZE, "http://127.0.0.1:9")
     assert sorted(p.name for p in d.www.iterdir()) == [f"{i:06d}.png" for i in range(40)]
-    args = argparse.Namespace(resolution=SIZE, vae_steps=1, nproc=1, n=1, steps=1, cfg=1.0, seed=0)
-    argv = [str(a) for a in dict(run.script_steps(args, d))["02 filter metadata"]]
+    args = argparse.Namespace(resolution=SIZE, vae_steps=1, nproc=1, n=1, steps=1, cfg=1.0, seed=0,
+                              prediction_type="flow", loss_weighting="none", score_steps=[2, 8])
+    steps = dict(run.script_steps(args, d))
+    argv = [str(a) for a in steps["02 filter metadata"]]
     out = subprocess.run(argv, cwd=run.REPO, capture_output=True, text=True, check=True).stdout
     assert summary_value(out, "rows in") == summary_value(out, "kept") == 40
     kept = pq.read_table(d.filtered / "part-00000.parquet").to_pydict()
     assert kept["caption"] == [s.caption for s in scenes]
     assert kept["url"] == [f"http://127.0.0.1:9/{i:06d}.png" for i in range(40)]
+    # another objective: its own run folder on the same data, one score per step count
+    flow = run.folders(tmp_path, "flow")
+    assert flow.latents == d.latents and flow.run == tmp_path / "run_flow" and d.run == tmp_path / "run"
+    train = " ".join(map(str, steps["train the UNet (torchrun, gloo)"]))
+    assert train.endswith(f"--out_dir {d.run} --prediction_type flow --loss_weighting none")
+    assert [t for t in steps if t.startswith("evaluate.py")][-1] == "evaluate.py: prompt-following score, 8 steps"
 
 
 @pytest.mark.slow

@@ -258,6 +258,38 @@ def test_export_with_a_sampler_draws_our_image_in_diffusers(tiny_pipeline, tmp_p
     assert np.abs(theirs - diffusers_image(tiny_pipeline)).mean() > 1.0       # another sampler than DDIM's
 
 
+def test_flow_checkpoint_samples_with_flow_euler_and_exports_a_pipeline_diffusers_runs(tiny_pipeline, tmp_path):
+    """A rectified-flow checkpoint: SD_ImageGen samples it with flow_euler unasked (ddim is one line); --export
+    diffusers writes a flow scheduler StableDiffusionPipeline can run (DPMSolverMultistepScheduler's flow mode at
+    order 1, Euler on its own sigma grid), which draws our image within 0.5 of 255 on average and loads back as the
+    same flow model; single-file refuses. FlowMatchEulerDiscreteScheduler itself fails in that pipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
+    sd, cfg, _ = M.read_unet_state(tiny_pipeline)
+    meta = M.checkpoint_meta(cfg, M.NoiseSchedule(prediction_type="flow", flow_shift=2.0), tiny_pipeline / "vae",
+                             0.18215, tiny_pipeline, "last", 64)
+    M.save_unet(sd, cfg, tmp_path / "flow.safetensors", "ours", meta)
+    r = imagegen(tmp_path, tmp_path / "flow.safetensors", "--prompt", PROMPT, "--negative", NEGATIVE)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "img.png").text["sampler"] == "flow_euler"
+    ours = np.asarray(Image.open(tmp_path / "img.png"), dtype=np.float64)
+    r = imagegen(tmp_path, tmp_path / "flow.safetensors", "--prompt", PROMPT, "--sampler", "ddim", out="ddim.png")
+    assert r.returncode != 0 and "sampler 'ddim' does not fit this flow model" in r.stderr.strip().splitlines()[-1]
+    r = imagegen(tmp_path, tmp_path / "flow.safetensors", "--export", "single-file", tmp_path / "flow_sf.safetensors")
+    assert r.returncode != 0 and "a flow model has no single-file form" in r.stderr
+    assert not (tmp_path / "flow_sf.safetensors").exists()
+
+    r = imagegen(tmp_path, tmp_path / "flow.safetensors", "--export", "diffusers", tmp_path / "exp",
+                 "--export_dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    assert np.abs(diffusers_image(tmp_path / "exp") - ours).mean() <= 0.5
+    back = M.load_pipeline(tmp_path / "exp").schedule
+    assert back.prediction_type == "flow" and back.flow_shift == 2.0
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "exp", safety_checker=None)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=2.0)
+    with pytest.raises(AttributeError, match="init_noise_sigma"):
+        pipe(PROMPT, num_inference_steps=2, height=64, width=64)
+
+
 @pytest.mark.slow
 def test_grid_prompts_file_and_inference_front_end(tiny_pipeline, tmp_path):
     (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")

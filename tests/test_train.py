@@ -29,6 +29,7 @@ from tiny_models import save_tiny_clip, save_tiny_vae
 
 REPO = Path(__file__).resolve().parents[1]
 RES, LATENT = 64, (4, 8, 8)                           # the `tiny` phase: 64 px images, 8x8 latents
+DRAW_T = SD_Model.NoiseSchedule().draw_train_t       # DDPM's integer timesteps
 
 #################################################################################
 #                  Shared fixture: tiny models and latent datasets              #
@@ -220,6 +221,18 @@ def test_flags_override_phases_with_type_checks(tmp_path):
         resolve("--phase", "p", "--phases_file", str(bad))
     with pytest.raises(SD_Model.UserError, match="zero_terminal_snr needs prediction_type v_prediction"):
         resolve("--phase", "tiny", "--synthetic", "8", "--zero_terminal_snr", "true")
+    flow = resolve("--phase", "tiny", "--prediction_type", "flow", "--flow_shift", "auto", "--resolution", "512")
+    assert flow["flow_shift"] == 2.0 and flow["flow_t_density"] == "logit_normal"   # SD3's sqrt(512^2 / 256^2)
+    assert SD_Model.NoiseSchedule.from_dict(flow).flow and "flow_shift" in SD_Train.RUN_IDENTITY
+    for argv, message in [(["--prediction_type", "flow", "--zero_terminal_snr", "true"], "reaches pure noise at t = T"),
+                          (["--prediction_type", "rf"], r"'rf' is not one of \['epsilon', 'v_prediction', 'flow'\]"),
+                          (["--flow_shift", "-1"], "flow_shift and flow_logit_std must be positive"),
+                          (["--flow_shift", "big"], "--flow_shift: expected a number"),
+                          (["--ema_every", "0"], r"ema_every must be at least 1 \(got 0\)"),
+                          (["--ema_device", "gpu"], r"'gpu' is not one of \['model', 'cpu'\]"),
+                          (["--fsdp", "true", "--ema_device", "cpu"], "FSDP already shards the EMA|--fsdp already")]:
+        with pytest.raises(SD_Model.UserError, match=message):
+            resolve("--phase", "tiny", *argv)
 
 
 #################################################################################
@@ -290,12 +303,39 @@ def test_ema_matches_a_hand_computation():
         torch.testing.assert_close(e.double(), h, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", ["model", "cpu"])
+def test_ema_every_n_steps_matches_a_hand_computation(device):
+    """EMA every 3 steps with decay_at(step) ** 3, folded in after steps 2, 5, 8, ... (from 0) and unchanged in
+    between; the CPU path (staging copy + worker thread) is bit for bit the in-place one on a CPU machine."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    every, max_decay = 3, 0.9
+    ema = SD_Train.EMA(params, device, every, max_decay)
+    hand = [p.double().clone() for p in params]
+    for s in range(12):
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g))
+        before = [e.clone() for e in ema.tensors]
+        ema.update(s)
+        if (s + 1) % every == 0:
+            d = SD_Train.ema_decay_at(s, max_decay) ** every
+            hand = [d * h + (1 - d) * p.double() for h, p in zip(hand, params)]
+            ref = [e.clone() for e in before]
+            SD_Train.ema_update_(ref, params, d)
+            assert all(torch.equal(a, b) for a, b in zip(ema.tensors, ref))           # bitwise the in-place update
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(ema.tensors, before))
+        for e, h in zip(ema.tensors, hand):
+            torch.testing.assert_close(e.double(), h, rtol=1e-6, atol=1e-6)
+    ema.close()
+
+
 def test_cfg_dropout_rate_and_substitution():
     p, n = 0.15, 4000
-    _, drop, _ = sd_latents.sample_randomness(0, 0, range(n), (1, 1, 1), 1000, p)
+    _, drop, _ = sd_latents.sample_randomness(0, 0, range(n), (1, 1, 1), DRAW_T, p)
     tolerance = 4 * math.sqrt(p * (1 - p) / n)                                  # 4 sigma
     assert abs(drop.float().mean().item() - p) < tolerance
-    _, none, _ = sd_latents.sample_randomness(0, 0, range(100), (1, 1, 1), 1000, 0.0)
+    _, none, _ = sd_latents.sample_randomness(0, 0, range(100), (1, 1, 1), DRAW_T, 0.0)
     assert not none.any()
     context, uncond = torch.randn(6, 77, 32), torch.randn(1, 77, 32)
     drop = torch.tensor([True, False, False, True, False, False])
@@ -304,17 +344,17 @@ def test_cfg_dropout_rate_and_substitution():
 
 
 def test_sample_randomness_is_a_function_of_the_sample_position_only():
-    whole = sd_latents.sample_randomness(3, 2, range(8), LATENT, 1000, 0.5)
-    halves = [sd_latents.sample_randomness(3, 2, r, LATENT, 1000, 0.5) for r in (range(0, 4), range(4, 8))]
+    whole = sd_latents.sample_randomness(3, 2, range(8), LATENT, DRAW_T, 0.5)
+    halves = [sd_latents.sample_randomness(3, 2, r, LATENT, DRAW_T, 0.5) for r in (range(0, 4), range(4, 8))]
     for i in range(3):
         assert torch.equal(whole[i], torch.cat([h[i] for h in halves]))
-    other_epoch = sd_latents.sample_randomness(3, 3, range(8), LATENT, 1000, 0.5)
+    other_epoch = sd_latents.sample_randomness(3, 3, range(8), LATENT, DRAW_T, 0.5)
     assert not torch.equal(whole[2], other_epoch[2])
 
 
 def test_noise_offset_adds_one_constant_per_sample_and_channel():
-    t, drop, noise = sd_latents.sample_randomness(3, 2, range(8), LATENT, 1000, 0.5)
-    t_off, drop_off, noise_off = sd_latents.sample_randomness(3, 2, range(8), LATENT, 1000, 0.5, noise_offset=0.1)
+    t, drop, noise = sd_latents.sample_randomness(3, 2, range(8), LATENT, DRAW_T, 0.5)
+    t_off, drop_off, noise_off = sd_latents.sample_randomness(3, 2, range(8), LATENT, DRAW_T, 0.5, noise_offset=0.1)
     assert torch.equal(t, t_off) and torch.equal(drop, drop_off)          # the other draws are unchanged
     offset = noise_off - noise                                             # (8, C, h, w)
     assert torch.allclose(offset, offset[:, :, :1, :1].expand_as(offset), atol=1e-6)
@@ -529,6 +569,40 @@ def test_ema_in_the_run_matches_a_hand_computation(single_run):
         d = SD_Train.ema_decay_at(step, 0.9999)
         for k, e in cur["ema"].items():
             torch.testing.assert_close(e, d * prev["ema"][k] + (1 - d) * cur["unet"][k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_flow_run_with_cpu_ema_every_3_resumes_bitwise_and_equals_the_in_place_ema(tiny, tmp_path, monkeypatch):
+    """A rectified-flow run (logit-normal sigmas, shift 3, SD3's plain loss) with its EMA in host memory, folded in
+    every 3 steps: the checkpoints record the objective; resumed from step 3 it ends bit for bit as the
+    uninterrupted run; the EMA moves only after steps 3 and 6, by the hand formula with decay ** 3; and the in-place
+    EMA (--ema_device model) gives the same bits. In-process runs: 6 steps each."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+
+    def run(out, *extra):
+        run_main(*base_args(tiny, out), "--prediction_type", "flow", "--flow_shift", 3, "--loss_weighting", "none",
+                 "--ema_every", 3, "--ema_decay", 0.9, "--max_steps", 6, "--save_steps", 1, "--val_steps", 3, *extra)
+    run(tmp_path / "a", "--ema_device", "cpu")
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt(tmp_path / "a", 3), ckpt(tmp_path / "b", 3))
+    run(tmp_path / "b", "--ema_device", "cpu", "--resume", "auto")
+    assert "resumed from" in (tmp_path / "b" / "train.log").read_text()
+    assert_same_state(ckpt(tmp_path / "a", 6), ckpt(tmp_path / "b", 6))
+    run(tmp_path / "c", "--ema_device", "model")
+    assert_same_state(ckpt(tmp_path / "a", 6), ckpt(tmp_path / "c", 6))
+
+    a = {k: load_ckpt(ckpt(tmp_path / "a", k)) for k in range(1, 7)}
+    schedule = a[6]["meta"]["schedule"]
+    assert schedule["prediction_type"] == "flow" and schedule["flow_shift"] == 3.0
+    assert re.search(r"validation at step 3: val/loss_t100 [\d.]+", (tmp_path / "a" / "train.log").read_text())
+    for k in (2, 4, 5):
+        assert_trees_equal(a[k]["ema"], a[k - 1]["ema"], f"ema {k}")
+    for k in (3, 6):
+        d = SD_Train.ema_decay_at(k - 1, 0.9) ** 3
+        for n, e in a[k]["ema"].items():
+            torch.testing.assert_close(e, d * a[k - 1]["ema"][n] + (1 - d) * a[k]["unet"][n], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(a[6]["ema"]["conv_out.weight"], a[5]["ema"]["conv_out.weight"])
 
 
 @pytest.mark.slow
