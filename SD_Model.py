@@ -1624,6 +1624,7 @@ def diffusers_scheduler_config(schedule, spacing=None, steps_offset=1, sampler="
            "dpmpp_2m": ("DPMSolverMultistepScheduler", dpm),
            "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", dict(dpm, use_karras_sigmas=True))}
     check_sampler(sampler)
+    check_sampler_fits(sampler, schedule)
     if sampler == "dpmpp_2m_karras" and (schedule.zero_terminal_snr or schedule.beta_schedule == "squaredcos_cap_v2"):
         # Karras sigmas from this schedule's huge sigma_max map several steps to t = T - 1 (or truncate cosine's to
         # one t): diffusers then starts at the second of them and indexes past its sigmas (diffusers issue #12771)
