@@ -1311,7 +1311,7 @@ def time_steps(net, run, data, text, cfg, world, rank, device, stop, steps):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for i, (_, micro) in enumerate(step_batches(fake, order, 0, cfg, world, rank, 0, cfg["num_train_timesteps"],
+    for i, (_, micro) in enumerate(step_batches(fake, order, 0, cfg, world, rank, 0, schedule.draw_train_t,
                                                 pin=device.type == "cuda")):
         t0 = time.perf_counter()
         net.model.train()
