@@ -17,14 +17,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 usage="usage: bash bench/gpu_check.sh [--cpu-dry] [train|sample|all] [--only STEP,...] [--train-s S] [--sample-s S]"
+steps="tests_train unet_step_512 unet_step_256 train_e2e compile_mfu profile_train sdpa_kernels max_batch tests_sample
+       sample_eager sample_cuda_graphs profile_sample data_pipeline"
 dry=0 part=all only="" train_s="" sample_s=""
 while [ $# -gt 0 ]; do
     case $1 in
         --cpu-dry) dry=1 ;;
         train|sample|all) part=$1 ;;
-        --only) only=${2:-}; shift ;;
-        --train-s) train_s=${2:-}; shift ;;
-        --sample-s) sample_s=${2:-}; shift ;;
+        --only|--train-s|--sample-s)
+            [ $# -ge 2 ] || { echo "error: $1 needs a value; $usage" >&2; exit 2; }
+            case $1 in --only) only=$2 ;; --train-s) train_s=$2 ;; --sample-s) sample_s=$2 ;; esac
+            shift ;;
         -h|--help) echo "$usage"; exit 0 ;;
         *) echo "error: unknown argument '$1'; $usage" >&2; exit 2 ;;
     esac
@@ -36,6 +39,9 @@ done
 [ -z "$sample_s" ] && sample_s=$([ $dry = 1 ] && echo 1800 || echo 210)
 for v in "$train_s" "$sample_s"; do
     [[ $v =~ ^[1-9][0-9]*$ ]] || { echo "error: a time budget must be a positive number of seconds, got '$v'" >&2; exit 2; }
+done
+for name in ${only//,/ }; do
+    [[ " $(echo $steps) " == *" $name "* ]] || { echo "error: --only: no step '$name'; steps:" $steps >&2; exit 2; }
 done
 
 out=${OUT:-bench/results/gpu-run}
@@ -53,13 +59,16 @@ elif [ $dry = 1 ] && [ -x .venv/bin/python ]; then py=.venv/bin/python
 else py=python3; fi
 if compgen -G ".whl/*.whl" >/dev/null; then
     site=$(mktemp -d /tmp/sd_gpu_site.XXXX)
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+    PIP_ROOT_USER_ACTION=ignore "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
         || { echo "error: installing .whl/*.whl failed (see above)" >&2; exit 1; }
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
-"$py" -c "import diffusers, webdataset, torch, transformers" 2>/dev/null || {
+"$py" -c "import torch, transformers" 2>/dev/null || { echo "error: $py cannot import torch and transformers" >&2; exit 1; }
+"$py" -c "import diffusers, webdataset" 2>/dev/null || {
     echo "error: $py cannot import diffusers / webdataset: run \`make gpu-wheels\` where pip reaches PyPI and carry .whl/" >&2
     exit 1; }
+[ $dry = 1 ] || "$py" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || {
+    echo "error: torch sees no CUDA device here; rehearse with --cpu-dry" >&2; exit 1; }
 
 { date -u; nvidia-smi 2>/dev/null || echo "no nvidia-smi"; "$py" - <<'EOF'
 import sys, torch, transformers, diffusers, huggingface_hub
@@ -82,15 +91,16 @@ else
     vae=sd images=2048 workers=$(( $(nproc) - 1 )) latents=4000 limit=256 pytest_dev=()
 fi
 step_s=$([ $dry = 1 ] && echo 1 || echo 10)       # timed steps per measurement
+box_scale=$([ $dry = 1 ] && echo 8 || echo 1)     # a shared 2-core CPU takes minutes where the GPU takes seconds
 bench="$py bench"
 train_tests="mixed_precision or sdpa or compile_with or non_finite or never_wait"
-sample_tests="fp16_sampling or cuda_graph"
+sample_tests="fp16_sampling or cuda_graph or encode_latents"
 
 : > "$out/steps.tsv"
 deadline=0
 now() { date +%s; }
 step() {  # step NAME BOX_SECONDS COMMAND...: run it under `timeout`, within what is left of the part's budget
-    local name=$1 box=$2; shift 2
+    local name=$1 box=$(( $2 * box_scale )); shift 2
     if [ -n "$only" ] && [[ ",$only," != *",$name,"* ]]; then return; fi
     local left=$(( deadline - $(now) ))
     [ $box -gt $left ] && box=$left

@@ -187,3 +187,32 @@ def test_cuda_graph_sampling_equals_eager(device, tiny_pipeline):
     graphed = draw(pipe)
     assert skips == 0
     assert np.abs(graphed - eager).mean() <= 0.5 and np.abs(graphed - eager).max() <= 4
+
+
+def test_encode_latents_on_the_device_stores_what_the_vae_gives(device, tmp_path):
+    """encode_latents.py with one batch in flight (pinned copies back on CUDA) and a short last batch: every stored
+    latent is the fp32 CPU VAE's latent of the same preprocessed image, within bf16's precision."""
+    import argparse
+
+    import encode_latents
+    import sd_data
+    import sd_latents
+    from data_pipeline import make_jpeg
+    from tiny_models import save_tiny_vae
+    vae_dir, res = save_tiny_vae(tmp_path / "vae"), 64
+    jpegs = {f"{i:09d}": make_jpeg(i, 80, 72) for i in range(7)}
+    writer = sd_data.TarShardWriter(tmp_path / "tars" / "000000.tar")
+    for key, data in jpegs.items():
+        writer.write(key, data, "a caption")
+    writer.close()
+    args = argparse.Namespace(tars=str(tmp_path / "tars"), out=str(tmp_path / "latents"), vae=str(vae_dir),
+                              resolution=res, batch_size=3, workers=1, chunk_size=2, prefetch_shards=1,
+                              prefetch_batches=2, min_image_size=16, device=str(device), compile=False)
+    encode_latents.main(args)
+    assert sd_latents.existing_latent_keys(tmp_path / "latents") == set(jpegs)
+    reference = M.FrozenVAE(vae_dir, device="cpu", dtype=torch.float32)
+    for key, data in jpegs.items():
+        image = torch.from_numpy(sd_data.load_image_square(data, res))[None]
+        want = reference.encode(sd_data.images_to_tensor(image))[0]
+        got = torch.from_numpy(sd_latents.read_latent(tmp_path / "latents", key).astype(np.float32))
+        assert (got - want).abs().max() <= 0.03 * want.abs().max() + 1e-3, key
