@@ -85,12 +85,14 @@ cat "$out/env.txt"
 # Sizes: the issues' figures on the GPU; the smallest that runs every code path in the rehearsal.
 if [ $dry = 1 ]; then
     dev=cpu model=small res=64 res_small=32 bs=2 bs_small=2 n=2 steps=2 warm=1 e2e_phase=tiny e2e_steps=4 vae=tiny
-    images=16 workers=1 latents=50 limit=4 pytest_dev=(--cuda-device cpu)
+    images=16 workers=1 latents=50 limit=4 pytest_dev=(--cuda-device cpu) backend=aot_eager
 else
     dev=cuda model=sd1 res=512 res_small=256 bs=16 bs_small=64 n=8 steps=50 warm=2 e2e_phase=phase1 e2e_steps=40
-    vae=sd images=2048 workers=$(( $(nproc) - 1 )) latents=4000 limit=256 pytest_dev=()
+    vae=sd images=2048 workers=$(( $(nproc) - 1 )) latents=4000 limit=256 pytest_dev=() backend=inductor
 fi
 step_s=$([ $dry = 1 ] && echo 1 || echo 10)       # timed steps per measurement
+reps=$([ $dry = 1 ] && echo 1 || echo 3)          # timed sampling calls per measurement
+prof_steps=$([ $dry = 1 ] && echo 1 || echo 3)    # profiled training steps
 box_scale=$([ $dry = 1 ] && echo 8 || echo 1)     # a shared 2-core CPU takes minutes where the GPU takes seconds
 bench="$py bench"
 train_tests="mixed_precision or sdpa or compile_with or non_finite or never_wait"
@@ -129,9 +131,9 @@ if [ $part = all ] || [ $part = train ]; then                          # issue 1
     step train_e2e 90 $bench/train_e2e.py --phase $e2e_phase --nproc 1 --steps $e2e_steps --warmup $(( e2e_steps / 2 )) \
         --log_every $(( e2e_steps / 4 )) -- --batch_size $bs --grad_accum 1 --resolution $res --device $dev
     step compile_mfu 120 $bench/unet_step.py --config $model --res $res --batch $bs --dtype bf16 --channels_last \
-        --optimizer --compile --impl ours --steps $step_s --warmup $warm --device $dev
+        --optimizer --compile --compile_backend $backend --impl ours --steps $step_s --warmup $warm --device $dev
     step profile_train 40 $bench/kernel_profile.py --what train --config $model --res $res --batch $bs --dtype bf16 \
-        --channels_last --steps 3 --warmup $warm --device $dev
+        --channels_last --steps $prof_steps --warmup $warm --device $dev
     step sdpa_kernels 20 $bench/kernel_profile.py --what sdpa --dtype bf16 --device $dev
     if [ $dry = 1 ]; then   # CUDA only: the rehearsal checks its one-line refusal on a CPU, and nothing more
         step max_batch 30 bash -c "$bench/max_batch.py --device cpu 2>&1 | tail -1 | grep '^error: .*CUDA'"
@@ -145,9 +147,9 @@ if [ $part = all ] || [ $part = sample ]; then                         # issue 1
     deadline=$(( $(now) + sample_s ))
     step tests_sample 60 "$py" -m pytest -q -m cuda tests/test_cuda.py -k "$sample_tests" -rs "${pytest_dev[@]}"
     step sample_eager 80 $bench/sample.py --config $model --res $res --steps $steps --dtype fp16 --batch 1 $n \
-        --repeats 3 --device $dev
+        --repeats $reps --device $dev
     step sample_cuda_graphs 100 $bench/sample.py --config $model --res $res --steps $steps --dtype fp16 --batch 1 \
-        --compile reduce-overhead --impl ours --repeats 3 --device $dev
+        --compile reduce-overhead --impl ours --repeats $reps --device $dev
     step profile_sample 35 $bench/kernel_profile.py --what sample --config $model --res $res --batch 1 --steps $steps \
         --dtype fp16 --warmup 1 --device $dev
     step data_pipeline 90 $bench/data_pipeline.py --device $dev --resolution $res --vae $vae --images $images \

@@ -45,7 +45,7 @@ def build_models(args, device):
 
 def make_step(model, is_ours, args, device, batch):
     x, t, ctx, target = batch
-    forward = torch.compile(model) if args.compile else model
+    forward = torch.compile(model, backend=getattr(args, "compile_backend", "inductor")) if args.compile else model
     dtype = None if args.dtype == "fp32" else pick_dtype(device, args.dtype)    # None: no autocast
     opt = ema = None
     if args.optimizer:
@@ -131,6 +131,9 @@ if __name__ == "__main__":
     p.add_argument("--channels_last", action="store_true", help="channels_last memory format")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in both models")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--compile_backend", default="inductor", choices=["inductor", "aot_eager"],
+                   help="torch.compile backend: inductor (what training runs), or aot_eager (traces forward and "
+                        "backward without generating code: a CPU rehearsal in minutes)")
     p.add_argument("--optimizer", action="store_true", help="include clip + AdamW + EMA update in the step")
     p.add_argument("--impl", default="both", choices=["both", "ours"], help="time ours and diffusers', or ours alone")
     p.add_argument("--steps", type=int, default=10, help="timed steps per model")

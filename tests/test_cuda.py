@@ -70,8 +70,8 @@ def test_mixed_precision_training_step_is_close_to_fp32(device, no_tf32, dtype, 
     batch = training_batch(device)
     loss32, grad32 = loss_and_grads(unet, batch)
     loss, grad = loss_and_grads(unet, batch, dtype)
-    assert abs(loss - loss32) <= tol * abs(loss32)
-    assert (grad - grad32).norm() <= 10 * tol * grad32.norm()            # the whole gradient, as the optimizer sees it
+    rel = ((grad - grad32).norm() / grad32.norm()).item()                # the whole gradient, as the optimizer sees it
+    assert abs(loss - loss32) <= tol * abs(loss32) and rel <= 10 * tol, (loss, loss32, rel)
     assert torch.nn.functional.cosine_similarity(grad, grad32, dim=0) >= 1 - tol
 
 
@@ -90,17 +90,18 @@ def test_sdpa_runs_a_fused_kernel_at_every_sd1_head_width(device, dtype):
 
 
 def test_compile_with_gradient_checkpointing_gives_eager_gradients(device, no_tf32):
-    """The configuration the largest batches train in: torch.compile (inductor) over non-reentrant checkpointing."""
+    """The configuration the largest batches train in: torch.compile (inductor; on a CPU aot_eager, which traces the
+    same graphs in seconds where inductor's C++ takes many minutes) over non-reentrant checkpointing."""
     unet = _random_small().to(device).train()
     batch = training_batch(device, seed=1)
     loss_eager, grad_eager = loss_and_grads(unet, batch)
     unet.set_grad_checkpointing(True)
     torch._dynamo.reset()
-    compiled = torch.compile(unet)
+    compiled = torch.compile(unet, backend="inductor" if device.type == "cuda" else "aot_eager")
     loss_c, grad_c = loss_and_grads(compiled, batch)
     unet.set_grad_checkpointing(False)
-    assert abs(loss_c - loss_eager) <= 1e-5 * abs(loss_eager)
-    assert (grad_c - grad_eager).norm() <= 1e-4 * grad_eager.norm()
+    rel = ((grad_c - grad_eager).norm() / grad_eager.norm()).item()
+    assert abs(loss_c - loss_eager) <= 1e-5 * abs(loss_eager) and rel <= 1e-4, (loss_c, loss_eager, rel)
 
 
 def test_fp16_non_finite_step_is_skipped_then_training_goes_on(device):
@@ -167,11 +168,14 @@ def draw(pipe, negative=NEGATIVE):
     return M.generate(pipe, [PROMPT], negative, STEPS, CFG, seed=SEED, height=64, width=64)[0].astype(np.float64)
 
 
-def test_fp16_sampling_draws_diffusers_fp16_image(device, tiny_pipeline):
+def test_fp16_sampling_draws_diffusers_image(device, tiny_pipeline):
+    """Ours in fp16 (UNet and VAE channels_last on CUDA) against diffusers' fp32 image, the reference: diffusers' own
+    fp16 pipeline is no reference (under torch 2.11 on a CPU it drew 33 levels off its fp32 image, ours 0.05)."""
     ours = draw(M.load_pipeline(tiny_pipeline, device, torch.float16))
     theirs = diffusers_draw(tiny_pipeline, PROMPT, negative=NEGATIVE, steps=STEPS, guidance_scale=CFG, seed=SEED,
-                            device=device, dtype=torch.float16)
-    assert np.abs(ours - theirs).mean() <= 1.0 and np.abs(ours - theirs).max() <= 8
+                            device=device)
+    diff = np.abs(ours - theirs)
+    assert diff.mean() <= 1.0 and diff.max() <= 8, (diff.mean(), diff.max())
 
 
 def test_cuda_graph_sampling_equals_eager(device, tiny_pipeline):
@@ -186,7 +190,8 @@ def test_cuda_graph_sampling_equals_eager(device, tiny_pipeline):
     skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
     graphed = draw(pipe)
     assert skips == 0
-    assert np.abs(graphed - eager).mean() <= 0.5 and np.abs(graphed - eager).max() <= 4
+    diff = np.abs(graphed - eager)
+    assert diff.mean() <= 0.5 and diff.max() <= 4, (diff.mean(), diff.max())
 
 
 def test_encode_latents_on_the_device_stores_what_the_vae_gives(device, tmp_path):
