@@ -438,6 +438,7 @@ class NoiseSchedule:
     flow_logit_mean: float = 0.0                     # flow: logit_normal's m and s (SD3's best: 0, 1)
     flow_logit_std: float = 1.0
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)
+    _on_device: dict = field(init=False, repr=False, compare=False, default_factory=dict)
 
     CHOICES = {"beta_schedule": ("scaled_linear", "linear", "squaredcos_cap_v2"),
                "prediction_type": ("epsilon", "v_prediction", "flow"),
@@ -499,9 +500,16 @@ class NoiseSchedule:
             sigma = 1.0 - rng.random()              # (0, 1]: sigma = 0 would make the SNR infinite
         return self.num_train_timesteps * time_shift(sigma, self.flow_shift)
 
+    def _table(self, device):
+        """alphas_cumprod on `device`, copied there once: a CPU -> GPU copy at every training step would be a
+        host sync at every step."""
+        if device not in self._on_device:
+            self._on_device[device] = self.alphas_cumprod.to(device)
+        return self._on_device[device]
+
     def _at(self, t, like):
         """alpha_bar_t gathered for a batch of timesteps, shaped to broadcast against `like`."""
-        a = self.alphas_cumprod.to(like.device)[t.to(like.device)].float()
+        a = self._table(like.device)[t.to(like.device)].float()
         return a.reshape(-1, *([1] * (like.dim() - 1)))
 
     def _sigma(self, t, like=None):
@@ -531,7 +539,7 @@ class NoiseSchedule:
         if self.flow:
             s = self._sigma(t)
             return ((1 - s) / s) ** 2
-        a = self.alphas_cumprod.to(t.device)[t]
+        a = self._table(t.device)[t]
         return a / (1 - a)
 
     def loss_weight(self, t, weighting, gamma=5.0):
@@ -577,8 +585,9 @@ class NoiseSchedule:
         return s * torch.minimum(1 - s, 1000.0 ** 0.5 * s)   # debiased: min(sqrt(SNR), sqrt(1000)) s^2
 
     def predict_x0_eps(self, model_out, x, t):
-        """(x0, eps) implied by the model output at timestep t (a python int or 0-dim tensor)."""
-        a = self.alphas_cumprod[t].to(x.device)
+        """(x0, eps) implied by the model output at timestep t (a python int or 0-dim tensor). alpha_bar_t stays a
+        0-dim CPU tensor, which enters CUDA kernels as a scalar: a copy to the GPU per step would sync the host."""
+        a = self.alphas_cumprod[t]
         b = 1 - a
         if self.prediction_type == "epsilon":
             return (x - b ** 0.5 * model_out) / a ** 0.5, model_out
@@ -996,21 +1005,24 @@ class FrozenVAE:
             model = _from_pretrained(AutoencoderKL, self.name, "VAE", "--vae", "vae", torch_dtype=self.dtype)
         # .type, not .to(dtype): diffusers' ModelMixin.to warns on every dtype cast, whatever the model
         self.vae = model.to(device=device).type(self.dtype).eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.memory_format = inference_memory_format(self.device)
+        self.vae.to(memory_format=self.memory_format)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         # One 2x downsample per level but the last: 8 for SD's 4-level VAE, 4 for the demo's 3-level one.
         self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.device = torch.device(device)
 
     @torch.no_grad()
     def encode(self, images):
         """(N, 3, H, W) in [-1, 1] -> (N, 4, H/f, W/f) scaled latents (f = self.factor), float32."""
-        posterior = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        posterior = self.vae.encode(images.to(self.device, self.dtype, memory_format=self.memory_format)).latent_dist
         return posterior.mean.float() * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents):
         """(N, 4, h, w) scaled latents -> (N, 3, f*h, f*w) images in [-1, 1], float32."""
-        return self.vae.decode(latents.to(self.device, self.dtype) / self.scaling_factor).sample.float()
+        latents = latents.to(self.device, self.dtype, memory_format=self.memory_format) / self.scaling_factor
+        return self.vae.decode(latents).sample.float()
 
     def decode_images(self, latents):
         """(N, 4, h, w) scaled latents -> (N, f*h, f*w, 3) uint8 RGB."""
@@ -1087,6 +1099,12 @@ def peak_tflops(device):
         return 0.0
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
+
+
+def inference_memory_format(device):
+    """channels_last (NHWC) on CUDA, where cuDNN's fastest fp16/bf16 convolutions take it; elsewhere each tensor
+    keeps its layout, as diffusers runs it (the CPU parity tests compare the two)."""
+    return torch.channels_last if torch.device(device).type == "cuda" else torch.preserve_format
 
 
 def configure_cuda_backends():
@@ -1701,6 +1719,7 @@ def load_pipeline(ckpt, device="cpu", dtype=torch.float32, weights="ema", vae=No
     if not (vae and text_encoder or own_parts):
         raise UserError(f"'{ckpt}' does not say which VAE / text encoder it was trained with; pass --vae and --text_encoder")
     unet = build_unet(cfg, sd, source=f"'{ckpt}'").to(device=device, dtype=dtype).eval()
+    unet.to(memory_format=inference_memory_format(device))
     if own_parts:
         frozen_vae, te = single_file_parts(ckpt, meta, device, dtype)
     else:

@@ -332,9 +332,9 @@ def ema_decay_at(step, max_decay):
 
 @torch.no_grad()
 def ema_update_(ema, params, decay):
-    """ema <- decay * ema + (1 - decay) * param, as two foreach ops over all tensors (on the params' device)."""
-    torch._foreach_mul_(ema, decay)
-    torch._foreach_add_(ema, params, alpha=1 - decay)
+    """ema <- decay * ema + (1 - decay) * param = ema + (1 - decay) (param - ema): one foreach lerp over all tensors
+    (on the params' device), which reads each tensor once where a mul then an add read the EMA twice."""
+    torch._foreach_lerp_(ema, params, 1 - decay)
 
 
 class EMA:
@@ -650,12 +650,11 @@ class LossWindow:
         self.grad_norm, self.lr = state["grad_norm"], state["lr"]
 
     def add(self, stats, grad_norm, lr):
-        """One step's stats from train_step (the .item() here is the loop's one host sync per step)."""
-        stats = stats.cpu()
-        self.weighted += stats[0].item()
-        self.mse += stats[1].item()
-        self.q_sum += stats[2:6]
-        self.q_n += stats[6:10]
+        """One step's stats from train_step, as the floats apply_step read them."""
+        self.weighted += stats[0]
+        self.mse += stats[1]
+        self.q_sum += torch.tensor(stats[2:6])
+        self.q_n += torch.tensor(stats[6:10])
         self.n += 1
         self.grad_norm, self.lr = grad_norm, lr
 
@@ -1026,7 +1025,7 @@ def train_step(net, micro, text, uncond, schedule, scaler, cfg, run, stop):
         with grad_sync(net.model, cfg["fsdp"], sync=a == run.A - 1):
             with run.amp():
                 context = apply_cfg_dropout(text.encode_ids(mb["ids"].to(run.device, non_blocking=True)), uncond,
-                                            mb["drop"])
+                                            mb["drop"].to(run.device, non_blocking=True))
                 per_sample, weight = diffusion_loss(net.model, schedule, x0, context, t, noise,
                                                     cfg["loss_weighting"], cfg["min_snr_gamma"])
                 loss = (per_sample * weight).mean() / run.A
@@ -1044,17 +1043,22 @@ def train_step(net, micro, text, uncond, schedule, scaler, cfg, run, stop):
 
 def apply_step(net, optimizer, scaler, stats, step, cfg):
     """Clip, then step the optimizer and the EMA unless the loss or gradients are non-finite. fp16: the scaler
-    skips inf/nan gradients itself (and lowers its scale). Returns (grad norm, whether the step was taken)."""
+    skips inf/nan gradients itself (and lowers its scale), and the EMA skips with it. Returns (train_step's stats
+    as floats, grad norm, whether the step was taken): their one copy to the host is the loop's one host sync per
+    step (bf16, fp32; fp16's scaler adds its own), made before the optimizer and EMA kernels are queued."""
     scaler.unscale_(optimizer)
-    grad_norm = _full(torch.nn.utils.clip_grad_norm_(net.unet.parameters(), cfg["grad_clip"])).item()
-    ok = math.isfinite(stats[0].item()) and (math.isfinite(grad_norm) or scaler.is_enabled())
+    grad_norm = _full(torch.nn.utils.clip_grad_norm_(net.unet.parameters(), cfg["grad_clip"]))
+    *stats, grad_norm = torch.cat([stats, grad_norm.reshape(1).to(stats)]).tolist()
+    ok = math.isfinite(stats[0]) and (math.isfinite(grad_norm) or scaler.is_enabled())
+    scale = scaler.get_scale()                       # 1.0 without fp16's scaler
     if ok:
         net.ema.before_params_change()
         scaler.step(optimizer)
-        net.ema.update(step)
     scaler.update()                                  # also after a skipped step: unscale_ needs a fresh update
+    if ok and scaler.get_scale() >= scale:           # a lowered scale: the scaler skipped the step (inf/nan grads)
+        net.ema.update(step)
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, ok
+    return stats, grad_norm, ok
 
 
 def checkpoint_bytes(n_params):
@@ -1169,10 +1173,10 @@ def train(cfg, rank, world, device, stop):
             net.model.train()
             stats = train_step(net, micro, text, uncond, schedule, scaler, cfg, run, stop)
             lr = optimizer.param_groups[0]["lr"]      # the LR this step uses
-            grad_norm, ok = apply_step(net, optimizer, scaler, stats, step, cfg)
+            stats, grad_norm, ok = apply_step(net, optimizer, scaler, stats, step, cfg)
             bad_in_row, bad_total = (0, bad_total) if ok else (bad_in_row + 1, bad_total + 1)
             if not ok:
-                log.print(f"step {step + 1}: non-finite loss {stats[0].item()} / grad norm {grad_norm}; step skipped "
+                log.print(f"step {step + 1}: non-finite loss {stats[0]} / grad norm {grad_norm}; step skipped "
                           f"({bad_in_row} in a row, {bad_total} in all)")
                 if bad_in_row >= cfg["max_bad_steps"]:
                     # a checkpoint of step k is good when step k + 1's loss, computed from its weights, was finite
@@ -1192,7 +1196,7 @@ def train(cfg, rank, world, device, stop):
                 window.flush(log, step, data.total_steps, epoch)
             progress = {"epoch": epoch + 1 if epoch_done else epoch, "batch": 0 if epoch_done else p + 1,
                         "step": step, "bad_steps": bad_total, "window": window.state()}
-            stopping = stats[10].item() > 0
+            stopping = stats[10] > 0
             if epoch_done or (cfg["save_steps"] and step % cfg["save_steps"] == 0) or step >= max_steps or stopping:
                 if bad_in_row == 0:
                     save(progress)

@@ -5,8 +5,9 @@ The seed's 4-stage pipeline, each stage overlapping the next through bounded que
   2. tar extract      (thread)     split them into samples, drop keys already encoded, send chunks to ...
   3. decode + resize  (processes)  cv2 decode, shorter side to --resolution, centre crop (sd_data)
      then batching    (thread)     stack into uint8 batches, pinned for an async copy when on CUDA
-  4. VAE encode       (main)       posterior mean x scaling factor (bf16 on CUDA), then a writer
-                                   thread saves each latent as fp16 .npy atomically.
+  4. VAE encode       (main)       posterior mean x scaling factor (bf16, channels_last on CUDA), one batch
+                                   in flight while the last one's latents come back through pinned memory;
+                                   a writer thread saves each latent as fp16 .npy atomically.
 Then OUT/preview.png: random samples, each source image beside the VAE's decode of its stored latent, so a wrong
 colour space, a white 16-bit image or a bad scaling factor shows at a glance.
 """
@@ -214,8 +215,17 @@ def main(args):
     encode_fn = torch.compile(vae.encode) if args.compile else vae.encode
 
     def encode(batch):
+        """Queue the VAE on one uint8 batch and the copy of its latents into pinned host memory; returns a
+        function that waits for them. on_batch calls it one batch later, so the GPU already holds the next batch's
+        work while the host waits (no idle gap between batches)."""
         images = sd_data.images_to_tensor(batch.to(device, non_blocking=True))  # (B, 3, res, res) in [-1, 1]
-        return encode_fn(images).to(torch.float16).cpu().numpy()          # (B, 4, res/f, res/f)
+        latents = encode_fn(images).to(torch.float16)                          # (B, 4, res/f, res/f)
+        if device.type != "cuda":
+            return lambda: latents.cpu().numpy()
+        host = torch.empty(latents.shape, dtype=latents.dtype, pin_memory=True).copy_(latents, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return lambda: (done.synchronize(), host.numpy())[1]
 
     write_q = queue.Queue(maxsize=4)
     written = [0]
@@ -229,16 +239,27 @@ def main(args):
     writer_thread = Stage(writer, "writer")
     writer_thread.start()
     bar = tqdm(desc="encode", unit="img", smoothing=0.1)
+    pending = []                                                    # (keys, wait for latents) of the batch in flight
+    first = []                                                      # (time, images) when the first batch came back
 
-    def on_batch(keys, latents):
+    def finish(keys, wait):
+        write_q.put((keys, wait()))
+        bar.update(len(keys))
+        if not first:
+            first.append((time.time(), len(keys)))
+
+    def on_batch(keys, wait):
         if writer_thread.error is not None:
             raise writer_thread.error
-        write_q.put((keys, latents))
-        bar.update(len(keys))
+        pending.append((keys, wait))
+        if len(pending) > 1:
+            finish(*pending.pop(0))
 
     start = time.time()
     try:
         counts = run_pipeline(args, tars, done_keys, encode, on_batch)
+        for item in pending:
+            finish(*item)
     finally:
         write_q.put(DONE)
         writer_thread.join()
@@ -247,17 +268,21 @@ def main(args):
         sd_latents.write_latent_info(out, dict(info, count=len(sd_latents.existing_latent_keys(out))))
     if writer_thread.error is not None:
         raise writer_thread.error
-    seconds = time.time() - start
+    end = time.time()
     counts["encoded now"] = written[0]
+    rate = written[0] / max(end - start, 1e-9)
+    # the steady rate leaves out the start: worker spawn, VAE load, compile and cuDNN autotuning on the first batch
+    steady = (written[0] - first[0][1]) / max(end - first[0][0], 1e-9) if first and written[0] > first[0][1] else rate
     rows = [("shards", len(tars))] + sd_data.count_rows(counts, ("truncated tar", "samples in", "already encoded",
                                                                  "encoded now"))
-    rows += [("latents in folder", len(sd_latents.existing_latent_keys(out))),
-             ("img/s", f"{written[0] / max(seconds, 1e-9):.1f}")]
+    rows += [("latents in folder", len(sd_latents.existing_latent_keys(out))), ("img/s", f"{rate:.1f}"),
+             ("img/s after the first batch", f"{steady:.1f}")]
     part = f", shards {rank}::{world}" if world > 1 else ""
     sd_data.print_summary(f"encode_latents ({device}{part}, {vae.name}) -> {out}", rows,
                           written[0] + counts["already encoded"] if tars else None, "no usable image in the tars")
     if args.preview and rank == 0:                   # from rank 0's shards, whose latents it has just written
         write_preview(args, tars, out, vae)
+    return {"img_s": rate, "steady_img_s": steady}
 
 
 def write_preview(args, tars, out, vae):
@@ -273,9 +298,6 @@ def write_preview(args, tars, out, vae):
             src = sd_data.load_image_square(image, args.resolution, args.min_image_size)
             tiles.append(np.concatenate([sd_data.resize_center_crop(x, sd_data.PREVIEW_TILE) for x in (src, dec)], 1))
     sd_data.write_preview(out / sd_data.PREVIEW_NAME, tiles, [c for _, _, c in samples], [k for k, _, _ in samples])
-
-
-
 
 
 if __name__ == "__main__":

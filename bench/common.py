@@ -19,6 +19,15 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
+def require_positive(args, *names):
+    """One line, before any model is built, for a size or count flag below 1."""
+    from sd_common import UserError
+    for name in names:
+        values = getattr(args, name)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            raise UserError(f"--{name} must be at least 1, got {values}")
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

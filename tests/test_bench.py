@@ -106,3 +106,31 @@ def test_ema_appends_a_table_with_every_variant(tmp_path):
         assert row in text
     proc = run_bench(tmp_path, "ema.py", "--every", 3, "--block", 4, "--device", "cpu")
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --block 4 must be a multiple")
+
+
+def test_kernel_profile_appends_the_top_kernels_by_kind(tmp_path):
+    proc = run_bench(tmp_path, "kernel_profile.py", "--what", "train", "--config", "small", "--res", 32, "--batch", 1,
+                     "--steps", 1, "--warmup", 0, "--top", 5, "--dtype", "fp32", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    text = results(tmp_path)
+    assert "| kernel | calls | ms | share | kind |" in text and "by_kind=" in text
+    assert len([line for line in text.splitlines() if line.startswith("| aten::")]) == 5
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bogus"], "error: unknown argument '--bogus'"),
+    (["--train-s", "0"], "error: a time budget must be a positive number of seconds, got '0'"),
+    (["--sample-s", "-5"], "error: a time budget must be a positive number of seconds, got '-5'"),
+])
+def test_gpu_check_refuses_bad_arguments_in_one_line(tmp_path, args, message):
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), *args], cwd=REPO, capture_output=True,
+                          text=True, env=dict(os.environ, OUT=str(tmp_path)), timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith(message) and not list(tmp_path.iterdir())
+
+
+def test_gpu_check_says_when_its_output_folder_is_not_writable(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--cpu-dry"], cwd=REPO, capture_output=True,
+                          text=True, env=dict(os.environ, OUT=str(tmp_path / "file" / "out")), timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: cannot write the output folder '{tmp_path}/file/out'"

@@ -152,27 +152,6 @@ def test_eta_makes_euler_ancestral_and_back():
     assert 0 < half < full
 
 
-@pytest.fixture(scope="module")
-def tiny_pipeline(tmp_path_factory):
-    """A random StableDiffusionPipeline (SD1 topology) saved with save_pretrained."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-    root = tmp_path_factory.mktemp("pipe")
-    clip, vae = save_tiny_clip(root / "clip"), save_tiny_vae(root / "vae")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(M.diffusers_config(M.unet_config("small"), sample_size=8))
-    for name, p in unet.named_parameters():   # strong cross-attention so that prompts visibly matter
-        torch.nn.init.normal_(p, std=1.0 if "attn2" in name else 0.1)
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(vae), text_encoder=CLIPTextModel.from_pretrained(clip),
-        tokenizer=CLIPTokenizer.from_pretrained(clip), unet=unet,
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(root / "sd")
-    return root / "sd"
-
-
 @functools.lru_cache(maxsize=None)
 def diffusers_image(folder, prompt=PROMPT, negative=NEGATIVE, seed=SEED, single_file=None):
     return diffusers_draw(folder, prompt, negative=negative, steps=STEPS, guidance_scale=CFG, seed=seed, size=64,
