@@ -11,7 +11,6 @@ own), blocks alternating between variants so that a busy neighbour on a shared C
   CPU, the demo UNet:  python bench/ema.py --config demo --res 128 --batch 16 --every 10
   GPU, SD1:            python bench/ema.py --config sd1 --res 512 --batch 8 --dtype bf16 --every 10
 """
-import argparse
 import statistics
 import time
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from common import append_results, random_batch, random_unet, sync, time_interleaved  # noqa: I001 (sets sys.path)
 import SD_Model as M
 import SD_Train
-from sd_common import UserError, pick_device, pick_dtype, run_main
+from sd_common import UserError, arg_parser, pick_device, pick_dtype, run_main
 
 
 def ema_gb(n_params):
@@ -124,8 +123,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--config", default="demo", choices=sorted(M.UNET_CONFIGS), help="named UNet config")
     p.add_argument("--res", type=int, default=128, help="image resolution (latents are res/8)")
     p.add_argument("--batch", type=int, default=16, help="batch size")

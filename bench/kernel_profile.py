@@ -7,7 +7,6 @@ widths (40, 80, 160), forward and backward.
   python bench/kernel_profile.py --what sample --config sd1 --res 512 --steps 50 --dtype fp16
   python bench/kernel_profile.py --what sdpa
 """
-import argparse
 import re
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from common import append_results, require_positive, sync  # noqa: I001 (sets sys.path)
 import SD_Model as M
-from sd_common import UserError, pick_device, pick_dtype, run_main
+from sd_common import UserError, arg_parser, pick_device, pick_dtype, run_main
 
 # Kernel kinds by name, first match wins (cuDNN/CUTLASS convolutions are "fprop/dgrad/wgrad" implicit GEMMs).
 KINDS = [("attention", r"flash|fmha|attention|sdpa"), ("conv", r"conv|fprop|dgrad|wgrad|implicit_gemm"),
@@ -159,8 +158,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--what", default="train", choices=["train", "sample", "sdpa"], help="what to profile")
     p.add_argument("--config", default="small", choices=sorted(M.UNET_CONFIGS), help="named UNet config")
     p.add_argument("--res", type=int, default=256, help="image resolution (latents are res/8)")

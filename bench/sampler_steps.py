@@ -8,7 +8,6 @@ bench/results/<device>.md.
   python bench/sampler_steps.py --ckpt data/demo/run/ema_final.safetensors --device cpu     # after `make demo`
   (a copied model: add --vae DIR --text_encoder DIR, the folders it was trained with)
 """
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 from common import append_results, sync  # noqa: I001 (sets sys.path)
 import SD_Model as M
 import evaluate as E
-from sd_common import UserError, pick_device, pick_dtype, run_main
+from sd_common import UserError, arg_parser, pick_device, pick_dtype, run_main
 
 
 def parse_reference(text):
@@ -85,8 +84,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--ckpt", required=True, help="the demo model's ema_final.safetensors (or any --shapes checkpoint)")
     p.add_argument("--vae", default=None, help="VAE folder (default: the one the checkpoint names)")
     p.add_argument("--text_encoder", default=None, help="text encoder folder (default: the checkpoint's)")

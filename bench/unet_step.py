@@ -73,13 +73,18 @@ def count_flops(model, batch):
     return counter.get_total_flops()
 
 
+def make_batch(cfg, args, device, batch):
+    """common.random_batch of `batch` samples at args.res, in args' memory format (also max_batch, kernel_profile)."""
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    return random_batch(cfg, batch, args.res, device, fmt)
+
+
 def main(args):
     device = pick_device(args.device)
     require_positive(args, "batch", "steps", "res")
     M.configure_cuda_backends()
     cfg, models = build_models(args, device)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    batch = random_batch(cfg, args.batch, args.res, device, fmt)
+    batch = make_batch(cfg, args, device, args.batch)
     flops = count_flops(models["ours"], batch)
     steps = {k: make_step(m, k == "ours", args, device, batch) for k, m in models.items()}
     t0 = time.perf_counter()
