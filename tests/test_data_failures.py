@@ -82,14 +82,14 @@ def test_shards_lost_to_a_slow_server_or_read_while_written_are_redone(tmp_path)
         names.append(f"{name}.img")
     for i in range(6):
         (www / f"good{i}.jpg").write_bytes(good_jpeg(i))
-    with LoopbackServer(www, slow_seconds=3) as server:
+    with LoopbackServer(www, slow_seconds=6) as server:   # far past --timeout, so a loaded machine cannot blur the two
         # shard 0: the odd images; shard 1: six good images behind a server that is slow on the first run
         urls = [f"{server.url}/{n}" for n in names] + [f"{server.url}/slow/good{i}.jpg" for i in range(6)]
         n_odd = len(names)
         write_parquet(tmp_path / "meta" / "a.parquet",
                       laion_rows(len(urls), url=urls, caption=[f"a photo of red house number {i}" for i in range(len(urls))]))
         args = ["--meta", tmp_path / "meta", "--out", tmp_path / "tars", "--image_size", RES, "--processes", 1,
-                "--threads", 8, "--shard_size", n_odd, "--timeout", 1, "--min_image_size", 32]
+                "--threads", 8, "--shard_size", n_odd, "--timeout", 2, "--min_image_size", 32]
         out = run_script("03_download_images.py", *args).stdout
         assert summary_value(out, "kept (downloaded + resized)") == n_odd
         assert summary_value(out, "shards to fetch again (re-run)") == 1 and "run the same command again" in out
