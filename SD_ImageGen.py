@@ -115,7 +115,7 @@ def add_sampling_flags(p):
                    help="our checkpoint (.pt/.safetensors), a diffusers UNet or pipeline folder, or an original single file")
     p.add_argument("--negative", default="", help="negative prompt: replaces the empty prompt in the CFG branch")
     p.add_argument("--steps", type=int, default=100, help="sampling steps (the seed found 50 too few for faces)")
-    p.add_argument("--guidance_scale", "--cfg", dest="guidance_scale", type=float, default=7.5,
+    p.add_argument("--guidance_scale", type=float, default=7.5,
                    help="classifier-free guidance scale (1 = off; the seed: 7.5 scenes, 8.5 portraits)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (diffusers' convention)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on a GPU, fp32 on CPU")

@@ -82,10 +82,10 @@ def main(args):
 
 def measure(args, ours, theirs, n, device, dtype):
     """One table: both pipelines drawing batches of n images, and their VAE decodes of n latents."""
-    fns = {"ours": lambda: M.generate(ours, [PROMPT] * n, "", args.steps, args.cfg, seed=0, height=args.res,
+    fns = {"ours": lambda: M.generate(ours, [PROMPT] * n, "", args.steps, args.guidance_scale, seed=0, height=args.res,
                                       width=args.res)}
     if theirs is not None:
-        fns["diffusers"] = lambda: theirs([PROMPT] * n, num_inference_steps=args.steps, guidance_scale=args.cfg,
+        fns["diffusers"] = lambda: theirs([PROMPT] * n, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                                           height=args.res, width=args.res, output_type="np",
                                           generator=torch.Generator("cpu").manual_seed(0))
     first = {}
@@ -109,7 +109,7 @@ def measure(args, ours, theirs, n, device, dtype):
     if theirs is not None:
         rows.append(["diffusers / ours latency", f"{sec['diffusers'] / sec['ours']:.3f}x", "", "", "",
                      f"{dec['diffusers'] / dec['ours']:.3f}x", ""])
-    settings = dict(config=args.config, res=args.res, steps=args.steps, cfg=args.cfg, batch=n, dtype=args.dtype,
+    settings = dict(config=args.config, res=args.res, steps=args.steps, guidance_scale=args.guidance_scale, batch=n, dtype=args.dtype,
                     compile=args.compile or "off", repeats=args.repeats)
     append_results(device, "Text-to-image sampling, DDIM + CFG (bench/sample.py)", settings,
                    ["impl", "s/batch", "img/s", "steps/s", "first call s", "VAE decode s", "decode share"], rows)
@@ -122,7 +122,7 @@ if __name__ == "__main__":
                    help="named UNet config (with a text encoder and VAE of its size: CLIP-L and SD's VAE for sd1)")
     p.add_argument("--res", type=int, default=256, help="image resolution")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale")
+    p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="images per call (one prompt repeated); "
                    "several sizes: one table each, the models built once")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights dtype")

@@ -67,11 +67,11 @@ def script_steps(args, d):
                                              "--out_dir", d.run, *objective]),
         ("sample the prompt grid", [py, "SD_ImageGen.py", "--ckpt", d.run / "ema_final.safetensors",
                                     "--prompts", d.samples / "prompts.txt", "--n", str(args.n), "--grid",
-                                    "--steps", str(args.steps), "--cfg", str(args.cfg), "--seed", seed,
+                                    "--steps", str(args.steps), "--guidance_scale", str(args.guidance_scale), "--seed", seed,
                                     "--device", "cpu", "--out", d.samples / "grid.png"]),
     ] + [(f"evaluate.py: prompt-following score, {n} steps",
           [py, "evaluate.py", "--ckpt", d.run / "ema_final.safetensors", "--shapes", "--shapes_seeds", str(args.n),
-           "--steps", str(n), "--guidance_scales", str(args.cfg), "--seed", seed, "--device", "cpu",
+           "--steps", str(n), "--guidance_scales", str(args.guidance_scale), "--seed", seed, "--device", "cpu",
            "--out", d.eval / f"steps_{n}"]) for n in args.score_steps or [args.steps]]
 
 
@@ -156,7 +156,7 @@ if __name__ == "__main__":
     parser.add_argument("--score_steps", type=int, nargs="+", default=None,
                         help="score once per step count instead (eval/steps_N each): how many steps each objective "
                              "needs")
-    parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale for the score")
+    parser.add_argument("--guidance_scale", type=float, default=5.0, help="classifier-free guidance scale for the score")
     parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "flow"],
                         help="the UNet's objective (SD_Train.py --prediction_type); not eps: run, samples and eval "
                              "go to run_<type>/ ... on the same data")

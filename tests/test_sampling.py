@@ -159,7 +159,7 @@ def diffusers_image(folder, prompt=PROMPT, negative=NEGATIVE, seed=SEED, single_
 
 
 def imagegen_argv(tmp_path, ckpt, *extra, out="img.png"):
-    return ["--ckpt", str(ckpt), "--steps", str(STEPS), "--cfg", str(CFG), "--seed", str(SEED), "--height", "64",
+    return ["--ckpt", str(ckpt), "--steps", str(STEPS), "--guidance_scale", str(CFG), "--seed", str(SEED), "--height", "64",
             "--width", "64", "--out", str(tmp_path / out), *map(str, extra)]
 
 
@@ -279,7 +279,7 @@ def test_grid_prompts_file_and_inference_front_end(tiny_pipeline, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "img_000.png").exists() and (tmp_path / "img_001.png").exists()
     cmd = [sys.executable, "inference.py", "--ckpt", str(tiny_pipeline), "--prompt", PROMPT, "--negative", NEGATIVE,
-           "--steps", str(STEPS), "--seed", str(SEED), "--size", "64", "--out", str(tmp_path / "inf.png")]
+           "--steps", str(STEPS), "--seed", str(SEED), "--resolution", "64", "--out", str(tmp_path / "inf.png")]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "(cpu)" in r.stdout and f"ddim x1:   0%|          | 0/{STEPS}" in r.stderr, r.stderr
     same = np.asarray(Image.open(tmp_path / "inf.png"), dtype=np.float64)
