@@ -59,13 +59,15 @@ elif [ $dry = 1 ] && [ -x .venv/bin/python ]; then py=.venv/bin/python
 else py=python3; fi
 if compgen -G ".whl/*.whl" >/dev/null; then
     site=$(mktemp -d /tmp/sd_gpu_site.XXXX)
-    PIP_ROOT_USER_ACTION=ignore "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+    PIP_ROOT_USER_ACTION=ignore "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$site" .whl/*.whl \
         || { echo "error: installing .whl/*.whl failed (see above)" >&2; exit 1; }
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 "$py" -c "import torch, transformers" 2>/dev/null || { echo "error: $py cannot import torch and transformers" >&2; exit 1; }
 "$py" -c "import diffusers, webdataset" 2>/dev/null || {
-    echo "error: $py cannot import diffusers / webdataset: run \`make gpu-wheels\` where pip reaches PyPI and carry .whl/" >&2
+    echo "error: $py cannot import diffusers / webdataset: run \`make gpu-wheels\` where pip reaches PyPI," \
+         "and carry .whl/" >&2
     exit 1; }
 [ $dry = 1 ] || "$py" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || {
     echo "error: torch sees no CUDA device here; rehearse with --cpu-dry" >&2; exit 1; }

@@ -134,7 +134,8 @@ def check_args(args):
     if args.res % 8:
         raise UserError(f"--res must be a multiple of 8 (the VAE's downsampling), got {args.res}")
     if args.what == "sample" and args.config not in ("sd1", "small"):
-        raise UserError("--what sample builds a text encoder and VAE of sd1's or small's size: use --config sd1 or small")
+        raise UserError("--what sample builds a text encoder and VAE of sd1's or small's size: use --config sd1 or "
+                        "small")
 
 
 def main(args):

@@ -104,7 +104,8 @@ def main(args):
     if "diffusers" in sec:
         rows.append(["ours / diffusers", "", f"{sec['diffusers'] / sec['ours']:.3f}x", "", ""])
     settings = dict(config=args.config, res=args.res, batch=args.batch, dtype=args.dtype,
-                    channels_last=args.channels_last, grad_ckpt=args.grad_ckpt, compile=args.compile,
+                    channels_last=args.channels_last, grad_ckpt=args.grad_ckpt,
+                    compile=args.compile and args.compile_backend,
                     optimizer_ema=args.optimizer, steps=args.steps, fwd_bwd_gflop_per_img=f"{flops / 1e9:.1f}",
                     first_steps_s=f"{first_s:.1f}")
     append_results(device, "UNet training step (bench/unet_step.py)", settings,
