@@ -87,7 +87,7 @@ def test_metadata_passes_02_as_the_demo_runs_it(tmp_path):
     d = run.folders(tmp_path)
     scenes = shapes.write_dataset(d.www, d.meta / "part-00000.parquet", 40, 0, SIZE, "http://127.0.0.1:9")
     assert sorted(p.name for p in d.www.iterdir()) == [f"{i:06d}.png" for i in range(40)]
-    args = argparse.Namespace(resolution=SIZE, vae_steps=1, nproc=1, n=1, steps=1, cfg=1.0, seed=0,
+    args = argparse.Namespace(resolution=SIZE, vae_steps=1, nproc=1, n=1, steps=1, guidance_scale=1.0, seed=0,
                               prediction_type="flow", loss_weighting="none", score_steps=[2, 8])
     steps = dict(run.script_steps(args, d))
     argv = [str(a) for a in steps["02 filter metadata"]]
