@@ -1,12 +1,11 @@
 """Download LAION parquet metadata (huggingface_hub.snapshot_download) and normalise its column names."""
-import argparse
 from pathlib import Path
 
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import sd_data
-from sd_common import UserError, atomic_path, check_writable, run_main
+from sd_common import UserError, arg_parser, atomic_path, check_writable, run_main
 
 
 def download(args):
@@ -70,11 +69,12 @@ def main(args):
         except (OSError, ValueError) as e:  # pyarrow raises these for a corrupt or partial file
             counts["unreadable"] += 1
             tqdm.write(f"skipping unreadable shard {src}: {str(e)[:160]}")
-    sd_data.print_summary(f"01 metadata -> {out}", list(counts.items()))
+    sd_data.print_summary(f"01 metadata -> {out}", list(counts.items()), counts["normalised"] + counts["already done"],
+                          f"none of the {len(shards)} parquet shards under '{src_dir}' could be read")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--repo_id", default="laion/laion2B-en-aesthetic", help="Hugging Face dataset repo to snapshot")
     parser.add_argument("--revision", default=None, help="branch, tag or commit of the dataset repo")
     parser.add_argument("--patterns", nargs="+", default=["*.parquet"], help="allow_patterns of the files to fetch")

@@ -1,5 +1,4 @@
 """Convert DiffusionDB part zips (images + per-part prompt json) into 512px JPEG webdataset tars."""
-import argparse
 import json
 import os
 import zipfile
@@ -7,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import sd_data
-from sd_common import run_main
+from sd_common import arg_parser, run_main
 
 SHARD_NAME = "ddb-part-{:06d}.tar"                  # one tar per DiffusionDB part
 
@@ -55,11 +54,12 @@ def main(args):
     sd_data.run_jobs(convert_part, [(p, args) for p in todo], args.workers, "diffusiondb", "part", total)
     rows = sd_data.count_rows(total, ("parts", "parts already done", "parts converted", "parts missing at source",
                                       "images in", "kept"))
-    sd_data.print_summary(f"01b DiffusionDB -> {out}", rows)
+    sd_data.print_summary(f"01b DiffusionDB -> {out}", rows, total["kept"] + total["parts already done"],
+                          f"no image of parts {args.parts} from '{args.source}' was kept")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--source", default="https://huggingface.co/datasets/poloclub/diffusiondb/resolve/main",
                         help="base URL or local folder holding images/part-NNNNNN.zip")
     parser.add_argument("--parts", default="1-500", help="part numbers to convert, e.g. '1-500' or '1,7,9-12'")

@@ -1,5 +1,4 @@
 """Convert JourneyDB image archives (tgz) + annotation jsonl into 512px JPEG webdataset tars."""
-import argparse
 import json
 import os
 import tarfile
@@ -7,7 +6,7 @@ from collections import Counter
 from pathlib import Path, PurePosixPath
 
 import sd_data
-from sd_common import UserError, run_main
+from sd_common import UserError, arg_parser, run_main
 
 SHARD_NAME = "jdb-{:03d}.tar"                        # one tar per JourneyDB archive
 
@@ -94,11 +93,12 @@ def main(args):
                          "archive", total)
     rows = sd_data.count_rows(total, ("archives", "archives already done", "archives converted",
                                       "archives missing at source", "images in", "kept"))
-    sd_data.print_summary(f"01c JourneyDB -> {out}", rows)
+    sd_data.print_summary(f"01c JourneyDB -> {out}", rows, total["kept"] + total["archives already done"],
+                          f"no image of archives {args.archives} from '{args.source}' was kept")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--source", default="https://huggingface.co/datasets/JourneyDB/JourneyDB/resolve/main",
                         help="base URL or local folder in JourneyDB's layout (the hub repo is gated: pass a "
                              "local copy or a mirror)")

@@ -6,7 +6,6 @@ least upsampled; each is cropped to a square around the loose face box, widened 
 whole head and some shoulders are in frame. Captions come from templates with the identity's gender; names
 are never written into captions.
 """
-import argparse
 import csv
 import os
 from collections import Counter
@@ -15,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 import sd_data
-from sd_common import UserError, check_writable, run_main
+from sd_common import UserError, arg_parser, check_writable, run_main
 
 # VGGFace2 layout (the release, after unpacking vggface2_train.tar.gz and the meta files):
 #   train/n000002/0001_01.jpg ...
@@ -127,11 +126,12 @@ def main(args):
                                       "not picked (over --per_identity)", "no face box: centre crop", "kept"))
     if not genders:
         rows.append((f"no {IDENTITY_META}: captions say 'person'", "yes"))
-    sd_data.print_summary(f"01d VGGFace2 -> {out}", rows)
+    sd_data.print_summary(f"01d VGGFace2 -> {out}", rows, total["kept"] + total["shards already done"],
+                          f"no image under '{root}' was kept")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--source", default="data/vggface2", help="unpacked VGGFace2 (registration needed to "
                         "download it): <split>/<identity>/*.jpg, meta/identity_meta.csv, bb_landmark/loose_bb_*.csv")
     parser.add_argument("--split", default="train", help="train (8,631 identities) or test (500)")

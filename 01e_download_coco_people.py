@@ -5,14 +5,15 @@ The seed's full-body phase kept the COCO images in which a person's box is at le
 square centred on the tallest such person. Captions are COCO's own (captions_<split>2017.json, one of an
 image's five, fixed per image) when given, else a template naming the people and the most frequent object.
 """
-import argparse
 import json
 import os
 from collections import Counter
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 import sd_data
-from sd_common import UserError, check_writable, run_main
+from sd_common import UserError, arg_parser, check_writable, run_main
 
 # detection-datasets/coco: data/{train,val}-000NN-of-000MM-<hash>.parquet, rows of image_id, image {bytes,
 # path}, width, height, objects {bbox_id, category, bbox, area}; category is the index in COCO's 80 names.
@@ -24,6 +25,7 @@ CATEGORIES = ("person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traff
               "keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,"
               "hair drier,toothbrush").split(",")
 PERSON = 0
+COLUMNS = ["image_id", "image", "width", "height", "objects"]
 PEOPLE = {1: "a person", 2: "two people", 3: "three people"}
 TEMPLATES = ["a full-body photo of {}", "a photo of {} standing", "a candid photo of {}",
              "a photograph of {}, full body"]
@@ -74,12 +76,11 @@ def read_captions(path):
 
 def convert_file(src, dst, args):
     """One parquet file -> one tar of its images with a tall enough person; returns its counts."""
-    import pyarrow.parquet as pq
     counts = Counter()
     captions = read_captions(args.captions) if args.captions else None
     try:
         pf = pq.ParquetFile(src)
-        batches = pf.iter_batches(batch_size=64, columns=["image_id", "image", "width", "height", "objects"])
+        batches = pf.iter_batches(batch_size=64, columns=COLUMNS)
     except (OSError, ValueError) as e:                # pyarrow's errors for a corrupt or partial file
         print(f"{src}: {type(e).__name__}: {str(e)[:160]}")
         return Counter({"skipped: unreadable parquet": 1})
@@ -144,6 +145,14 @@ def main(args):
     files = sorted(src_dir.rglob(f"{args.split}-*.parquet"))
     if not files:
         raise UserError(f"no {args.split}-*.parquet files under '{src_dir}'")
+    for f in files:                                  # another data set's parquet: one line here, not a worker's KeyError
+        try:
+            missing = sorted(set(COLUMNS) - set(pq.read_schema(f).names))
+        except (OSError, ValueError):
+            continue                                 # unreadable: skipped and counted by its worker
+        if missing:
+            raise UserError(f"'{f}' lacks columns {missing}: not a detection-datasets/coco parquet file "
+                            f"(needs {COLUMNS})")
     if args.captions:
         read_captions(args.captions)                 # a bad file fails here, once, before any worker starts
     out = Path(args.out)
@@ -153,11 +162,12 @@ def main(args):
     sd_data.run_jobs(convert_file, todo, args.workers, "coco", "file", total)
     rows = sd_data.count_rows(total, ("parquet files", "files already done", "files converted", "images in",
                                       "not kept: no person that tall", "kept"))
-    sd_data.print_summary(f"01e COCO people (person >= {args.min_person_height:.0%} of the height) -> {out}", rows)
+    sd_data.print_summary(f"01e COCO people (person >= {args.min_person_height:.0%} of the height) -> {out}", rows,
+                          total["kept"] + total["files already done"], f"no image under '{src_dir}' was kept")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--repo_id", default="detection-datasets/coco", help="Hugging Face dataset repo to download")
     parser.add_argument("--raw_dir", default="data/coco_raw", help="where the downloaded parquet files go")
     parser.add_argument("--source", default=None, help="local folder of the parquet files instead of downloading")

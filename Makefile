@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: test test-fast demo setup clean-venv
+.PHONY: test test-fast demo setup clean-venv gpu-wheels gpu-check-dry
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,14 @@ test-fast: setup
 # (a re-run reuses finished steps; delete data/demo/ to start over). Ends with `prompt-following: color C shape S`.
 demo: setup
 	$(PY) -m demo.run
+
+# The GPU check (bench/gpu_check.sh, README "GPU check"): the wheels a GPU machine without network lacks, into .whl/,
+# and the whole check rehearsed on this CPU at tiny sizes (log and tables in bench/results/gpu-run/).
+gpu-wheels: setup
+	bash bench/gpu_wheels.sh
+
+gpu-check-dry: gpu-wheels
+	bash bench/gpu_check.sh --cpu-dry
 
 clean-venv:
 	rm -rf $(VENV)

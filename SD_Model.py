@@ -8,8 +8,8 @@ Parameter names mirror diffusers' UNet2DConditionModel (down_blocks.0.resnets.0.
 diffusers folder loads with no renaming and parity with diffusers is a strict load_state_dict away; the
 original CompVis layout (input_blocks.1.0.in_layers.2, ...) is one key map further down.
 """
-import argparse
 import copy
+import inspect
 import json
 import math
 import pickle
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sd_common import UserError, atomic_folder, atomic_path, pick_dtype, run_main
+from sd_common import HelpFormatter, UserError, arg_parser, atomic_folder, atomic_path, pick_dtype, run_main
 
 
 #################################################################################
@@ -254,7 +254,7 @@ class UNetConfig:
 
 
 class UNet(nn.Module):
-    """The SD text-conditional UNet: forward(x, t, context) -> eps / v prediction, shaped like x."""
+    """The SD text-conditional UNet: forward(x, t, context) -> eps / v / flow-velocity prediction, shaped like x."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -420,18 +420,29 @@ def unet_config(name_or_dict):
 
 @dataclass
 class NoiseSchedule:
-    """The DDPM forward process (Ho et al. 2020) in one place: training, validation and sampling all read
-    alphas_cumprod from here. Arithmetic follows diffusers' DDPMScheduler in float32, step for step."""
+    """The forward process and the UNet's target in one place: training, validation and sampling all read them
+    from here, and every checkpoint records them (to_dict).
+      epsilon / v_prediction  the DDPM forward process (Ho et al. 2020) on integer t in [0, T): alphas_cumprod
+                              follows diffusers' DDPMScheduler in float32, step for step
+      flow                    rectified flow (Liu et al. 2022; SD3, Esser et al. 2024): x = (1 - s) x0 + s noise on
+                              the straight path, s = t / T in [0, 1], target the velocity noise - x0. t stays on
+                              the 0..T scale (float), which is also the UNet's timestep input, as SD3 feeds it."""
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"              # scaled_linear | linear | squaredcos_cap_v2
-    prediction_type: str = "epsilon"                  # epsilon | v_prediction
+    prediction_type: str = "epsilon"                  # epsilon | v_prediction | flow
     zero_terminal_snr: bool = False                  # Lin et al. 2023, "Common Diffusion Noise Schedules..."
+    flow_shift: float = 1.0                          # flow: time_shift of training and sampling sigmas (1 = none)
+    flow_t_density: str = "logit_normal"             # flow: density of training sigmas (SD3's rf/lognorm)
+    flow_logit_mean: float = 0.0                     # flow: logit_normal's m and s (SD3's best: 0, 1)
+    flow_logit_std: float = 1.0
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)
+    _on_device: dict = field(init=False, repr=False, compare=False, default_factory=dict)
 
     CHOICES = {"beta_schedule": ("scaled_linear", "linear", "squaredcos_cap_v2"),
-               "prediction_type": ("epsilon", "v_prediction")}
+               "prediction_type": ("epsilon", "v_prediction", "flow"),
+               "flow_t_density": ("logit_normal", "uniform")}
 
     def to_dict(self):
         """The settings that define the schedule (what checkpoints and exports record)."""
@@ -455,46 +466,99 @@ class NoiseSchedule:
         else:
             raise UserError(f"unknown beta_schedule '{self.beta_schedule}'; choose one of "
                             f"{self.CHOICES['beta_schedule']}")
-        if self.prediction_type not in self.CHOICES["prediction_type"]:
-            raise UserError(f"unknown prediction_type '{self.prediction_type}'; choose one of "
-                            f"{self.CHOICES['prediction_type']}")
+        for name in ("prediction_type", "flow_t_density"):
+            if getattr(self, name) not in self.CHOICES[name]:
+                raise UserError(f"unknown {name} '{getattr(self, name)}'; choose one of {self.CHOICES[name]}")
+        if self.flow and self.zero_terminal_snr:
+            raise UserError("zero_terminal_snr rescales DDPM betas; a flow model reaches pure noise at t = T by "
+                            "construction: leave it false")
+        if not (self.flow_shift > 0 and self.flow_logit_std > 0):
+            raise UserError(f"flow_shift and flow_logit_std must be positive (got {self.flow_shift}, "
+                            f"{self.flow_logit_std})")
         if self.zero_terminal_snr:
             betas = _rescale_zero_terminal_snr(betas)
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
 
+    @property
+    def flow(self):
+        return self.prediction_type == "flow"
+
+    @property
+    def t_dtype(self):
+        """Training timesteps' dtype: a flow model's t is continuous, DDPM's an index into alphas_cumprod."""
+        return torch.float32 if self.flow else torch.long
+
+    def draw_train_t(self, rng):
+        """One training timestep from a numpy Generator (sd_latents.sample_randomness's per-sample stream):
+        uniform over DDPM's T integers, or for flow a sigma from flow_t_density (SD3's logit-normal: the sigmoid
+        of a normal draw; or uniform), shifted by flow_shift, on the 0..T scale."""
+        if not self.flow:
+            return rng.integers(0, self.num_train_timesteps)
+        if self.flow_t_density == "logit_normal":   # sigmoid(z) as (1 + tanh(z / 2)) / 2: no overflow at any z
+            sigma = 0.5 * (1 + math.tanh((self.flow_logit_mean + self.flow_logit_std * rng.standard_normal()) / 2))
+        else:
+            sigma = 1.0 - rng.random()              # (0, 1]: sigma = 0 would make the SNR infinite
+        return self.num_train_timesteps * time_shift(sigma, self.flow_shift)
+
+    def _table(self, device):
+        """alphas_cumprod on `device`, copied there once: a CPU -> GPU copy at every training step would be a
+        host sync at every step."""
+        if device not in self._on_device:
+            self._on_device[device] = self.alphas_cumprod.to(device)
+        return self._on_device[device]
+
     def _at(self, t, like):
         """alpha_bar_t gathered for a batch of timesteps, shaped to broadcast against `like`."""
-        a = self.alphas_cumprod.to(like.device)[t.to(like.device)].float()
+        a = self._table(like.device)[t.to(like.device)].float()
         return a.reshape(-1, *([1] * (like.dim() - 1)))
 
+    def _sigma(self, t, like=None):
+        """A flow model's sigma = t / T, shaped to broadcast against `like` when given."""
+        s = t.float() / self.num_train_timesteps
+        return s if like is None else s.to(like.device).reshape(-1, *([1] * (like.dim() - 1)))
+
     def q_sample(self, x0, t, noise):
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; flow: (1 - sigma) x0 + sigma noise."""
+        if self.flow:
+            s = self._sigma(t, x0)
+            return ((1 - s) * x0.float() + s * noise.float()).to(x0.dtype)
         a = self._at(t, x0)
         return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
 
     def target(self, x0, t, noise):
-        """What the UNet learns to predict: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)."""
+        """What the UNet learns to predict: eps, v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022), or
+        the flow's velocity noise - x0."""
         if self.prediction_type == "epsilon":
             return noise
+        if self.flow:
+            return (noise.float() - x0.float()).to(x0.dtype)
         a = self._at(t, x0)
         return (a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()).to(x0.dtype)
 
     def snr(self, t):
-        a = self.alphas_cumprod.to(t.device)[t]
+        if self.flow:
+            s = self._sigma(t)
+            return ((1 - s) / s) ** 2
+        a = self._table(t.device)[t]
         return a / (1 - a)
 
     def loss_weight(self, t, weighting, gamma=5.0):
         """Per-sample weight of the MSE to self.target, one of LOSS_WEIGHTINGS. Each is written as a weight on the
         x0 error (w_x0) and carried into this schedule's target space: the eps loss already weighs the x0 error by
-        SNR, the v loss by SNR + 1, so the weight here is w_x0 / SNR or w_x0 / (SNR + 1).
-          none          1 (plain loss of the target: SD's and NeMo's)
+        SNR, the v loss by SNR + 1, the flow loss by 1 / sigma^2, so the weight here is w_x0 / SNR, w_x0 / (SNR + 1)
+        or w_x0 sigma^2.
+          none          1 (plain loss of the target: SD's and NeMo's; for flow SD3's, whose weighting is the
+                        density its sigmas are drawn from, flow_t_density)
           min_snr       w_x0 = min(SNR, gamma) (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR")
           soft_min_snr  w_x0 = SNR gamma / (SNR + gamma), the smooth minimum of SNR and gamma (Crowson et al.
                         2024, HDiT): no kink at SNR = gamma
           debiased      1 / sqrt(SNR) for eps, 1 / (SNR + 1) for v, SNR capped at 1000 (Yu et al. 2024, "Debias
-                        the Training of Diffusion Models"; kohya's --debiased_estimation_loss)"""
+                        the Training of Diffusion Models"; kohya's --debiased_estimation_loss); flow carries the
+                        paper's eps form over: w_x0 = sqrt(SNR)"""
         if weighting not in LOSS_WEIGHTINGS:
             raise UserError(f"unknown loss weighting '{weighting}'; choose one of {list(LOSS_WEIGHTINGS)}")
+        if self.flow:
+            return self._flow_loss_weight(t, weighting, gamma)
         snr = self.snr(t).float()
         if weighting == "none":
             return torch.ones_like(snr)
@@ -509,9 +573,21 @@ class NoiseSchedule:
         # soft_min_snr: gamma / (SNR + gamma) in eps space, finite at SNR = 0 and SNR = inf
         return gamma / (snr + gamma) if not v else snr * gamma / ((snr + gamma) * (snr + 1))
 
+    def _flow_loss_weight(self, t, weighting, gamma):
+        """w_x0 sigma^2 with SNR = ((1 - s) / s)^2, written in s so that s = 0 and s = 1 stay finite."""
+        s = self._sigma(t)
+        if weighting == "none":
+            return torch.ones_like(s)
+        if weighting == "min_snr":                   # min(SNR, gamma) s^2
+            return torch.minimum((1 - s) ** 2, gamma * s ** 2)
+        if weighting == "soft_min_snr":              # SNR gamma / (SNR + gamma) s^2
+            return gamma * (1 - s) ** 2 * s ** 2 / ((1 - s) ** 2 + gamma * s ** 2)
+        return s * torch.minimum(1 - s, 1000.0 ** 0.5 * s)   # debiased: min(sqrt(SNR), sqrt(1000)) s^2
+
     def predict_x0_eps(self, model_out, x, t):
-        """(x0, eps) implied by the model output at timestep t (a python int or 0-dim tensor)."""
-        a = self.alphas_cumprod[t].to(x.device)
+        """(x0, eps) implied by the model output at timestep t (a python int or 0-dim tensor). alpha_bar_t stays a
+        0-dim CPU tensor, which enters CUDA kernels as a scalar: a copy to the GPU per step would sync the host."""
+        a = self.alphas_cumprod[t]
         b = 1 - a
         if self.prediction_type == "epsilon":
             return (x - b ** 0.5 * model_out) / a ** 0.5, model_out
@@ -546,9 +622,18 @@ def sampling_timesteps(schedule, steps, spacing="leading", steps_offset=1):
     return [int(t) for t in ts]
 
 
+def _noise_like(x, generator):
+    """Fresh N(0, 1) noise of x's shape, drawn on the generator's device (diffusers' randn_tensor): a CPU
+    generator gives the same noise whatever device samples."""
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                       device=generator.device if generator is not None else x.device).to(x.device)
+
+
 # Every sampler is a pure function with one signature:
 #   sample_X(model_fn, x, schedule, steps, *, eta, spacing, steps_offset, generator, clip_x0, callback)
-# where model_fn(x, t) -> model output. The initial noise x is the caller's, so seeds are the caller's too.
+# where model_fn(x, t) -> the raw model output at timestep t (an int, or a float for Euler's linspace spacing),
+# and callback(i, t, x, x0) sees every step. The initial noise x ~ N(0, 1) is the caller's, so seeds are the
+# caller's too; a sampler that adds no noise (DPM-Solver++) takes no eta.
 
 @torch.no_grad()
 def sample_ddim(model_fn, x, schedule, steps=50, *, eta=0.0, spacing="leading", steps_offset=1,
@@ -570,8 +655,7 @@ def sample_ddim(model_fn, x, schedule, steps=50, *, eta=0.0, spacing="leading", 
         std = eta * var ** 0.5
         x = a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
         if eta > 0:
-            x = x + std * torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                                      device=generator.device if generator is not None else x.device).to(x.device)
+            x = x + std * _noise_like(x, generator)
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -596,15 +680,231 @@ def sample_ddpm(model_fn, x, schedule, steps=50, *, eta=1.0, spacing="leading", 
         x = (a_prev ** 0.5 * beta_t / (1 - a_t)) * x0 + (alpha_t ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
         if t > 0 and eta > 0:
             var = torch.clamp((1 - a_prev) / (1 - a_t) * beta_t, min=1e-20)
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                                device=generator.device if generator is not None else x.device).to(x.device)
-            x = x + eta * var ** 0.5 * noise
+            x = x + eta * var ** 0.5 * _noise_like(x, generator)
         if callback is not None:
             callback(i, t, x, x0)
     return x
 
 
-SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm}
+# The sigma-space samplers below (Karras et al. 2022) write x_t = sqrt(abar) (x0 + sigma eps) with
+# sigma = sqrt((1 - abar) / abar). Euler works on x_sigma = x0 + sigma eps and hands the model
+# x_sigma / sqrt(sigma^2 + 1), the x_t it was trained on (diffusers' scale_model_input); DPM-Solver works on x_t
+# itself and reads sigma only for its step sizes. Both follow diffusers' float32 arithmetic op for op.
+
+def train_sigmas(schedule):
+    """sigma of every training timestep. A zero-terminal-SNR schedule has abar_T = 0, sigma_T = inf: diffusers clamps
+    abar_T to 2**-24 (fp16's smallest subnormal) for these samplers, so sigma_T ~ 4096 and the model still sees
+    x_sigma / sqrt(sigma^2 + 1), pure noise."""
+    abar = schedule.alphas_cumprod.clone()
+    if schedule.zero_terminal_snr:
+        abar[-1] = 2.0 ** -24
+    return ((1 - abar) / abar) ** 0.5
+
+
+def sigma_steps(schedule, steps, spacing="leading", steps_offset=1, solver="euler", karras=False):
+    """(timesteps, sigmas) a sigma-space sampler visits, as diffusers' set_timesteps makes them: `steps` timesteps
+    and steps + 1 float32 sigmas ending at 0.
+      euler  EulerDiscreteScheduler / EulerAncestralDiscreteScheduler: the spacing's timesteps (linspace's left
+             fractional), sigma interpolated at each
+      dpm    DPMSolverMultistepScheduler: leading and linspace space steps + 1 points and drop t = 0 (the solver
+             steps to sigma = 0 itself); karras=True puts Karras et al.'s sigmas (rho = 7, Eq. 5) between the
+             schedule's extremes and calls the model at the timestep of equal log sigma, rounded"""
+    T = schedule.num_train_timesteps
+    full = train_sigmas(schedule).numpy()
+    if solver == "euler":
+        ts = (np.linspace(0, T - 1, steps, dtype=np.float32)[::-1] if spacing == "linspace" else
+              np.array(sampling_timesteps(schedule, steps, spacing, steps_offset), dtype=np.float32))
+    else:
+        ts = np.array(sampling_timesteps(schedule, steps, spacing, steps_offset) if spacing == "trailing" else
+                      sampling_timesteps(schedule, steps + 1, spacing, steps_offset)[:-1])
+    if karras:
+        rho, lo, hi = 7.0, full[0].item(), full[-1].item()
+        sigmas = (hi ** (1 / rho) + np.linspace(0, 1, steps) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+        ts = np.interp(np.log(sigmas), np.log(full), np.arange(T))
+        if schedule.beta_schedule != "squaredcos_cap_v2":      # diffusers truncates the cosine schedule's instead
+            ts = ts.round()
+    else:
+        sigmas = np.interp(ts, np.arange(T), full)
+    sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+    return [float(t) if solver == "euler" else int(t) for t in ts], sigmas
+
+
+@torch.no_grad()
+def sample_euler(model_fn, x, schedule, steps=50, *, eta=0.0, spacing="leading", steps_offset=1, generator=None,
+                 clip_x0=None, callback=None):
+    """Implements Euler steps in sigma (Karras et al. 2022, Algorithm 2 without churn), equal step for step to
+    diffusers' EulerDiscreteScheduler. eta > 0 makes it ancestral as k-diffusion's sample_euler_ancestral: step down
+    to sigma_down, then add noise of std sigma_up (sigma_down^2 + sigma_up^2 = the next sigma^2); eta = 1 is
+    diffusers' EulerAncestralDiscreteScheduler."""
+    ts, sigmas = sigma_steps(schedule, steps, spacing, steps_offset, "euler")
+    # diffusers' init_noise_sigma: x_T as x_sigma, sqrt(sigma_0^2 + 1) x_T, for leading spacing; k-diffusion's
+    # sigma_0 x_T for the others
+    x = x * (sigmas.max() if spacing != "leading" else (sigmas.max() ** 2 + 1) ** 0.5)
+    for i, t in enumerate(ts):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        out = model_fn(x / (sigma ** 2 + 1) ** 0.5, t)
+        if schedule.prediction_type == "epsilon":
+            x0 = x - sigma * out
+        else:
+            x0 = out * (-sigma / (sigma ** 2 + 1) ** 0.5) + (x / (sigma ** 2 + 1))
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        sigma_up = torch.minimum(sigma_next,
+                                 eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
+        sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
+        x = x + (x - x0) / sigma * (sigma_down - sigma)
+        if eta > 0:
+            x = x + _noise_like(x, generator) * sigma_up
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def sample_euler_ancestral(model_fn, x, schedule, steps=50, *, eta=1.0, **kw):
+    """Euler ancestral: sample_euler with eta = 1 by default, diffusers' EulerAncestralDiscreteScheduler."""
+    return sample_euler(model_fn, x, schedule, steps, eta=eta, **kw)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model_fn, x, schedule, steps=50, *, spacing="leading", steps_offset=1, generator=None,
+                    clip_x0=None, karras=False, callback=None):
+    """Implements DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2: multistep, second order, on the x0 prediction),
+    equal step for step to diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)
+    with its defaults: first order on the first step (no history) and the last (to sigma = 0, where it returns
+    the x0 prediction). Deterministic: no eta. `generator` is unused, kept for the shared signature."""
+    ts, sigmas = sigma_steps(schedule, steps, spacing, steps_offset, "dpm", karras)
+    alphas = 1 / (sigmas ** 2 + 1) ** 0.5                   # sqrt(abar)
+    stds = sigmas * alphas                                   # sqrt(1 - abar)
+    lambdas = torch.log(alphas) - torch.log(stds)            # half the log-SNR: +inf at sigma = 0
+    x0_prev = None
+    for i, t in enumerate(ts):
+        out = model_fn(x, t)
+        if schedule.prediction_type == "epsilon":
+            x0 = (x - stds[i] * out) / alphas[i]
+        else:
+            x0 = alphas[i] * x - stds[i] * out
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        h = lambdas[i + 1] - lambdas[i]
+        step = alphas[i + 1] * (torch.exp(-h) - 1.0)
+        x = (stds[i + 1] / stds[i]) * x - step * x0         # first order: DDIM (Lu et al. 2022, Eq. 9)
+        if x0_prev is not None and i < len(ts) - 1:          # second order from the previous x0 (their Eq. 17)
+            r = (lambdas[i] - lambdas[i - 1]) / h
+            x = x - 0.5 * step * ((1.0 / r) * (x0 - x0_prev))
+        x0_prev = x0
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def sample_dpmpp_2m_karras(model_fn, x, schedule, steps=50, **kw):
+    """DPM-Solver++(2M) on Karras et al.'s sigmas (the UIs' 'DPM++ 2M Karras'), diffusers'
+    DPMSolverMultistepScheduler(use_karras_sigmas=True)."""
+    return sample_dpmpp_2m(model_fn, x, schedule, steps, karras=True, **kw)
+
+
+# The names users know from the UIs and diffusers; the first is the default.
+SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm, "euler": sample_euler, "euler_a": sample_euler_ancestral,
+            "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_karras": sample_dpmpp_2m_karras}
+
+
+# --- Rectified-flow samplers (prediction_type flow) -------------------------------------------------------
+# A flow model predicts the velocity v = noise - x0 of the straight path x = (1 - s) x0 + s noise (Liu et al. 2022;
+# SD3, Esser et al. 2024), so sampling integrates dx/ds = v from s = 1 (pure noise) down to s = 0. The UNet sees
+# s on the 0..T scale (t = s T), as in training. Same signature as the samplers above; spacing and steps_offset
+# belong to DDPM's integer timesteps and are unused here.
+
+def time_shift(sigma, shift):
+    """SD3's timestep shift (Esser et al. 2024, eq. 23): s -> shift s / (1 + (shift - 1) s). shift > 1 spends more
+    of training and sampling at high noise, which larger images need (more pixels, more redundancy to destroy)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def resolution_shift(resolution, base=256):
+    """SD3's resolution-dependent shift sqrt(m / n) for m = resolution^2 pixels and its base n = 256^2 (sec. 5.3.2):
+    2 at 512 px, 4 at 1024 px (SD3 itself settled on 3.0 there)."""
+    return resolution / base
+
+
+def flow_sigmas(schedule, steps):
+    """The steps + 1 descending sigmas a flow sampler visits, ending at 0, as diffusers'
+    FlowMatchEulerDiscreteScheduler(shift).set_timesteps makes them: a linspace from 1 to its smallest training
+    sigma (1 / T, already shifted once), shifted again, in float32."""
+    T, shift = schedule.num_train_timesteps, schedule.flow_shift
+    sigma_min = time_shift(torch.ones(1) / T, shift).item()                  # float32, as the scheduler's init
+    sigmas = time_shift(np.linspace(T, sigma_min * T, steps) / T, shift)       # float64, as its set_timesteps
+    return torch.cat([torch.from_numpy(sigmas).float(), torch.zeros(1)])
+
+
+def _flow_velocity(model_fn, x, sigma, T, clip_x0):
+    """The model's velocity at sigma (UNet timestep sigma T, float32 as diffusers passes it), and the x0 it implies
+    (clamped when clip_x0 is given, the velocity then recomputed from the clamped x0)."""
+    v = model_fn(x, float(sigma * T)).float()
+    x0 = x.float() - sigma * v
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+        v = (x.float() - x0) / sigma
+    return v, x0
+
+
+def _deterministic(eta):
+    if eta:
+        raise UserError(f"the flow samplers are deterministic ODE solvers; eta must be 0, got {eta}")
+
+
+@torch.no_grad()
+def sample_flow_euler(model_fn, x, schedule, steps=28, *, eta=0.0, spacing=None, steps_offset=None, generator=None,
+                      clip_x0=None, callback=None):
+    """Implements Euler steps of the flow ODE dx/ds = v (SD3's sampler), equal step for step to diffusers'
+    FlowMatchEulerDiscreteScheduler."""
+    _deterministic(eta)
+    sigmas = flow_sigmas(schedule, steps)
+    for i in range(steps):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        v, x0 = _flow_velocity(model_fn, x, s, schedule.num_train_timesteps, clip_x0)
+        x = x.float() + (s_next - s) * v
+        if callback is not None:
+            callback(i, float(s * schedule.num_train_timesteps), x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_flow_heun(model_fn, x, schedule, steps=28, *, eta=0.0, spacing=None, steps_offset=None, generator=None,
+                     clip_x0=None, callback=None):
+    """Implements Heun steps (Karras et al. 2022, Algorithm 1) on the flow's sigmas, slopes written from the
+    denoised x0 as d = (x - x0) / s: an Euler predictor, then the mean of both slopes; the last step, to s = 0,
+    stays Euler (2 x steps - 1 model calls). Equal step for step to diffusers' FlowMatchHeunDiscreteScheduler."""
+    _deterministic(eta)
+    sigmas, T = flow_sigmas(schedule, steps), schedule.num_train_timesteps
+    for i in range(steps):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        _, x0 = _flow_velocity(model_fn, x, s, T, clip_x0)
+        d = (x.float() - x0) / s
+        x_euler = x.float() + (s_next - s) * d
+        if s_next > 0:
+            _, x0 = _flow_velocity(model_fn, x_euler, s_next, T, clip_x0)
+            x = x.float() + (s_next - s) * (d + (x_euler - x0) / s_next) / 2
+        else:
+            x = x_euler
+        if callback is not None:
+            callback(i, float(s * T), x, x0)
+    return x
+
+
+FLOW_SAMPLERS = {"flow_euler": sample_flow_euler, "flow_heun": sample_flow_heun}
+SAMPLERS.update(FLOW_SAMPLERS)
+
+
+def default_sampler(schedule):
+    """The sampler a checkpoint samples with unless told otherwise: DDIM, or flow Euler for a flow model."""
+    return "flow_euler" if schedule.flow else "ddim"
+
+
+def check_sampler_fits(sampler, schedule):
+    """A DDPM-family sampler cannot run a flow model, nor a flow sampler an eps / v one: one line, not noise."""
+    if (sampler in FLOW_SAMPLERS) != schedule.flow:
+        fits = sorted(FLOW_SAMPLERS) if schedule.flow else sorted(set(SAMPLERS) - set(FLOW_SAMPLERS))
+        raise UserError(f"sampler '{sampler}' does not fit this {schedule.prediction_type} model; use one of {fits}")
 
 
 def cfg_model_fn(unet, cond, uncond, scale):
@@ -654,11 +954,14 @@ def require_hub(what, name, hint):
 def _from_pretrained(cls, name, what, flag, subfolder, **kwargs):
     """cls.from_pretrained(name) for a hub id, a model folder, or a diffusers pipeline folder (which keeps
     the part in `subfolder`), turning the library's long offline traceback into one line. A hub id already
-    in the local cache loads without touching the network."""
+    in the local cache loads without touching the network. A name that cannot be a hub id ('./x', '/x', 'a/b/c')
+    or whose first part is a local folder ('data/myclip' beside data/) is a path, and a missing path is an error,
+    never a hub download."""
     path = Path(name)
     if path.is_dir() and (path / subfolder).is_dir() and not (path / "config.json").exists():
         kwargs["subfolder"] = subfolder
-    elif not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+    elif not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or
+                                 (name.count("/") == 1 and path.parent.is_dir())):
         raise UserError(f"{what} folder '{name}' does not exist; pass an existing folder or a hub id with {flag}")
     if not path.exists():
         try:
@@ -667,8 +970,8 @@ def _from_pretrained(cls, name, what, flag, subfolder, **kwargs):
                 return obj
         except (OSError, ValueError):
             pass
-        require_hub(what, name, f"download it where there is network (`hf download {name} --local-dir DIR`) "
-                                f"and pass {flag} DIR")
+        require_hub(what, name, f"nor is it a local folder; download it where there is network (`hf download {name} "
+                                f"--local-dir DIR`) and pass {flag} DIR")
     try:
         obj = cls.from_pretrained(name, **kwargs)
     except pickle.UnpicklingError:                   # torch.load(weights_only=True) refused a .bin: not a download issue
@@ -702,26 +1005,35 @@ class FrozenVAE:
             model = _from_pretrained(AutoencoderKL, self.name, "VAE", "--vae", "vae", torch_dtype=self.dtype)
         # .type, not .to(dtype): diffusers' ModelMixin.to warns on every dtype cast, whatever the model
         self.vae = model.to(device=device).type(self.dtype).eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.memory_format = inference_memory_format(self.device)
+        self.vae.to(memory_format=self.memory_format)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         # One 2x downsample per level but the last: 8 for SD's 4-level VAE, 4 for the demo's 3-level one.
         self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.device = torch.device(device)
 
     @torch.no_grad()
     def encode(self, images):
         """(N, 3, H, W) in [-1, 1] -> (N, 4, H/f, W/f) scaled latents (f = self.factor), float32."""
-        posterior = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        posterior = self.vae.encode(images.to(self.device, self.dtype, memory_format=self.memory_format)).latent_dist
         return posterior.mean.float() * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents):
         """(N, 4, h, w) scaled latents -> (N, 3, f*h, f*w) images in [-1, 1], float32."""
-        return self.vae.decode(latents.to(self.device, self.dtype) / self.scaling_factor).sample.float()
+        latents = latents.to(self.device, self.dtype, memory_format=self.memory_format) / self.scaling_factor
+        return self.vae.decode(latents).sample.float()
+
+    def decode_images(self, latents):
+        """(N, 4, h, w) scaled latents -> (N, f*h, f*w, 3) uint8 RGB."""
+        images = (self.decode(latents) / 2 + 0.5).clamp(0, 1)
+        return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def load_tokenizer(name_or_path):
+def load_tokenizer(name_or_path, flag="--text_encoder"):
+    """The CLIP tokenizer of a text encoder; `flag` is the option that named it, for the error messages."""
     from transformers import CLIPTokenizer
-    return _from_pretrained(CLIPTokenizer, str(name_or_path), "tokenizer", "--text_encoder", "tokenizer")
+    return _from_pretrained(CLIPTokenizer, str(name_or_path), "tokenizer", flag, "tokenizer")
 
 
 def tokenize(tokenizer, texts):
@@ -787,6 +1099,12 @@ def peak_tflops(device):
         return 0.0
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
+
+
+def inference_memory_format(device):
+    """channels_last (NHWC) on CUDA, where cuDNN's fastest fp16/bf16 convolutions take it; elsewhere each tensor
+    keeps its layout, as diffusers runs it (the CPU parity tests compare the two)."""
+    return torch.channels_last if torch.device(device).type == "cuda" else torch.preserve_format
 
 
 def configure_cuda_backends():
@@ -1250,13 +1568,15 @@ def single_file_state(unet_sd, unet_cfg, vae_model, text_model, dtype):
     return sd
 
 
-def export_pipeline(dst, fmt, unet_sd, unet_cfg, vae, text_encoder, schedule, sample_size=64, dtype=torch.float16):
+def export_pipeline(dst, fmt, unet_sd, unet_cfg, vae, text_encoder, schedule, sample_size=64, dtype=torch.float16,
+                    sampler="ddim"):
     """Write a whole text-to-image model: `diffusers` = a StableDiffusionPipeline folder (model_index.json,
     unet/, vae/, text_encoder/, tokenizer/, scheduler/); `single-file` = the original layout in one
     .safetensors (model.diffusion_model / first_stage_model / cond_stage_model.transformer) that diffusers'
-    from_single_file and the common UIs read."""
+    from_single_file and the common UIs read. The folder's scheduler is `sampler`'s (diffusers_scheduler_config)."""
     unet_sd = {k: v.to(dtype) for k, v in clean_state_dict(unet_sd).items()}
     if fmt == "diffusers":
+        scheduler_class, scheduler = diffusers_scheduler_config(schedule, sampler=sampler)
         dst = Path(dst)
         if dst.exists() and any(dst.iterdir()) and not (dst / "model_index.json").exists():
             raise UserError(f"'{dst}' exists and is not a pipeline folder this export would replace; pick a new one")
@@ -1272,19 +1592,21 @@ def export_pipeline(dst, fmt, unet_sd, unet_cfg, vae, text_encoder, schedule, sa
             text_encoder.tokenizer.save_pretrained(tmp / "tokenizer")
             save_bpe_files(text_encoder.tokenizer, tmp / "tokenizer")
             (tmp / "scheduler").mkdir()
-            (tmp / "scheduler" / "scheduler_config.json").write_text(
-                json.dumps(diffusers_scheduler_config(schedule), indent=2))
+            (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
             (tmp / "model_index.json").write_text(json.dumps({
                 "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
                 "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+                "scheduler": ["diffusers", scheduler_class], "safety_checker": [None, None],
                 "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
     elif fmt == "single-file":
         from safetensors.torch import save_file
         if text_encoder.layer != "last":
             raise UserError("single-file export of a penultimate-layer (OpenCLIP) text encoder is not supported; "
                             "use --export diffusers")
+        if schedule.flow:   # the original layout names no objective: every reader would sample it as eps
+            raise UserError("a flow model has no single-file form: UIs and from_single_file would sample it as an "
+                            "eps model; use --export diffusers, or sample the checkpoint with SD_ImageGen.py")
         sd = single_file_state(unet_sd, unet_cfg, vae.vae, text_encoder.model, dtype)
         # Beside the weights, what rebuilds the VAE and text encoder around them (single_file_parts): their
         # configs and the tokenizer, so the file alone samples (a few MB of metadata on GBs of weights).
@@ -1304,15 +1626,49 @@ def default_spacing(schedule):
     return "trailing" if schedule.zero_terminal_snr else "leading"
 
 
-def diffusers_scheduler_config(schedule, spacing=None, steps_offset=1):
-    """The DDIMScheduler config that samples as our sample_ddim does (no clip, alpha_prev(0) = abar_0)."""
+def diffusers_scheduler_config(schedule, spacing=None, steps_offset=1, sampler="ddim"):
+    """(class name, config) of the diffusers scheduler that samples as SAMPLERS[sampler] does, step for step (the
+    sampler tests load it with from_config): what an export writes, so the pipeline draws with the user's choice."""
+    if schedule.flow:
+        flow = diffusers_flow_scheduler_config(schedule)
+        return flow["_class_name"], flow
     spacing = spacing or default_spacing(schedule)
-    return {"_class_name": "DDIMScheduler", "_diffusers_version": "0.30.0",
-            "num_train_timesteps": schedule.num_train_timesteps, "beta_start": schedule.beta_start,
-            "beta_end": schedule.beta_end, "beta_schedule": schedule.beta_schedule,
-            "prediction_type": schedule.prediction_type, "rescale_betas_zero_snr": schedule.zero_terminal_snr,
-            "clip_sample": False, "set_alpha_to_one": False, "steps_offset": steps_offset,
-            "timestep_spacing": spacing}
+    dpm = dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
+               final_sigmas_type="zero", use_karras_sigmas=False)
+    own = {"ddim": ("DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=False)),  # alpha_prev(0) = abar_0
+           "ddpm": ("DDPMScheduler", dict(clip_sample=False, variance_type="fixed_small")),
+           "euler": ("EulerDiscreteScheduler", dict(interpolation_type="linear", use_karras_sigmas=False)),
+           "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+           "dpmpp_2m": ("DPMSolverMultistepScheduler", dpm),
+           "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", dict(dpm, use_karras_sigmas=True))}
+    check_sampler(sampler)
+    check_sampler_fits(sampler, schedule)
+    if sampler == "dpmpp_2m_karras" and (schedule.zero_terminal_snr or schedule.beta_schedule == "squaredcos_cap_v2"):
+        # Karras sigmas from this schedule's huge sigma_max map several steps to t = T - 1 (or truncate cosine's to
+        # one t): diffusers then starts at the second of them and indexes past its sigmas (diffusers issue #12771)
+        raise UserError("diffusers' DPMSolverMultistepScheduler with Karras sigmas fails on a zero-terminal-SNR or "
+                        "cosine schedule (repeated first timestep, diffusers issue #12771); export with --sampler "
+                        "dpmpp_2m")
+    name, extra = own[sampler]
+    return name, {"_class_name": name, "_diffusers_version": "0.30.0",
+                  "num_train_timesteps": schedule.num_train_timesteps, "beta_start": schedule.beta_start,
+                  "beta_end": schedule.beta_end, "beta_schedule": schedule.beta_schedule,
+                  "prediction_type": schedule.prediction_type, "rescale_betas_zero_snr": schedule.zero_terminal_snr,
+                  "steps_offset": steps_offset, "timestep_spacing": spacing, **extra}
+
+
+def diffusers_flow_scheduler_config(schedule):
+    """A flow model's scheduler for diffusers' StableDiffusionPipeline. Not FlowMatchEulerDiscreteScheduler (what
+    sample_flow_euler equals): the pipeline scales its first latents by scheduler.init_noise_sigma, which that
+    scheduler lacks (AttributeError before the first step). DPMSolverMultistepScheduler's flow mode (diffusers >=
+    0.32; older ones ignore these keys and sample it as eps) runs there, and at solver_order 1 it is DPM-Solver++(1),
+    which in the flow's parametrization is the Euler step itself; its sigmas run from time_shift(1 - 1/T) down to 0
+    (ours from 1) and its UNet sees int(s T), so its images are close to flow_euler's, not bit-equal."""
+    return {"_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": "0.32.0",
+            "num_train_timesteps": schedule.num_train_timesteps, "prediction_type": "flow_prediction",
+            "use_flow_sigmas": True, "flow_shift": schedule.flow_shift, "solver_order": 1,
+            "algorithm_type": "dpmsolver++", "final_sigmas_type": "zero",
+            "steps_offset": 1}            # unused by flow sigmas; StableDiffusionPipeline warns on any other value
 
 
 #################################################################################
@@ -1353,6 +1709,9 @@ def load_pipeline(ckpt, device="cpu", dtype=torch.float32, weights="ema", vae=No
         sched_kw = {k: sc[d] for k, d in [("num_train_timesteps", "num_train_timesteps"), ("beta_start", "beta_start"),
                     ("beta_end", "beta_end"), ("beta_schedule", "beta_schedule"), ("prediction_type", "prediction_type"),
                     ("zero_terminal_snr", "rescale_betas_zero_snr")] if d in sc}
+        if sc.get("prediction_type") == "flow_prediction" or sc.get("_class_name", "").startswith("FlowMatch"):
+            # a flow model: our export's DPMSolverMultistepScheduler flow mode, or a FlowMatch* scheduler
+            sched_kw.update(prediction_type="flow", flow_shift=sc.get("flow_shift", sc.get("shift", 1.0)))
         spacing, offset = sc.get("timestep_spacing", "leading"), sc.get("steps_offset", 1)
     own_parts = "tokenizer_files" in meta and not (vae or text_encoder)    # one of our single files
     vae = vae or meta.get("vae")
@@ -1360,6 +1719,7 @@ def load_pipeline(ckpt, device="cpu", dtype=torch.float32, weights="ema", vae=No
     if not (vae and text_encoder or own_parts):
         raise UserError(f"'{ckpt}' does not say which VAE / text encoder it was trained with; pass --vae and --text_encoder")
     unet = build_unet(cfg, sd, source=f"'{ckpt}'").to(device=device, dtype=dtype).eval()
+    unet.to(memory_format=inference_memory_format(device))
     if own_parts:
         frozen_vae, te = single_file_parts(ckpt, meta, device, dtype)
     else:
@@ -1378,7 +1738,19 @@ def initial_latents(n, channels, height, width, seed, device, factor):
     return torch.randn((n, channels, height // factor, width // factor), generator=g).to(device), g
 
 
-def check_sampling_args(height, width, sampler, steps, factor=None, images_per_prompt=1):
+def check_sampler(sampler, eta=None):
+    """A sampler name and its eta, one line each: eta scales the noise a sampler adds, so it is >= 0, and a sampler
+    that adds none (no eta in its signature) refuses one rather than ignore it."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+    if eta is not None and "eta" not in inspect.signature(SAMPLERS[sampler]).parameters:
+        noisy = [n for n, f in SAMPLERS.items() if "eta" in inspect.signature(f).parameters]
+        raise UserError(f"{sampler} adds no noise: --eta does not apply to it (it does to {', '.join(noisy)})")
+    if eta is not None and eta < 0:
+        raise UserError(f"--eta must be at least 0, got {eta}")
+
+
+def check_sampling_args(height, width, sampler, steps, factor=None, images_per_prompt=1, eta=None):
     """Every sampling argument checked before any model is loaded: one line each. A size left None (the
     checkpoint's resolution) is not checked; `factor` (the VAE's downsampling) is known once the VAE is loaded."""
     for name, side in (("height", height), ("width", width)):
@@ -1386,8 +1758,8 @@ def check_sampling_args(height, width, sampler, steps, factor=None, images_per_p
             raise UserError(f"{name} must be positive, got {side}")
         if side is not None and factor and side % factor:
             raise UserError(f"{name} must be a multiple of {factor} (the VAE's downsampling), got {side}")
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler '{sampler}'; choose one of {sorted(SAMPLERS)}")
+    if sampler is not None:                              # None: the checkpoint's own (default_sampler)
+        check_sampler(sampler, eta)
     if steps < 1:
         raise UserError(f"sampling steps must be at least 1, got {steps}")
     if images_per_prompt < 1:
@@ -1395,11 +1767,13 @@ def check_sampling_args(height, width, sampler, steps, factor=None, images_per_p
 
 
 @torch.no_grad()
-def generate(pipe, prompts, negative="", steps=50, guidance_scale=7.5, sampler="ddim", eta=None, seed=0, height=512,
+def generate(pipe, prompts, negative="", steps=50, guidance_scale=7.5, sampler=None, eta=None, seed=0, height=512,
              width=512, images_per_prompt=1, clip_x0=None, progress=False):
-    """Prompts -> uint8 images (N, H, W, 3). The negative prompt (or "") is the unconditional CFG branch;
-    `progress` shows a bar over the sampling steps (minutes on a CPU)."""
-    check_sampling_args(height, width, sampler, steps, pipe.vae.factor, images_per_prompt)
+    """Prompts -> uint8 images (N, H, W, 3). The negative prompt (or "") is the unconditional CFG branch; sampler
+    None is the checkpoint's default_sampler; `progress` shows a bar over the sampling steps (minutes on a CPU)."""
+    check_sampling_args(height, width, sampler, steps, pipe.vae.factor, images_per_prompt, eta)
+    sampler = sampler or default_sampler(pipe.schedule)
+    check_sampler_fits(sampler, pipe.schedule)
     prompts = [p for p in prompts for _ in range(images_per_prompt)]
     te, device = pipe.text_encoder, pipe.vae.device
     for p in set(prompts) | {negative}:
@@ -1410,14 +1784,13 @@ def generate(pipe, prompts, negative="", steps=50, guidance_scale=7.5, sampler="
     uncond = te.encode([negative] * len(prompts)).to(device, dtype)
     x, g = initial_latents(len(prompts), pipe.unet.config.in_channels, height, width, seed, device, pipe.vae.factor)
     kw = dict(spacing=pipe.spacing, steps_offset=pipe.steps_offset, generator=g, clip_x0=clip_x0)
-    if eta is not None:   # else each sampler's own default: DDIM deterministic, DDPM full ancestral noise
+    if eta is not None:   # else each sampler's own default: 0 for ddim and euler, 1 for ddpm and euler_a
         kw["eta"] = eta
     model_fn = cfg_model_fn(pipe.unet, cond, uncond, guidance_scale)
     from tqdm import tqdm
     with tqdm(total=steps, disable=not progress, desc=f"{sampler} x{len(prompts)}", unit="step", leave=False) as bar:
         latents = SAMPLERS[sampler](model_fn, x, pipe.schedule, steps, callback=lambda *_: bar.update(1), **kw)
-    images = (pipe.vae.decode(latents) / 2 + 0.5).clamp(0, 1)
-    return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return pipe.vae.decode_images(latents)
 
 
 def make_grid(images, cols):
@@ -1468,14 +1841,13 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="SD UNet tools: parameter layout and checkpoint conversion.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser("SD UNet tools: parameter layout and checkpoint conversion.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="print parameter count and per-stage layout of a named config",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--config", default="sd1", choices=sorted(UNET_CONFIGS), help="named UNet config")
     p = sub.add_parser("convert", help="convert UNet weights between formats (lossless)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("src", help="our checkpoint (.pt/.safetensors), a diffusers folder, or an original single file")
     p.add_argument("dst", help="output file (ours, original) or folder (diffusers)")
     p.add_argument("--format", required=True, choices=["ours", "diffusers", "original"], help="output format")

@@ -2,12 +2,14 @@
 under torchrun, checkpoints that resume the same run bit for bit.
 
     python SD_Train.py --phase tiny --synthetic 64                 # one process, no data needed
+    python SD_Train.py --phase phase1 --dry_run                    # the plan: steps, hours, memory, disk; no run
     torchrun --nproc_per_node=2 SD_Train.py --phase phase1 --resume auto
     torchrun --nnodes=4 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         SD_Train.py --phase sd15 --init runs/sd12/ema_final.safetensors
 
 Reads top to bottom: config (phases + flags) -> loss, EMA, LR schedule -> checkpoints -> validation -> logging
--> train(): setup, data, model + EMA, optimizer, the loop -> argparse. The latent data format, its mixing and
+(train.log, TensorBoard / wandb, the loss curve) -> train(): setup, data, model + EMA, optimizer, the loop -> the
+dry run -> argparse. The latent data format, its mixing and
 every sample's noise live in sd_latents.py; the model, schedule and samplers in SD_Model.py.
 """
 import os
@@ -20,6 +22,7 @@ import argparse
 import difflib
 import hashlib
 import faulthandler
+import json
 import math
 import random
 import re
@@ -43,9 +46,11 @@ from tqdm import tqdm
 
 from SD_Model import (DEFAULT_TEXT_ENCODER, DEFAULT_VAE, LOSS_WEIGHTINGS, FrozenTextEncoder, FrozenVAE,
                       NoiseSchedule, Pipeline, build_unet, checkpoint_meta, configure_cuda_backends, generate,
-                      make_grid, peak_tflops, read_training_checkpoint, read_unet_state, save_unet, unet_config)
-from sd_common import UserError, atomic_path, check_writable, pick_device, pick_dtype, run_main, write_atomic
-from sd_data import BUCKET_LATENT_MULTIPLE, aspect_buckets
+                      make_grid, peak_tflops, read_training_checkpoint, read_unet_state, resolution_shift, save_unet,
+                      unet_config)
+from sd_common import (UserError, arg_parser, atomic_path, check_writable, pick_device, pick_dtype, run_main,
+                       write_atomic)
+from sd_data import BUCKET_LATENT_MULTIPLE, aspect_buckets, print_summary
 from sd_latents import LatentMix, open_source, prefetch, step_batches, synthetic_source
 
 REPO = Path(__file__).resolve().parent
@@ -84,6 +89,11 @@ def _float(v):
         raise ValueError("expected a number") from None
 
 
+def _shift(v):
+    """A flow model's timestep shift: a number, or 'auto' for SD3's resolution-dependent one (resolved later)."""
+    return "auto" if str(v).lower() == "auto" else _float(v)
+
+
 def _str_list(v):
     """A YAML list, or 'a|b|c' on the command line (prompts contain commas)."""
     return [str(x) for x in v] if isinstance(v, list) else [s for s in str(v).split("|") if s]
@@ -107,6 +117,8 @@ def _datasets(v):
         out.append({"latents": str(d["latents"]), "captions": str(d["captions"]), "ratio": ratio})
     return out
 
+
+LOGGERS = ("auto", "wandb", "tensorboard", "both", "none")
 
 VAL_PROMPTS = ["a misty forest at sunrise", "a mountain landscape with a lake", "a cyberpunk city at night",
                "a red sports car on a coastal road", "portrait photo of a woman, studio lighting",
@@ -136,8 +148,14 @@ OPTIONS = {
     "beta_start": (_float, None, "first beta"),
     "beta_end": (_float, None, "last beta"),
     "beta_schedule": (str, None, "beta schedule"),
-    "prediction_type": (str, None, "UNet target"),
+    "prediction_type": (str, None, "UNet target: epsilon, v_prediction, or flow (rectified flow as SD3: x = (1 - s) "
+                                   "x0 + s noise, target noise - x0; SD3's loss is loss_weighting none)"),
     "zero_terminal_snr": (_bool, None, "rescale betas to zero terminal SNR (Lin et al. 2023; needs v_prediction)"),
+    "flow_shift": (_shift, None, "flow: timestep shift s -> shift s / (1 + (shift - 1) s) of training and sampling "
+                                 "(SD3 eq. 23; 1 = none); 'auto' = SD3's resolution-dependent resolution / 256"),
+    "flow_t_density": (str, None, "flow: density of the training sigmas, SD3's logit_normal or uniform"),
+    "flow_logit_mean": (_float, None, "flow: mean m of logit_normal (SD3: 0)"),
+    "flow_logit_std": (_float, None, "flow: std s of logit_normal (SD3: 1)"),
     # data
     "datasets": (_datasets, [], "latent folders (encode_latents.py) with their caption datasets (05) and mix "
                                 "ratios: LATENTS:CAPTIONS[:RATIO],..."),
@@ -173,6 +191,8 @@ OPTIONS = {
                                   "the noise, so an epsilon model learns to move an image's mean (very dark / light "
                                   "images); 0 = off, as SD"),
     "ema_decay": (_float, 0.9999, "EMA decay, warmed up as min(decay, (1 + step) / (10 + step))"),
+    "ema_every": (_int, 1, "update the EMA every N optimizer steps, with decay ** N: the same horizon in steps for "
+                           "1/N of the update's time"),
     "max_bad_steps": (_int, 20, "stop after this many non-finite losses in a row"),
     "seed": (_int, 0, "seed of the init, the data order and every sample's timestep, noise and CFG coin"),
     # speed and memory
@@ -183,6 +203,10 @@ OPTIONS = {
     "grad_checkpointing": (_bool, True, "recompute activations in backward (~40%% less memory)"),
     "compile": (_bool, False, "torch.compile the UNet"),
     "fsdp": (_bool, False, "shard UNet, gradients and optimizer with FSDP2 (fully_shard) instead of DDP"),
+    "ema_device": (str, "model", "where the fp32 EMA lives: beside the UNet (model), or in host memory (cpu: 4 bytes "
+                                 "a parameter off the GPU, 3.4 GB for SD1; a pinned copy of the parameters goes over "
+                                 "after each update, folded in while the next step runs; host RAM: twice that per "
+                                 "rank)", ("model", "cpu")),
     # checkpoints
     "save_steps": (_int, 0, "also checkpoint every N steps (0 -> at epoch ends only)"),
     "keep_last": (_int, 3, "keep the newest K step checkpoints (0 -> keep all); an 860M checkpoint is ~13 GB"),
@@ -192,9 +216,14 @@ OPTIONS = {
     "val_prompts": (_str_list, VAL_PROMPTS, "validation prompt grid ('a|b|c'; empty -> no images)"),
     "negative_prompt": (str, "", "negative prompt of the validation grid (the unconditional branch of CFG)"),
     "val_cfg_scale": (_float, 7.5, "CFG scale of the validation grid"),
-    "val_ddim_steps": (_int, 50, "DDIM steps of the validation grid"),
-    "val_timesteps": (_int_list, [100, 300, 500, 700, 900], "fixed timesteps of the validation loss"),
-    "wandb": (str, "disabled", "wandb mode", ("online", "offline", "disabled")),
+    "val_ddim_steps": (_int, 50, "sampling steps of the validation grid (DDIM, or flow Euler for a flow model)"),
+    "val_timesteps": (_int_list, [100, 300, 500, 700, 900], "fixed timesteps of the validation loss (flow: sigma = "
+                                                            "t / num_train_timesteps)"),
+    "logger": (str, "auto", "dashboards beside train.log and loss_curve.png: TensorBoard event files in out_dir "
+                            "(`tensorboard --logdir runs`) and/or wandb; auto = TensorBoard when installed, plus "
+                            "wandb when --wandb is online or offline", LOGGERS),
+    "wandb": (str, "disabled", "wandb mode; online or offline alone turns wandb on (with --logger auto); with "
+                               "--logger wandb|both, disabled means online", ("online", "offline", "disabled")),
     "wandb_project": (str, "stable-diffusion", "wandb project"),
     "peak_tflops": (_float, 0.0, "GPU peak dense bf16 TFLOP/s for MFU (0 -> look the GPU up)"),
 }
@@ -258,7 +287,7 @@ def resolve_config(args):
     if cfg["fsdp"] and cfg["precision"] == "fp16":
         raise UserError("--fsdp trains in bf16 or fp32; fp16's GradScaler would see only this rank's shard")
     for key in ("batch_size", "grad_accum", "epochs", "log_every", "loader_threads", "max_bad_steps",
-                "num_train_timesteps"):
+                "num_train_timesteps", "ema_every"):
         if cfg[key] < 1:
             raise UserError(f"{key} must be at least 1 (got {cfg[key]})")
     for key in ("max_steps", "save_steps", "keep_last", "val_steps", "val_samples", "epoch_samples", "synthetic",
@@ -272,6 +301,12 @@ def resolve_config(args):
         raise UserError("latent_fraction must be in [0, 1] and cfg_dropout in [0, 1)")
     if cfg["resolution"] < 1:
         raise UserError(f"resolution must be positive, got {cfg['resolution']}")
+    pick_loggers(cfg)                                # a contradiction or a missing package, before any work
+    if cfg["flow_shift"] == "auto":
+        cfg["flow_shift"] = resolution_shift(cfg["resolution"])
+    NoiseSchedule.from_dict(cfg)                     # its own checks (flow settings), before any work
+    if cfg["ema_device"] == "cpu" and cfg["fsdp"]:
+        raise UserError("--fsdp already shards the EMA across the GPUs; --ema_device cpu is for DDP and one GPU")
     return cfg
 
 
@@ -300,9 +335,78 @@ def ema_decay_at(step, max_decay):
 
 @torch.no_grad()
 def ema_update_(ema, params, decay):
-    """ema <- decay * ema + (1 - decay) * param, as two foreach ops over all tensors (on the params' device)."""
-    torch._foreach_mul_(ema, decay)
-    torch._foreach_add_(ema, params, alpha=1 - decay)
+    """ema <- decay * ema + (1 - decay) * param = ema + (1 - decay) (param - ema): one foreach lerp over all tensors
+    (on the params' device), which reads each tensor once where a mul then an add read the EMA twice."""
+    torch._foreach_lerp_(ema, params, 1 - decay)
+
+
+class EMA:
+    """The fp32 EMA of the UNet's parameters, updated after every `every`-th optimizer step with decay
+    ema_decay_at(step) ** every: a step's parameters then weigh in k steps later by decay ** k either way, so the
+    horizon in steps is a per-step EMA's, for 1 / every of the updates.
+      device 'model'  beside the parameters (on the GPU: 4 bytes a parameter, 3.4 GB for SD1), updated in place.
+      device 'cpu'    in host memory. An update copies the parameters into a staging buffer (pinned, on a side CUDA
+                      stream, so the copy overlaps the next step's forward) and a worker thread folds them in while
+                      the next step runs. The next optimizer step waits, on the GPU, for the copy to have read the
+                      parameters; the next update waits for the fold (it refills the buffer); so does every read of
+                      `tensors`. A CPU-only machine runs the same path with a plain copy, bit for bit the 'model'
+                      path's arithmetic."""
+
+    def __init__(self, params, device, every, max_decay):
+        self.params, self.every, self.max_decay = params, every, max_decay
+        self.offload = device == "cpu"
+        self.shadow = [p.to("cpu", copy=True) for p in params] if self.offload else [p.clone() for p in params]
+        self.pending = self.copied = self.stream = None
+        if self.offload:
+            cuda = params[0].device.type == "cuda"
+            self.staging = [torch.empty_like(e, pin_memory=cuda) for e in self.shadow]   # pinned: async D2H
+            if cuda:
+                self.stream, self.copied = torch.cuda.Stream(params[0].device), torch.cuda.Event()
+            self.worker = ThreadPoolExecutor(1)
+
+    @property
+    def tensors(self):
+        """The EMA tensors (in the order of the params), once any fold in flight has landed."""
+        self.wait()
+        return self.shadow
+
+    def wait(self):
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()                         # re-raises a failed fold here
+
+    def before_params_change(self):
+        """Called before the optimizer step overwrites the parameters: the staging copy must have read them."""
+        if self.copied is not None:
+            torch.cuda.current_stream(self.stream.device).wait_event(self.copied)   # a GPU-side wait, no host sync
+
+    def update(self, step):
+        """Fold in the parameters as they are after optimizer step `step` (from 0), when that step is due."""
+        if (step + 1) % self.every:
+            return
+        decay = ema_decay_at(step, self.max_decay) ** self.every
+        if not self.offload:
+            ema_update_(self.shadow, self.params, decay)
+            return
+        self.wait()
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            if self.stream is not None:
+                self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))  # after the optimizer step
+            for buf, p in zip(self.staging, self.params):   # device -> pinned host: asynchronous on CUDA
+                buf.copy_(p, non_blocking=True)
+            if self.copied is not None:
+                self.copied.record(self.stream)
+        self.pending = self.worker.submit(self._fold, decay)
+
+    def _fold(self, decay):
+        if self.copied is not None:
+            self.copied.synchronize()
+        ema_update_(self.shadow, self.staging, decay)
+
+    def close(self):
+        self.wait()
+        if self.offload:
+            self.worker.shutdown()
 
 
 def build_lr_scheduler(optimizer, lr, warmup_steps, total_steps):
@@ -451,9 +555,9 @@ def find_resume(cfg, say):
 # resume that changes one is another run, unless named in --resume_override.
 RUN_IDENTITY = ("seed", "datasets", "synthetic", "epoch_samples", "resolution", "cfg_dropout", "num_train_timesteps",
                 "noise_offset", "beta_start", "beta_end", "beta_schedule", "prediction_type", "zero_terminal_snr",
-                "loss_weighting", "min_snr_gamma", "ema_decay", "grad_clip", "lr", "warmup_steps", "weight_decay",
-                "epochs", "batch_size", "grad_accum", "model", "text_encoder", "text_layer", "precision", "world_size",
-                "buckets")
+                "flow_shift", "flow_t_density", "flow_logit_mean", "flow_logit_std", "loss_weighting", "min_snr_gamma",
+                "ema_decay", "ema_every", "grad_clip", "lr", "warmup_steps", "weight_decay", "epochs", "batch_size",
+                "grad_accum", "model", "text_encoder", "text_layer", "precision", "world_size", "buckets")
 
 
 def check_same_run(path, meta, cfg, world, data_fingerprint=None):
@@ -495,7 +599,7 @@ def validate(ema_unet, schedule, text, vae, val_mix, cfg, device, amp, step, out
         for t in cfg["val_timesteps"]:
             per_sample = []
             for x0, context, noise in batches:
-                tt = torch.full((len(x0),), t, device=device, dtype=torch.long)
+                tt = torch.full((len(x0),), t, device=device, dtype=schedule.t_dtype)   # flow: sigma = t / T
                 with amp():
                     per_sample.append(diffusion_loss(ema_unet, schedule, x0, context, tt, noise)[0])
             metrics[f"val/loss_t{t}"] = torch.cat(per_sample).mean().item()
@@ -559,12 +663,11 @@ class LossWindow:
         self.grad_norm, self.lr = state["grad_norm"], state["lr"]
 
     def add(self, stats, grad_norm, lr):
-        """One step's stats from train_step (the .item() here is the loop's one host sync per step)."""
-        stats = stats.cpu()
-        self.weighted += stats[0].item()
-        self.mse += stats[1].item()
-        self.q_sum += stats[2:6]
-        self.q_n += stats[6:10]
+        """One step's stats from train_step, as the floats apply_step read them."""
+        self.weighted += stats[0]
+        self.mse += stats[1]
+        self.q_sum += torch.tensor(stats[2:6])
+        self.q_n += torch.tensor(stats[6:10])
         self.n += 1
         self.grad_norm, self.lr = grad_norm, lr
 
@@ -584,30 +687,108 @@ class LossWindow:
                 line += f" | MFU {100 * values['train/mfu']:.1f}%"
             line += f" | mem {values['train/peak_mem_gb']:.1f} GB"
         else:
-            line += f" | rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB"
+            values["train/rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+            line += f" | rss {values['train/rss_gb']:.2f} GB"
         log.print(line)
         log.metrics(values, step)
         self.reset()
 
 
-class RunLog:
-    """Rank 0's voice: stdout (through tqdm), train.log, and wandb when enabled (imported only then)."""
+def pick_loggers(cfg):
+    """(TensorBoard on, wandb mode or None) from --logger and the older --wandb MODE (whose online / offline alone
+    still turns wandb on). A dashboard asked for whose package is missing is one line; `auto` only notes it."""
+    import importlib.util
+    logger, mode = cfg["logger"], cfg["wandb"]
+    if logger in ("tensorboard", "none") and mode != "disabled":
+        raise UserError(f"--wandb {mode} asks for wandb but --logger {logger} leaves it out; use --logger both or "
+                        "wandb")
+    tensorboard = logger in ("tensorboard", "both") or (logger == "auto" and importlib.util.find_spec("tensorboard"))
+    wandb = logger in ("wandb", "both") or (logger == "auto" and mode != "disabled")
+    for name, wanted in (("tensorboard", tensorboard), ("wandb", wandb)):
+        if wanted and importlib.util.find_spec(name) is None:
+            raise UserError(f"logging to {name} (--logger {logger}, --wandb {mode}) needs the {name} package: pip "
+                            f"install {name}, or pick another --logger")
+    return bool(tensorboard), (mode if mode != "disabled" else "online") if wandb else None
 
-    def __init__(self, cfg, rank):
-        self.rank, self.wandb = rank, None
+
+def draw_loss_curve(series, size=(900, 520)):
+    """{name: [(step, value)]} as lines on a log-scale loss axis against the step: an RGB image drawn with PIL (no
+    plotting package needed), for users with neither dashboard."""
+    from PIL import ImageDraw, ImageFont
+    w, h, left, right, top, bottom = *size, 72, 24, 40, 44
+    img = Image.new("RGB", size, "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=13)
+    series = {k: [(s, v) for s, v in xs if math.isfinite(v) and v > 0] for k, xs in series.items()}
+    points = [p for xs in series.values() for p in xs]
+    draw.text((left, 12), "loss vs step (log scale)", fill="black", font=font)
+    if not points:
+        return img
+    s0, s1 = min(p[0] for p in points), max(p[0] for p in points)
+    lo, hi = (math.log10(f(p[1] for p in points)) for f in (min, max))
+    lo, hi = lo - 0.05 * (hi - lo + 0.1), hi + 0.05 * (hi - lo + 0.1)
+    x = lambda step: left + (step - s0) / max(s1 - s0, 1) * (w - left - right)     # noqa: E731
+    y = lambda v: top + (hi - math.log10(v)) / (hi - lo) * (h - top - bottom)      # noqa: E731
+    # y ticks: the decades inside the range, or 1, 2, 5 x 10^k, or every m x 10^k: the first with 3 or more
+    for mantissas in ((1,), (1, 2, 5), range(1, 10)):
+        ticks = [m * 10.0 ** k for k in range(math.floor(lo), math.ceil(hi) + 1) for m in mantissas
+                 if lo <= math.log10(m * 10.0 ** k) <= hi]
+        if len(ticks) >= 3:
+            break
+    for t in ticks:
+        draw.line([(left, y(t)), (w - right, y(t))], fill=(225, 225, 225))
+        draw.text((left - 6, y(t)), f"{t:g}", fill="black", font=font, anchor="rm")
+    # x ticks: a 1, 2 or 5 x 10^k spacing giving at most ~8 labels
+    span = max(s1 - s0, 1)
+    step = next(m * 10 ** k for k in range(0, 12) for m in (1, 2, 5) if span / (m * 10 ** k) <= 8)
+    for t in range(math.ceil(s0 / step) * step, s1 + 1, step):
+        draw.line([(x(t), top), (x(t), h - bottom)], fill=(235, 235, 235))
+        draw.text((x(t), h - bottom + 6), f"{t:,}", fill="black", font=font, anchor="mt")
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    draw.text(((left + w - right) / 2, h - 16), "step", fill="black", font=font, anchor="mm")
+    colors = [(31, 119, 180), (255, 127, 14), (214, 39, 40), (44, 160, 44)]
+    for i, (name, xs) in enumerate(series.items()):
+        color, xy = colors[i % len(colors)], [(x(s), y(v)) for s, v in xs]
+        if len(xy) > 1:
+            draw.line(xy, fill=color, width=2)
+        for px, py in xy if len(xy) <= 60 else []:                             # few points (validations): dots
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+        draw.line([(w - right - 170, top + 14 + 18 * i), (w - right - 146, top + 14 + 18 * i)], fill=color, width=3)
+        draw.text((w - right - 140, top + 14 + 18 * i), name, fill="black", font=font, anchor="lm")
+    return img
+
+
+class RunLog:
+    """Rank 0's voice, in one place: stdout (through tqdm), train.log, metrics.jsonl (every logged value by step),
+    loss_curve.png (redrawn at every validation), and the dashboards pick_loggers chose: TensorBoard event files in
+    the run folder and/or wandb, each imported only when used. Every rank picks the dashboards first, so a missing
+    package stops all of them with the same line. A resumed run (from `start_step`) drops from metrics.jsonl and
+    hides in TensorBoard what the stopped run logged after its checkpoint: those steps are logged again."""
+    METRICS, CURVE = "metrics.jsonl", "loss_curve.png"
+
+    def __init__(self, cfg, rank, start_step=0):
+        self.rank, self.wandb, self.tb = rank, None, None
+        tensorboard, wandb_mode = pick_loggers(cfg)
         if rank != 0:
             return
-        self.file = open(Path(cfg["out_dir"]) / "train.log", "a", buffering=1)
-        if cfg["wandb"] != "disabled":
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--wandb online|offline needs `pip install wandb`") from None
-            id_file = Path(cfg["out_dir"]) / "wandb_id.txt"   # one wandb run across resumes of this run
+        self.out = Path(cfg["out_dir"])
+        self.file = open(self.out / "train.log", "a", buffering=1)
+        self.history = [h for h in _read_jsonl(self.out / self.METRICS) if h["step"] <= start_step]
+        write_atomic(self.out / self.METRICS, "".join(json.dumps(h) + "\n" for h in self.history))
+        self.history_file = open(self.out / self.METRICS, "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.out), purge_step=start_step + 1)    # hides steps > start_step
+            self.tb.add_text("config", "    " + yaml.safe_dump(cfg, sort_keys=False).replace("\n", "\n    "),
+                             start_step)
+        elif cfg["logger"] == "auto":
+            self.print("note: tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
+        if wandb_mode:
+            import wandb
+            id_file = self.out / "wandb_id.txt"      # one wandb run across resumes of this run
             if not id_file.exists():
                 id_file.write_text(secrets.token_hex(4))
             self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["phase"], id=id_file.read_text(),
-                                    resume="allow", mode=cfg["wandb"], dir=cfg["out_dir"], config=cfg)
+                                    resume="allow", mode=wandb_mode, dir=cfg["out_dir"], config=cfg)
 
     def print(self, msg):
         if self.rank == 0:
@@ -615,17 +796,49 @@ class RunLog:
             self.file.write(msg + "\n")
 
     def metrics(self, values, step, image=None):
+        """Scalars by step (and the validation grid): to metrics.jsonl and the dashboards; a validation's also
+        redraws the loss curve."""
+        if self.rank != 0:
+            return
+        self.history.append({"step": step, **values})
+        self.history_file.write(json.dumps(self.history[-1]) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+            if image is not None:
+                self.tb.add_image("val/images", np.asarray(Image.open(image).convert("RGB")), step, dataformats="HWC")
+            self.tb.flush()
         if self.wandb is not None:
             import wandb
             if image is not None:
                 values = dict(values, **{"val/images": wandb.Image(str(image))})
             self.wandb.log(values, step=step)
+        if image is not None or any(k.startswith("val/") for k in values):
+            curve = draw_loss_curve({name: [(h["step"], h[key]) for h in self.history if key in h] for name, key in
+                                     (("train loss", "train/loss"), ("train mse", "train/mse"),
+                                      ("val loss (mse)", "val/loss"))})
+            with atomic_path(self.out / self.CURVE) as tmp:
+                curve.save(tmp, format="PNG")
 
     def close(self):
         if self.rank == 0:
             self.file.close()
+            self.history_file.close()
+            if self.tb is not None:
+                self.tb.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def _read_jsonl(path):
+    """The records of a JSON-lines file (none when it is missing; a line cut by a kill is skipped)."""
+    out = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
 
 
 #################################################################################
@@ -673,10 +886,18 @@ def setup_distributed(cfg):
 
 def main(args):
     cfg = resolve_config(args)
+    dry_steps = None
+    if args.dry_run is not None:
+        dry_steps = int(args.dry_run) if args.dry_run.isdigit() else 0
+        if dry_steps < 1:
+            raise UserError(f"--dry_run STEPS: how many steps to time, at least 1 (got {args.dry_run!r})")
     rank, world, device = setup_distributed(cfg)
     try:
         with StopSignals() as stop:
-            train(cfg, rank, world, device, stop)
+            if dry_steps:
+                dry_run(cfg, rank, world, device, stop, dry_steps)
+            else:
+                train(cfg, rank, world, device, stop)
     finally:
         dist.destroy_process_group()
 
@@ -684,6 +905,8 @@ def main(args):
 def plan_run(cfg, world, device, say):
     """Batch arithmetic, precision, where the run starts (resume / init / scratch) and the UNet config: a
     checkpoint's own config wins over the phase's named one."""
+    if not cfg["datasets"] and not cfg["synthetic"]:
+        raise UserError(f"phase '{cfg['phase']}' names no datasets; pass --datasets LATENTS:CAPTIONS or --synthetic N")
     if cfg["global_batch"]:
         if cfg["global_batch"] % (cfg["batch_size"] * world):
             raise UserError(f"global_batch {cfg['global_batch']} is not a multiple of batch_size x GPUs = "
@@ -706,6 +929,17 @@ def plan_run(cfg, world, device, say):
     return run
 
 
+def open_text_encoder(cfg, run, device):
+    """The frozen text encoder, checked against the UNet's cross-attention width."""
+    text = FrozenTextEncoder(cfg["text_encoder"], device=device, dtype=run.amp_dtype if device.type == "cuda"
+                             else torch.float32, layer=cfg["text_layer"])
+    run.tokens = text.max_length
+    if text.context_dim != run.model_cfg.context_dim:
+        raise UserError(f"text encoder '{cfg['text_encoder']}' gives {text.context_dim}-d context but the UNet "
+                        f"cross-attends to {run.model_cfg.context_dim}-d; pick the matching --text_encoder or --model")
+    return text
+
+
 def open_data(cfg, run, text, show):
     """The phase's training and validation latents (or synthetic ones), checked against each other, the text
     encoder and the start weights: every check that can fail runs here, before any GPU work."""
@@ -721,10 +955,13 @@ def open_data(cfg, run, text, show):
     else:
         sources, val_sources = [], []
         for spec in cfg["datasets"]:
-            source, dropped = open_source(spec, "train", res, channels, text, cfg["buckets"])
+            source, dropped, orphans = open_source(spec, "train", res, channels, text, cfg["buckets"])
             sources.append(source)
             if show and dropped:
                 print(f"note: {dropped} captions in '{spec['captions']}' have no latent in '{spec['latents']}'; skipped")
+            if show and orphans:
+                print(f"note: {orphans} latents in '{spec['latents']}' have no caption in '{spec['captions']}'; not "
+                      "trained on (rerun 04 and 05 on the same tars as encode_latents)")
             if show and cfg["buckets"] and "buckets" not in source.info:
                 print(f"note: '{spec['latents']}' holds square latents (encoded without --buckets): its "
                       f"{len(source):,} samples train as the {res}x{res} bucket")
@@ -786,7 +1023,7 @@ def grid_sizes(mix):
 
 def build_model(cfg, run, data, device, world):
     """The UNet (same seed on every rank -> same init; DDP also broadcasts it), wrapped for DDP or FSDP2, and its
-    fp32 EMA shadow on the same device (sharded like the params under FSDP)."""
+    fp32 EMA (beside it, sharded like the params under FSDP, or in host memory: EMA)."""
     torch.manual_seed(cfg["seed"])
     unet = build_unet(run.model_cfg, run.init_sd, source=f"--init '{cfg['init']}'").to(device)
     unet.set_grad_checkpointing(cfg["grad_checkpointing"])
@@ -815,8 +1052,8 @@ def build_model(cfg, run, data, device, world):
     else:
         model = unet
     names, params = zip(*[(n, p.detach()) for n, p in unet.named_parameters()])
-    return SimpleNamespace(unet=unet, model=model, names=names, params=params, ema=[p.clone() for p in params],
-                           flops=flops)
+    ema = EMA(params, cfg["ema_device"], cfg["ema_every"], cfg["ema_decay"])
+    return SimpleNamespace(unet=unet, model=model, names=names, params=params, ema=ema, flops=flops)
 
 
 def train_step(net, micro, text, uncond, schedule, scaler, cfg, run, stop):
@@ -833,12 +1070,12 @@ def train_step(net, micro, text, uncond, schedule, scaler, cfg, run, stop):
         with grad_sync(net.model, cfg["fsdp"], sync=a == run.A - 1):
             with run.amp():
                 context = apply_cfg_dropout(text.encode_ids(mb["ids"].to(run.device, non_blocking=True)), uncond,
-                                            mb["drop"])
+                                            mb["drop"].to(run.device, non_blocking=True))
                 per_sample, weight = diffusion_loss(net.model, schedule, x0, context, t, noise,
                                                     cfg["loss_weighting"], cfg["min_snr_gamma"])
                 loss = (per_sample * weight).mean() / run.A
             scaler.scale(loss).backward()
-        quartile = (t * 4 // cfg["num_train_timesteps"]).clamp(max=3)
+        quartile = (t * 4 // cfg["num_train_timesteps"]).long().clamp(max=3)   # flow's t is a float
         stats[0] += loss.detach()
         stats[1] += per_sample.detach().mean() / run.A
         stats[2:6].index_add_(0, quartile, per_sample.detach().float())
@@ -851,23 +1088,35 @@ def train_step(net, micro, text, uncond, schedule, scaler, cfg, run, stop):
 
 def apply_step(net, optimizer, scaler, stats, step, cfg):
     """Clip, then step the optimizer and the EMA unless the loss or gradients are non-finite. fp16: the scaler
-    skips inf/nan gradients itself (and lowers its scale). Returns (grad norm, whether the step was taken)."""
+    skips inf/nan gradients itself (and lowers its scale), and the EMA skips with it. Returns (train_step's stats
+    as floats, grad norm, whether the step was taken): their one copy to the host is the loop's one host sync per
+    step (bf16, fp32; fp16's scaler adds its own), made before the optimizer and EMA kernels are queued."""
     scaler.unscale_(optimizer)
-    grad_norm = _full(torch.nn.utils.clip_grad_norm_(net.unet.parameters(), cfg["grad_clip"])).item()
-    ok = math.isfinite(stats[0].item()) and (math.isfinite(grad_norm) or scaler.is_enabled())
+    grad_norm = _full(torch.nn.utils.clip_grad_norm_(net.unet.parameters(), cfg["grad_clip"]))
+    *stats, grad_norm = torch.cat([stats, grad_norm.reshape(1).to(stats)]).tolist()
+    ok = math.isfinite(stats[0]) and (math.isfinite(grad_norm) or scaler.is_enabled())
+    scale = scaler.get_scale()                       # 1.0 without fp16's scaler
     if ok:
+        net.ema.before_params_change()
         scaler.step(optimizer)
-        ema_update_(net.ema, net.params, ema_decay_at(step, cfg["ema_decay"]))
     scaler.update()                                  # also after a skipped step: unscale_ needs a fresh update
+    if ok and scaler.get_scale() >= scale:           # a lowered scale: the scaler skipped the step (inf/nan grads)
+        net.ema.update(step)
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, ok
+    return stats, grad_norm, ok
+
+
+def checkpoint_bytes(n_params):
+    """The size of one training checkpoint: UNet + EMA + AdamW's two moments, fp32 (16 bytes a parameter), plus
+    ~2% for the rest (progress, RNG states, meta)."""
+    return 16 * n_params * 1.02
 
 
 def check_disk(out_dir, n_params):
-    """One line before training when out_dir's disk cannot hold the next checkpoint (UNet + EMA + AdamW's two
-    moments, fp32: 16 bytes a parameter), rather than a failed save hours later."""
+    """One line before training when out_dir's disk cannot hold the next checkpoint, rather than a failed save
+    hours later."""
     import shutil
-    need, free = 16 * n_params * 1.02, shutil.disk_usage(out_dir).free
+    need, free = checkpoint_bytes(n_params), shutil.disk_usage(out_dir).free
     if free < need:
         raise UserError(f"'{out_dir}' has {free / 1e9:.2f} GB free but one checkpoint of this UNet takes "
                         f"{need / 1e9:.2f} GB; free space or pick another --out_dir")
@@ -875,7 +1124,7 @@ def check_disk(out_dir, n_params):
 
 def ema_state(net):
     """The EMA weights as full CPU tensors (every rank joins the FSDP gathers)."""
-    return {n: _full(e).detach().cpu() for n, e in zip(net.names, net.ema)}
+    return {n: _full(e).detach().cpu() for n, e in zip(net.names, net.ema.tensors)}
 
 
 def validate_ema(net, run, data, text, vae, schedule, cfg, step, out_dir, log, rank):
@@ -896,20 +1145,13 @@ def validate_ema(net, run, data, text, vae, schedule, cfg, step, out_dir, log, r
 
 def train(cfg, rank, world, device, stop):
     configure_cuda_backends()
-    if not cfg["datasets"] and not cfg["synthetic"]:
-        raise UserError(f"phase '{cfg['phase']}' names no datasets; pass --datasets LATENTS:CAPTIONS or --synthetic N")
     show = rank == 0
     say = (lambda msg: print(msg, flush=True)) if show else (lambda msg: None)
     out_dir = check_writable(cfg["out_dir"], "--out_dir")   # every rank checks, so all stop with the same line
 
     # Setup: where the run starts, the frozen text encoder and the data (every check before any GPU work).
     run = plan_run(cfg, world, device, say)
-    text = FrozenTextEncoder(cfg["text_encoder"], device=device, dtype=run.amp_dtype if device.type == "cuda"
-                             else torch.float32, layer=cfg["text_layer"])
-    run.tokens = text.max_length
-    if text.context_dim != run.model_cfg.context_dim:
-        raise UserError(f"text encoder '{cfg['text_encoder']}' gives {text.context_dim}-d context but the UNet "
-                        f"cross-attends to {run.model_cfg.context_dim}-d; pick the matching --text_encoder or --model")
+    text = open_text_encoder(cfg, run, device)
     data = open_data(cfg, run, text, show)
     if run.resume is not None:
         check_same_run(run.resume_path, run.resume["meta"], cfg, world, data.fingerprint)
@@ -931,7 +1173,7 @@ def train(cfg, rank, world, device, stop):
         write_atomic(out_dir / "config.yaml", yaml.safe_dump(meta["run_config"], sort_keys=False))
         print(f"resolved config of phase '{cfg['phase']}':\n" + yaml.safe_dump(meta["run_config"], sort_keys=False))
     dist.barrier()
-    log = RunLog(cfg, rank)
+    log = RunLog(cfg, rank, run.resume["progress"]["step"] if run.resume is not None else 0)
     for s in data.sources:
         if s.root is not None:                       # synthetic sources are born in RAM
             s.load_into_ram(cfg["latent_fraction"], data.pool, show)
@@ -945,8 +1187,8 @@ def train(cfg, rank, world, device, stop):
     uncond = text.encode([""])                                                  # (1, 77, D)
     progress = {"epoch": 0, "batch": 0, "step": 0, "bad_steps": 0, "window": None}
     if run.resume is not None:
-        progress = load_checkpoint(run.resume, net.unet, optimizer, net.ema, net.names, scheduler, scaler, rank,
-                                   world)
+        progress = load_checkpoint(run.resume, net.unet, optimizer, net.ema.tensors, net.names, scheduler, scaler,
+                                   rank, world)
         log.print(f"resumed from {run.resume_path} at step {progress['step']} (epoch {progress['epoch']}, "
                   f"batch {progress['batch']})")
         run.resume = None                            # the memory-mapped file is not needed any more
@@ -957,8 +1199,8 @@ def train(cfg, rank, world, device, stop):
 
     def save(progress):
         path = checkpoint_path(out_dir, step)
-        save_checkpoint(path, net.unet, optimizer, net.ema, net.names, scheduler, scaler, progress, meta, rank,
-                        cfg["keep_last"])
+        save_checkpoint(path, net.unet, optimizer, net.ema.tensors, net.names, scheduler, scaler, progress, meta,
+                        rank, cfg["keep_last"])
         log.print(f"saved {path}")
 
     # The loop: one optimizer step per iteration; per-sample randomness comes with the batch.
@@ -970,16 +1212,16 @@ def train(cfg, rank, world, device, stop):
     bad_in_row = 0
     while epoch < cfg["epochs"] and step < max_steps:
         order = data.mix.epoch_order(cfg["seed"], epoch, run.G)
-        batches = step_batches(data.mix, order, first_step, cfg, world, rank, epoch, cfg["num_train_timesteps"],
+        batches = step_batches(data.mix, order, first_step, cfg, world, rank, epoch, schedule.draw_train_t,
                                pin=device.type == "cuda")
         for p, micro in prefetch(batches):
             net.model.train()
             stats = train_step(net, micro, text, uncond, schedule, scaler, cfg, run, stop)
             lr = optimizer.param_groups[0]["lr"]      # the LR this step uses
-            grad_norm, ok = apply_step(net, optimizer, scaler, stats, step, cfg)
+            stats, grad_norm, ok = apply_step(net, optimizer, scaler, stats, step, cfg)
             bad_in_row, bad_total = (0, bad_total) if ok else (bad_in_row + 1, bad_total + 1)
             if not ok:
-                log.print(f"step {step + 1}: non-finite loss {stats[0].item()} / grad norm {grad_norm}; step skipped "
+                log.print(f"step {step + 1}: non-finite loss {stats[0]} / grad norm {grad_norm}; step skipped "
                           f"({bad_in_row} in a row, {bad_total} in all)")
                 if bad_in_row >= cfg["max_bad_steps"]:
                     # a checkpoint of step k is good when step k + 1's loss, computed from its weights, was finite
@@ -999,7 +1241,7 @@ def train(cfg, rank, world, device, stop):
                 window.flush(log, step, data.total_steps, epoch)
             progress = {"epoch": epoch + 1 if epoch_done else epoch, "batch": 0 if epoch_done else p + 1,
                         "step": step, "bad_steps": bad_total, "window": window.state()}
-            stopping = stats[10].item() > 0
+            stopping = stats[10] > 0
             if epoch_done or (cfg["save_steps"] and step % cfg["save_steps"] == 0) or step >= max_steps or stopping:
                 if bad_in_row == 0:
                     save(progress)
@@ -1025,16 +1267,128 @@ def train(cfg, rank, world, device, stop):
         save_unet({k: v.half() for k, v in full.items()}, run.model_cfg, export, "ours", meta)
         log.print(f"done at step {step}: exported EMA weights to {export}")
     dist.barrier()
+    net.ema.close()
     log.close()
     data.pool.shutdown()
 
 
+#################################################################################
+#                                    Dry Run                                    #
+#################################################################################
+
+def dry_run(cfg, rank, world, device, stop, steps):
+    """--dry_run: what a phase will cost, before it starts. The phase is resolved, its datasets opened and its model
+    built as train() does, `steps` optimizer steps timed on synthetic batches of the phase's shape and batch, and
+    the plan printed: samples, steps, global batch, img/s, hours, memory, disk. Writes nothing (no run folder)."""
+    configure_cuda_backends()
+    show = rank == 0
+    run = plan_run(cfg, world, device, (lambda msg: print(msg, flush=True)) if show else (lambda msg: None))
+    start = run.resume["progress"]["step"] if run.resume is not None else 0
+    run.resume = None                                # only its step is needed
+    text = open_text_encoder(cfg, run, device)
+    data = open_data(cfg, run, text, show)
+    net = build_model(cfg, run, data, device, world)
+    n_params = sum(p.numel() for p in net.params)
+    sec = time_steps(net, run, data, text, cfg, world, rank, device, stop, steps)
+    data.pool.shutdown()
+
+    # The plan. Hours: the steps left at the measured speed (validation and checkpoint writes not counted).
+    per_rank = run.G / sec / world
+    hours = lambda h: f"{h:,.2f} h" + (f" ({60 * h:.1f} min)" if h < 1 else "")      # noqa: E731
+    last = min(cfg["max_steps"] or data.total_steps, data.total_steps)
+    saves = checkpoints_written(cfg, data.steps_per_epoch, start, last)
+    kept = min(saves, cfg["keep_last"] + 1) if cfg["keep_last"] else saves          # + the one being written
+    need = kept * checkpoint_bytes(n_params) + 2 * n_params                         # + the fp16 EMA export
+    where = Path(cfg["out_dir"]).absolute()
+    while not where.exists():                        # the out_dir's disk, without creating out_dir
+        where = where.parent
+    import shutil
+    free = shutil.disk_usage(where).free
+    if device.type == "cuda":
+        memory = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GB peak allocated (" \
+                 f"{torch.cuda.get_device_name(device)})"
+        peak = cfg["peak_tflops"] or peak_tflops(device)
+        mfu = f"{100 * net.flops * per_rank / (peak * 1e12):.1f}%" if peak and run.amp_dtype is not None else "n/a"
+    else:
+        memory, mfu = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB RSS (CPU)", "n/a (CPU)"
+    rows = [("UNet parameters", n_params), *[(f"dataset {s.name}", len(s)) for s in data.mix.sources],
+            ("samples per epoch", len(data.mix)),
+            ("global batch", f"{run.G} ({run.B} x {run.A} accum x {world} ranks)"),
+            ("steps", f"{data.steps_per_epoch:,}/epoch x {cfg['epochs']} epochs = {data.total_steps:,}" +
+             (f", stop at {last:,}" if last < data.total_steps else "") +
+             (f", resuming at {start:,}" if start else "")),
+            ("step time", f"{sec:.3f} s (median of {steps}, {run.precision} on {device.type})"),
+            ("img/s", f"{run.G / sec:,.1f} ({per_rank:,.1f} per rank)"),
+            ("MFU", mfu),
+            ("estimated hours", f"{hours((last - start) * sec / 3600)} for {last - start:,} steps"),
+            ("memory", memory),
+            ("checkpoints", f"{checkpoint_bytes(n_params) / 1e9:.2f} GB each, {saves} written, {kept} on disk at "
+                            f"once (keep_last {cfg['keep_last']})"),
+            ("disk needed", f"{need / 1e9:.2f} GB (checkpoints + {2 * n_params / 1e9:.2f} GB EMA export)"),
+            ("disk free", f"{free / 1e9:.2f} GB at {where}: " + ("room enough" if free >= need else
+                                                                f"NOT ENOUGH, {(need - free) / 1e9:.2f} GB short") +
+             ("" if where.is_dir() and os.access(where, os.W_OK) else " (but not a folder this user can write)"))]
+    # The same phase on other GPU counts of this kind, at this speed per rank (linear scaling assumed); a phase
+    # with a global_batch keeps it (grad_accum follows the count), others keep batch_size x grad_accum per rank.
+    unit, scaled = "GPU" if device.type == "cuda" else "process", []
+    for ranks in sorted({1, 2, 4, 8, world}):
+        accum, rest = divmod(cfg["global_batch"], run.B * ranks) if cfg["global_batch"] else (run.A, 0)
+        if accum < 1 or rest:                        # that count cannot make the phase's global batch
+            continue
+        batch = run.B * accum * ranks
+        total = cfg["epochs"] * data.mix.steps_per_epoch(batch)
+        left = min(cfg["max_steps"] or total, total) - start
+        scaled.append((f"{ranks} {unit}{'es' if unit == 'process' and ranks > 1 else 's' if ranks > 1 else ''}: "
+                       f"global batch {batch}, {left:,} steps", hours(left * batch / (per_rank * ranks) / 3600)))
+    if show:
+        print_summary(f"dry run of phase '{cfg['phase']}' (nothing written)", rows)
+        print_summary(f"estimated hours by {unit} count (this speed per {unit}, linear scaling assumed)", scaled)
+        if device.type == "cpu":
+            print("note: these are CPU figures (timed on this machine's CPU); run --dry_run on the training GPU "
+                  "for its speed and memory", flush=True)
+
+
+def time_steps(net, run, data, text, cfg, world, rank, device, stop, steps):
+    """Median seconds of `steps` optimizer steps after one warm-up step (cuDNN autotune, compile): the real
+    batching, loss, backward, clip, AdamW and EMA update, on one global batch of random latents of the datasets'
+    shape (with buckets: the largest bucket's, so an upper bound) seen steps + 1 times (a step's speed does not
+    depend on the values)."""
+    optimizer = build_optimizer(net.unet.parameters(), cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
+    schedule, uncond = NoiseSchedule.from_dict(cfg), text.encode([""])
+    fake = LatentMix([synthetic_source(run.G, [data.shape], [data.mix.pixels[data.shape]], text, cfg["seed"],
+                                       "dry-run")], [1.0], 0, data.pool)
+    order = np.tile(fake.epoch_order(cfg["seed"], 0, run.G), (steps + 1, 1))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i, (_, micro) in enumerate(step_batches(fake, order, 0, cfg, world, rank, 0, schedule.draw_train_t,
+                                                pin=device.type == "cuda")):
+        t0 = time.perf_counter()
+        net.model.train()
+        stats = train_step(net, micro, text, uncond, schedule, scaler, cfg, run, stop)
+        apply_step(net, optimizer, scaler, stats, i, cfg)                        # its .item() waits for the GPU
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def checkpoints_written(cfg, steps_per_epoch, start, last):
+    """How many checkpoints steps start+1..last write: at epoch ends, every save_steps and at the last step."""
+    if last <= start:
+        return 0
+    ends = {e * steps_per_epoch for e in range(1, cfg["epochs"] + 1) if start < e * steps_per_epoch <= last} | {last}
+    every = cfg["save_steps"]
+    return len(ends) + (last // every - start // every - sum(s % every == 0 for s in ends) if every else 0)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--phase", default="tiny", help="phase in configs/phases.yaml whose values fill the options")
     parser.add_argument("--phases_file", default=str(PHASES_FILE.relative_to(REPO)),
                         help="the phases file (relative paths start at the repo root)")
+    parser.add_argument("--dry_run", nargs="?", const="5", default=None, metavar="STEPS",
+                        help="print the phase's plan (samples, steps, img/s from STEPS timed steps, hours, memory, "
+                             "disk) and exit, writing nothing")
     for name, (_, default, help_text, *choices) in OPTIONS.items():
         shown = "|".join(default) if isinstance(default, list) and default and isinstance(default[0], str) else default
         parser.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar=name.upper(),

@@ -6,11 +6,13 @@ The seed's 4-stage pipeline, each stage overlapping the next through bounded que
   3. decode + resize  (processes)  cv2 decode, shorter side to --resolution, centre crop (sd_data); with
                                    --buckets, resize to cover the nearest aspect bucket and centre crop
      then batching    (thread)     stack into uint8 batches of one size, pinned for an async copy on CUDA
-  4. VAE encode       (main)       posterior mean x scaling factor (bf16 on CUDA), then a writer
-                                   thread saves each latent as fp16 .npy atomically (and, with --buckets,
-                                   records each key's bucket).
+  4. VAE encode       (main)       posterior mean x scaling factor (bf16, channels_last on CUDA), one batch
+                                   in flight while the last one's latents come back through pinned memory;
+                                   a writer thread saves each latent as fp16 .npy atomically (and, with
+                                   --buckets, records each key's bucket).
+Then OUT/preview.png: random samples, each source image beside the VAE's decode of its stored latent, so a wrong
+colour space, a white 16-bit image or a bad scaling factor shows at a glance.
 """
-import argparse
 import multiprocessing as mp
 import os
 import queue
@@ -26,7 +28,7 @@ from tqdm import tqdm
 import SD_Model
 import sd_data
 import sd_latents
-from sd_common import UserError, check_writable, pick_device, pick_dtype, run_main
+from sd_common import UserError, arg_parser, check_writable, pick_device, pick_dtype, run_main
 
 DONE = object()  # end-of-stream marker passed down the queues
 
@@ -191,9 +193,10 @@ def main(args):
     # under `torchrun --nproc_per_node=G` each process takes every G-th shard on its own GPU; they share
     # nothing but the output folder, so no process group is needed
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    sd_data.check_preview(args.preview)
     if args.resolution < 1 or args.batch_size < 1:
         raise UserError(f"--resolution and --batch_size must be positive (got {args.resolution}, {args.batch_size})")
-    tars = sd_data.list_files(args.tars, [".tar"], "tar")[rank::world]
+    tars = sd_data.list_tars(args.tars)[rank::world]
     out = Path(args.out)
     check_writable(out, "--out")
     device = args.device = pick_device(args.device, index=int(os.environ.get("LOCAL_RANK", 0)))
@@ -239,8 +242,17 @@ def main(args):
     encode_fn = torch.compile(vae.encode) if args.compile else vae.encode
 
     def encode(batch):
+        """Queue the VAE on one uint8 batch and the copy of its latents into pinned host memory; returns a
+        function that waits for them. on_batch calls it one batch later, so the GPU already holds the next batch's
+        work while the host waits (no idle gap between batches)."""
         images = sd_data.images_to_tensor(batch.to(device, non_blocking=True))  # (B, 3, h, w) in [-1, 1]
-        return encode_fn(images).to(torch.float16).cpu().numpy()          # (B, 4, h/f, w/f)
+        latents = encode_fn(images).to(torch.float16)                          # (B, 4, h/f, w/f)
+        if device.type != "cuda":
+            return lambda: latents.cpu().numpy()
+        host = torch.empty(latents.shape, dtype=latents.dtype, pin_memory=True).copy_(latents, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return lambda: (done.synchronize(), host.numpy())[1]
 
     write_q = queue.Queue(maxsize=4)
     written = [0]
@@ -257,16 +269,27 @@ def main(args):
     writer_thread = Stage(writer, "writer")
     writer_thread.start()
     bar = tqdm(desc="encode", unit="img", smoothing=0.1)
+    pending = []                                            # (keys, bucket, wait for latents) of the batch in flight
+    first = []                                                      # (time, images) when the first batch came back
 
-    def on_batch(keys, bucket, latents):
+    def finish(keys, bucket, wait):
+        write_q.put((keys, bucket, wait()))
+        bar.update(len(keys))
+        if not first:
+            first.append((time.time(), len(keys)))
+
+    def on_batch(keys, bucket, wait):
         if writer_thread.error is not None:
             raise writer_thread.error
-        write_q.put((keys, bucket, latents))
-        bar.update(len(keys))
+        pending.append((keys, bucket, wait))
+        if len(pending) > 1:
+            finish(*pending.pop(0))
 
     start = time.time()
     try:
         counts = run_pipeline(args, tars, done_keys, encode, on_batch)
+        for item in pending:
+            finish(*item)
     finally:
         write_q.put(DONE)
         writer_thread.join()
@@ -275,25 +298,49 @@ def main(args):
         sd_latents.write_latent_info(out, done_info)
     if writer_thread.error is not None:
         raise writer_thread.error
-    seconds = time.time() - start
+    end = time.time()
     counts["encoded now"] = written[0]
+    rate = written[0] / max(end - start, 1e-9)
+    # the steady rate leaves out the start: worker spawn, VAE load, compile and cuDNN autotuning on the first batch
+    steady = (written[0] - first[0][1]) / max(end - first[0][0], 1e-9) if first and written[0] > first[0][1] else rate
     rows = [("shards", len(tars))] + sd_data.count_rows(counts, ("truncated tar", "samples in", "already encoded",
                                                                  "encoded now"))
     rows += [("latents in folder", len(done_keys))]
     if args.buckets:
         rows += [(f"  bucket {w}x{h}", n) for (w, h), n in zip(args.bucket_sizes, done_info["bucket_counts"])]
-    rows += [("img/s", f"{written[0] / max(seconds, 1e-9):.1f}")]
+    rows += [("img/s", f"{rate:.1f}"), ("img/s after the first batch", f"{steady:.1f}")]
     part = f", shards {rank}::{world}" if world > 1 else ""
-    sd_data.print_summary(f"encode_latents ({device}{part}, {vae.name}) -> {out}", rows)
+    sd_data.print_summary(f"encode_latents ({device}{part}, {vae.name}) -> {out}", rows,
+                          written[0] + counts["already encoded"] if tars else None, "no usable image in the tars")
+    if args.preview and rank == 0:                   # from rank 0's shards, whose latents it has just written
+        write_preview(args, tars, out, vae, done_keys)
+    return {"img_s": rate, "steady_img_s": steady}
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown on every flag, and the module docstring's stage list kept as written."""
-
+def write_preview(args, tars, out, vae, keys):
+    """OUT/preview.png: each sample's source image (as the VAE saw it) beside the decode of its stored latent (with
+    --buckets, both shown as their centre square, as every preview tile is)."""
+    samples = sd_data.preview_samples(tars, args.preview, args.preview_seed, keys, args.min_image_size)
+    latents = {key: sd_latents.read_latent(out, key) for key, _, _ in samples}
+    decoded = {}
+    for shape in sorted({x.shape for x in latents.values()}):      # one decode per shape (with --buckets, per bucket)
+        same = [key for key, x in latents.items() if x.shape == shape]
+        for i in range(0, len(same), args.batch_size):
+            chunk = same[i:i + args.batch_size]
+            images = vae.decode_images(torch.from_numpy(np.stack([latents[k] for k in chunk])).float())  # (b, h, w, 3)
+            decoded.update(zip(chunk, images))
+    tiles = []
+    for key, image, _ in samples:
+        src = sd_data.load_image_bucket(image, args.bucket_sizes, args.min_image_size)[1] if args.buckets else \
+            sd_data.load_image_square(image, args.resolution, args.min_image_size)
+        tiles.append(np.concatenate([sd_data.resize_center_crop(x, sd_data.PREVIEW_TILE) for x in (src, decoded[key])],
+                                    1))
+    sd_data.write_preview(out / sd_data.PREVIEW_NAME, tiles, [c for _, _, c in samples], [k for k, _, _ in samples])
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--tars", default="data/laion_tars", help="input folder of webdataset tar shards")
+    parser = arg_parser(__doc__)
+    parser.add_argument("--tars", nargs="+", default=["data/laion_tars"],
+                        help="input folder(s) of webdataset tar shards (phase 3: DiffusionDB's and JourneyDB's)")
     parser.add_argument("--out", default="data/laion_latents", help="output latent folder")
     parser.add_argument("--vae", default=SD_Model.DEFAULT_VAE,
                         help="AutoencoderKL: hub id, folder, or diffusers pipeline folder")
@@ -313,4 +360,5 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu; "
                                                          "under torchrun each process takes GPU LOCAL_RANK")
     parser.add_argument("--compile", action="store_true", help="torch.compile the VAE encoder (~20-30%% faster on GPU per the seed)")
+    sd_data.add_preview_args(parser)
     run_main(main, parser.parse_args())

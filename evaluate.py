@@ -10,7 +10,6 @@ clean-fid all pull in torchvision, which breaks transformers beside a CPU torch 
 written below with the state-dict names of that file: the real weights load strictly with
 torch.load(weights_only=True).
 """
-import argparse
 import csv
 import hashlib
 import json
@@ -22,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import SD_Model as M
-from sd_common import atomic_path, check_writable, pick_dtype, run_main, write_atomic
-from SD_ImageGen import save_png
+from sd_common import arg_parser, atomic_path, check_writable, pick_dtype, run_main, write_atomic
+from SD_ImageGen import add_sampler_flags, save_png
 from SD_ImageGen import main as imagegen_main
 
 NEMO_GUIDANCE_SCALES = (1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)   # NeMo's FID-vs-CLIP sweep
@@ -481,7 +480,7 @@ def generate_missing(pipe, prompts, folder, scale, args, resolution, width=None)
     for k in tqdm(todo, desc=f"cfg {scale:g}", disable=not todo):
         chunk = prompts[k:k + bs]
         images = M.generate(pipe, chunk, args.negative, args.steps, scale, args.sampler, args.eta, args.seed + k,
-                            resolution, width or resolution)
+                            resolution, width or resolution, progress=True)
         for i, (image, prompt) in enumerate(zip(images, chunk), start=k):
             if not paths[i].exists():
                 # Written under a temp name first: an interrupted write never counts as a finished image.
@@ -566,13 +565,15 @@ def run(args, device):
         raise M.UserError(f"--ref_images '{args.ref_images}' is neither a folder of images nor a statistics .npz")
     if args.save_ref_stats and not (args.ref_images and Path(args.ref_images).is_dir()):
         raise M.UserError("--save_ref_stats writes the statistics of a --ref_images folder; pass one")
-    M.check_sampling_args(args.height or args.resolution, args.width or args.resolution, args.sampler, args.steps)
+    M.check_sampling_args(args.height or args.resolution, args.width or args.resolution, args.sampler, args.steps,
+                          eta=args.eta)
     check_writable(args.out, "--out")
     inception = load_inception(args.inception, device) if args.ref_images and not args.shapes else None
     clip = None if args.shapes else ClipScore(args.clip, device)
     pipe = M.load_pipeline(args.ckpt, device, pick_dtype(device, args.dtype), args.weights, args.vae,
                            args.text_encoder)
     resolution = args.resolution or pipe.meta.get("resolution", 512)
+    args.sampler = args.sampler or M.default_sampler(pipe.schedule)   # recorded in settings.json and every PNG
     ref = reference_stats(args, inception, resolution) if inception else None
     out = Path(args.out) / "shapes" if args.shapes else Path(args.out)   # own settings: both can share --out
     height, width = args.height or resolution, args.width or resolution
@@ -598,8 +599,7 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--ckpt", required=True,
                    help="our checkpoint (.pt/.safetensors), a diffusers UNet or pipeline folder, or an original "
                         "single file")
@@ -633,8 +633,7 @@ def build_parser():
     p.add_argument("--negative", default="", help="negative prompt: replaces the empty prompt in the CFG branch")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the first chunk's noise; chunk k uses seed + k")
-    p.add_argument("--sampler", default="ddim", help=f"one of {sorted(M.SAMPLERS)}")
-    p.add_argument("--eta", type=float, default=None, help="sampler noise (default: 0 for ddim, 1 for ddpm)")
+    add_sampler_flags(p)
     p.add_argument("--weights", default="ema", choices=["ema", "live"], help="which weights of a training checkpoint")
     p.add_argument("--vae", default=None, help="VAE hub id or folder (default: the one the checkpoint names)")
     p.add_argument("--text_encoder", default=None,

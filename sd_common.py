@@ -4,6 +4,7 @@ resume would take as done), and the choice of device and dtype.
 
 Imports nothing heavy at the top: the data scripts that never touch a model do not import torch.
 """
+import argparse
 import errno
 import os
 import shutil
@@ -29,6 +30,25 @@ def run_main(main, args):
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help as a user reads it: the description as written (line breaks kept), and a flag's default shown
+    once, only when there is one and its help text does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or any(action.default is v for v in (None, False, argparse.SUPPRESS)) \
+                or action.default == "":
+            return text
+        return super()._get_help_string(action)
+
+
+def arg_parser(doc, **kwargs):
+    """Every script's ArgumentParser: its docstring whole as the description (they are a few lines), HelpFormatter,
+    and no prefix matching (a typo'd or shortened flag is an error, never silently another flag)."""
+    return argparse.ArgumentParser(description=doc.strip(), formatter_class=HelpFormatter, allow_abbrev=False,
+                                   **kwargs)
 
 
 #################################################################################

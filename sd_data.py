@@ -3,8 +3,8 @@ normalisation, image probe/decode/resize, the webdataset tar reader and writer, 
 prints at the end, and the loopback HTTP server through which the demo and the tests hand local images to
 img2dataset. (The latent format that encode_latents writes and SD_Train reads is sd_latents.py.)
 
-Reads top to bottom: summary table -> LAION metadata -> captions and keys -> images -> tar shards ->
-fetching sources and the loopback server.
+Reads top to bottom: summary table -> LAION metadata -> captions and keys -> images -> tar shards -> previews
+(the preview.png grid 03, 03b, 05 and encode_latents write) -> fetching sources and the loopback server.
 """
 import functools
 import hashlib
@@ -31,8 +31,10 @@ class BadSample(Exception):
 #                                Summary Table                                  #
 #################################################################################
 
-def print_summary(title, rows):
-    """Print `rows` [(label, value), ...] as a two-column table; every script ends with one."""
+def print_summary(title, rows, usable=None, why=""):
+    """Print `rows` [(label, value), ...] as a two-column table; every script ends with one. `usable`: what the
+    run leaves for the next step (kept now + done before); when it is 0 the run then exits non-zero with one line
+    saying `why`, so a `&&`-chained pipeline stops at the step where nothing came through."""
     rows = [(str(k), f"{v:,}" if isinstance(v, int) else str(v)) for k, v in rows]
     width = max([len(k) for k, _ in rows] + [len(title)])
     vwidth = max([len(v) for _, v in rows] + [5])
@@ -41,6 +43,8 @@ def print_summary(title, rows):
     for k, v in rows:
         print(f"{k:<{width}} | {v:>{vwidth}}")
     print(line, flush=True)
+    if usable is not None and not usable:
+        raise UserError(f"nothing usable came out of {title.split(' -> ')[0]}: {why} (counts above)")
 
 
 def count_rows(counts, labels):
@@ -106,6 +110,26 @@ def normalize_laion_columns(table):
     return table
 
 
+def file_identity(path):
+    """[size, mtime_ns] of a file: what a step records about each input it finished, so that an input which
+    changed since (a tar 03 was still writing, a shard downloaded again) is redone instead of taken as done."""
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def list_tars(folders):
+    """The .tar files of one or several folders (phase 3 reads DiffusionDB's and JourneyDB's together); two with
+    the same name would share one output name downstream, so that is an error."""
+    tars = [t for d in ([folders] if isinstance(folders, (str, Path)) else folders)
+            for t in list_files(d, [".tar"], "tar")]
+    names = {}
+    for t in tars:
+        if t.name in names:
+            raise UserError(f"'{names[t.name]}' and '{t}' have the same name; run them as separate --tars/--out pairs")
+        names[t.name] = t
+    return tars
+
+
 def list_files(folder, suffixes, what):
     """Sorted files in `folder` ending with one of `suffixes`; a clear error when there are none."""
     folder = Path(folder)
@@ -151,6 +175,13 @@ def key_fraction(key):
 def is_validation_key(key, val_fraction):
     """Deterministic train/validation assignment: the same key lands in the same split on every machine."""
     return key_fraction(key) < val_fraction
+
+
+def check_val_fraction(value):
+    """--val_fraction in [0, 1): 1 or more would leave no training rows, a negative one is a typo."""
+    if not 0 <= value < 1:
+        raise UserError(f"--val_fraction {value} is outside [0, 1): it is the share of keys held out for validation")
+    return value
 
 
 #################################################################################
@@ -290,6 +321,51 @@ def write_square_shard(samples, dst, size, quality=95, min_size=64, counts=None)
         raise
     writer.close()
     return writer.count
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def needs_rgb8(data):
+    """True when cv2.imdecode(IMREAD_UNCHANGED) of these bytes gives anything but 8-bit colour channels: 16-bit
+    samples (PNG bit depth 16, 16-bit TIFF) or one grey channel. Read from the header alone; bytes no decoder can
+    open are False (the resizer reports them). Formats cv2 decodes oddly and LAION rarely serves (TIFF, BMP,
+    JPEG 2000) are always True: converting them costs little and never guesses."""
+    from PIL import Image
+    if data[:8] == PNG_SIGNATURE and len(data) >= 26:
+        return data[24] == 16 or data[25] == 0                # IHDR: bit depth, colour type (0 = grey)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.format not in ("JPEG", "WEBP", "GIF", "PNG") or im.mode not in ("RGB", "RGBA", "P", "CMYK")
+    except Exception:
+        return False
+
+
+class RGB8Resizer:
+    """img2dataset's Resizer behind a check of each source image, handed to its Downloader in the Resizer's place.
+
+    img2dataset decodes with cv2.IMREAD_UNCHANGED and JPEG-encodes what it resized: a 16-bit PNG's samples are
+    saturated to 255 on the way (a 16-bit grey PNG of mean 156 was stored as a white JPEG of mean 255) and a grey
+    image is stored with one channel. Sources that `needs_rgb8` flags are first decoded here as every later step
+    decodes (decode_image: 16 -> 8 bits, alpha on white, grey -> RGB) and handed on as an 8-bit RGB BMP (no
+    compression to spend time on); the others pass untouched. What cannot be decoded is reported, with its reason,
+    as the Resizer reports its own failures, so it is counted and skipped."""
+
+    def __init__(self, resizer):
+        self.resizer = resizer
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        import cv2
+        img_stream.seek(0)
+        data = img_stream.read()
+        img_stream.seek(0)
+        if needs_rgb8(data):
+            try:
+                img = decode_image(data, min_size=1, max_pixels=self.resizer.max_image_area)
+            except BadSample as e:
+                return None, None, None, None, None, str(e)
+            img_stream = io.BytesIO(cv2.imencode(".bmp", np.ascontiguousarray(img[:, :, ::-1]))[1].tobytes())
+        return self.resizer(img_stream, blurring_bbox_list)
 
 
 def images_to_tensor(batch):
@@ -458,6 +534,123 @@ class TarShardWriter:
 
 
 #################################################################################
+#                                   Previews                                    #
+#################################################################################
+# A look at the data before GPU-days go into it: 03, 03b, 05 and encode_latents each write OUT/preview.png, a grid
+# of a few dozen samples with their captions under them. The samples are those whose keys rank first under a
+# seeded hash, so a re-run shows the same ones, whatever order the shards are read in.
+
+PREVIEW_NAME = "preview.png"
+PREVIEW_TILE = 256          # px: every image is shown as this square (the centre crop the VAE sees, resized)
+PREVIEW_SHARDS = 4          # a tar preview reads at most this many shards (a seeded pick), not the whole data set
+PREVIEW_LINES = 3           # caption lines under a tile; a longer caption ends in "..."
+PREVIEW_PAD, PREVIEW_FONT = 4, 14                  # px around each cell; caption font size (a line is 3 px more)
+
+
+def add_preview_args(parser):
+    parser.add_argument("--preview", type=int, default=36,
+                        help=f"write {PREVIEW_NAME} into the output folder: a grid of N random samples with their "
+                             "captions (0: no preview)")
+    parser.add_argument("--preview_seed", type=int, default=0,
+                        help="which samples the preview shows (a re-run with the same seed shows the same ones)")
+
+
+def check_preview(n):
+    """--preview is checked before any work, not after hours of it."""
+    if n < 0:
+        raise UserError(f"--preview must be 0 (no preview) or a number of samples, got {n}")
+
+
+def preview_rank(key, seed):
+    """The order in which a preview takes samples: a seeded hash of the key (stable across machines and runs)."""
+    return key_fraction(f"{seed}/{key}")
+
+
+def preview_samples(tars, n, seed, keys=None, min_size=1):
+    """The n (key, image bytes, caption) tar samples a preview shows: in up to PREVIEW_SHARDS shards picked by
+    `seed`, the usable ones (and in `keys`, when given) whose keys rank first."""
+    import heapq
+    picked = np.random.default_rng(seed).choice(len(tars), min(len(tars), PREVIEW_SHARDS), replace=False)
+    best = []                                        # a max-heap on rank of the n best so far: (-rank, key, ...)
+    for i in sorted(picked):
+        for key, sample in iter_tar_samples(tars[i]):
+            rank = preview_rank(key, seed)
+            if (keys is not None and key not in keys) or (len(best) == n and rank >= -best[0][0]):
+                continue
+            try:
+                image, caption = usable_sample(sample, min_size)
+                decode_image(image, min_size)        # a broken body can hide behind a good header
+            except Exception:                        # noqa: BLE001 - BadSample, or a codec crash on one odd file
+                continue
+            (heapq.heappush if len(best) < n else heapq.heapreplace)(best, (-rank, key, image, caption))
+    return [(key, image, caption) for _, key, image, caption in sorted(best, reverse=True)]
+
+
+def _wrap(draw, text, font, width, lines):
+    """`text` greedily wrapped into at most `lines` lines of `width` px; what does not fit ends in '...'."""
+    out, words = [], text.split()
+    while words and len(out) < lines:
+        line = words.pop(0)
+        while words and draw.textlength(f"{line} {words[0]}", font=font) <= width:
+            line += " " + words.pop(0)
+        out.append(line)
+    for i, line in enumerate(out):                   # a word wider than the tile, or words left over at the end
+        if draw.textlength(line, font=font) > width or (words and i == len(out) - 1):
+            while line and draw.textlength(line + "...", font=font) > width:
+                line = line[:-1]
+            out[i] = line + "..."
+    return out
+
+
+def preview_grid(tiles, captions, pad=PREVIEW_PAD, font_size=PREVIEW_FONT):
+    """Tiles (equal (h, w, 3) uint8 arrays) each with its caption under it, laid out as a near-square sheet by
+    SD_Model.make_grid: (H, W, 3) uint8."""
+    from PIL import Image, ImageDraw, ImageFont
+    from SD_Model import make_grid
+    font = ImageFont.load_default(size=font_size)
+    line_h = font_size + 3
+    h, w = tiles[0].shape[:2]
+    cells = []
+    for tile, caption in zip(tiles, captions):
+        cell = Image.new("RGB", (w + 2 * pad, h + 2 * pad + PREVIEW_LINES * line_h), (24, 24, 24))
+        cell.paste(Image.fromarray(tile), (pad, pad))
+        draw = ImageDraw.Draw(cell)
+        for i, line in enumerate(_wrap(draw, " ".join(str(caption).split()), font, w, PREVIEW_LINES)):
+            draw.text((pad, pad + h + 2 + i * line_h), line, fill=(235, 235, 235), font=font)
+        cells.append(np.asarray(cell))
+    # columns for a near-square sheet: of the counts around the square one, the fewest empty cells, then squarest
+    n, (cell_h, cell_w) = len(cells), cells[0].shape[:2]
+    square = math.sqrt(n * cell_h / cell_w)
+    cols = min(range(max(1, math.floor(square)), math.ceil(square) + 2),
+               key=lambda c: (-n % c, abs(math.log(c * cell_w / (math.ceil(n / c) * cell_h)))))
+    return make_grid(np.stack(cells), cols=cols)
+
+
+def write_preview(path, tiles, captions, keys):
+    """preview_grid as a PNG, atomically, with the keys and captions in its text chunks (for tools and tests).
+    Returns the path, or None when there was nothing to show."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+    if not tiles:
+        print(f"preview: no usable sample to show; {path} not written", flush=True)
+        return None
+    info = PngInfo()
+    info.add_text("keys", json.dumps(list(keys)))
+    info.add_text("captions", json.dumps(list(captions)))
+    with atomic_path(path) as tmp:
+        Image.fromarray(preview_grid(tiles, captions)).save(tmp, format="PNG", pnginfo=info)
+    print(f"preview: {path} ({len(tiles)} samples)", flush=True)
+    return Path(path)
+
+
+def write_tar_preview(out, tars, n, seed, keys=None, min_size=1):
+    """OUT/preview.png of n samples of `tars` (03: what was downloaded; 05: the rows of the dataset)."""
+    samples = preview_samples(tars, n, seed, keys, min_size)
+    tiles = [load_image_square(image, PREVIEW_TILE, min_size=1) for _, image, _ in samples]
+    return write_preview(Path(out) / PREVIEW_NAME, tiles, [c for _, _, c in samples], [k for k, _, _ in samples])
+
+
+#################################################################################
 #                                Fetching Sources                               #
 #################################################################################
 
@@ -552,7 +745,7 @@ def pending_parts(source, spec, flag, out, shard_name, what):
     source and `spec`, makes `out`, and returns (parts, parts whose shard `out / shard_name(n)` is not there
     yet, the summary's first two counts). A re-run converts only what is missing."""
     from collections import Counter
-    if not is_url(source) and not Path(source).is_dir():
+    if not str(source).strip() or not is_url(source) and not Path(source).is_dir():
         raise UserError(f"--source '{source}' is neither a URL nor an existing folder")
     parts = parse_ranges(spec, flag)
     check_writable(out, "--out")

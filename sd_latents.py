@@ -173,8 +173,11 @@ class LatentSource:
 
 
 def open_source(spec, split, resolution, in_channels, text, buckets=False):
-    """A LatentSource for one `datasets` entry, or a clear error for every way it can fail to fit. `buckets`:
-    aspect-bucketed folders are welcome (a square one is then a single bucket); without it they are refused."""
+    """(A LatentSource for one `datasets` entry, or a clear error for every way it can fail to fit; the number
+    of its captions without a latent; for the train split, the number of latents whose key no split's captions
+    hold). Both counts are data lost between the steps (a tar tokenized while still being written, one encoded
+    but never tokenized): the trainer says so. `buckets`: aspect-bucketed folders are welcome (a square one is
+    then a single bucket); without it they are refused."""
     import pyarrow.compute as pc
     root, captions = Path(spec["latents"]), Path(spec["captions"])
     info = load_latent_info(root)
@@ -224,7 +227,13 @@ def open_source(spec, split, resolution, in_channels, text, buckets=False):
                             f"--tokenizer {text.name} and 05_build_hf_dataset.py")
     have = existing_latent_keys(root)
     records = read_bucket_records(root) if "buckets" in info else dict.fromkeys(have, 0)
-    keep = [i for i, k in enumerate(keys) if k in have and k in records]   # a key without a record: not finished
+    done = have & records.keys()                     # a bucketed latent without its record: not finished
+    orphans = None
+    if split == "train":
+        import datasets
+        named = {k for s in datasets.load_from_disk(str(captions)).values() for k in s.data.column("image_key").to_pylist()}
+        orphans = len(done - named)
+    keep = [i for i, k in enumerate(keys) if k in done]
     if not keep:
         raise UserError(f"none of the {len(keys)} '{split}' captions in '{captions}' has a latent in '{root}'; "
                         "encode the same image keys with encode_latents.py")
@@ -234,7 +243,7 @@ def open_source(spec, split, resolution, in_channels, text, buckets=False):
     source = LatentSource(f"{root.name}:{split}", root, [keys[i] for i in keep], ids[keep].astype(np.int64),
                           shapes, info, sizes, bucket)
     source.read_one(0)                               # the first file must match latent_info.json too
-    return source, len(keys) - len(keep)
+    return source, len(keys) - len(keep), orphans
 
 
 def synthetic_source(n, shapes, sizes, text, seed, name):
@@ -315,22 +324,23 @@ def micro_slice(step_in_epoch, micro, rank, batch_size, grad_accum, world):
     return range(start, start + batch_size)
 
 
-def sample_randomness(seed, epoch, positions, shape, num_timesteps, cfg_dropout, noise_offset=0.0):
+def sample_randomness(seed, epoch, positions, shape, draw_t, cfg_dropout, noise_offset=0.0):
     """Timestep, CFG-dropout coin and noise (plus noise_offset x a per-channel constant) of each sample, a pure
     function of (seed, epoch, position in the epoch): the same sample gets the same draws whatever the world
     size, micro-batching or resume point, which is what makes DDP == one process, accumulation == a bigger
-    batch and resume == no interruption.
+    batch and resume == no interruption. `draw_t(rng)` draws one timestep (SD_Model.NoiseSchedule.draw_train_t:
+    DDPM's integer t, or a flow model's continuous one).
     A counter-based Philox stream per sample (key = seed, epoch; counter = position) keeps every stream
     distinct; torch's CPU generator would keep only 32 bits of a combined seed."""
     t, drop, noise = [], [], []
     for p in positions:
         rng = np.random.Generator(np.random.Philox(counter=[0, p, 0, 0], key=[seed, epoch]))
-        t.append(rng.integers(0, num_timesteps))
+        t.append(draw_t(rng))
         drop.append(rng.random() < cfg_dropout)
         noise.append(rng.standard_normal(tuple(shape), dtype=np.float32))
         if noise_offset:                                  # drawn last: offset 0 leaves every other draw as it was
             noise[-1] += noise_offset * rng.standard_normal((shape[0], 1, 1), dtype=np.float32)
-    return torch.tensor(t, dtype=torch.long), torch.tensor(drop), torch.from_numpy(np.stack(noise))
+    return torch.tensor(t), torch.tensor(drop), torch.from_numpy(np.stack(noise))   # t: int64, or float32 (flow)
 
 
 class LatentMix:
@@ -388,7 +398,7 @@ class LatentMix:
         return torch.from_numpy(latents), torch.from_numpy(ids)
 
 
-def step_batches(mix, order, first_step, cfg, world, rank, epoch, num_timesteps, pin):
+def step_batches(mix, order, first_step, cfg, world, rank, epoch, draw_t, pin):
     """Yield (step_in_epoch, [micro-batch dicts]) from `first_step` on; skipped steps load nothing."""
     B, A = cfg["batch_size"], cfg["grad_accum"]
     for p in range(first_step, len(order) // (B * A * world)):
@@ -396,7 +406,7 @@ def step_batches(mix, order, first_step, cfg, world, rank, epoch, num_timesteps,
         for a in range(A):
             pos = micro_slice(p, a, rank, B, A, world)
             latents, ids = mix.read(order[pos.start:pos.stop])
-            t, drop, noise = sample_randomness(cfg["seed"], epoch, pos, latents.shape[1:], num_timesteps,
+            t, drop, noise = sample_randomness(cfg["seed"], epoch, pos, latents.shape[1:], draw_t,
                                                cfg["cfg_dropout"], cfg["noise_offset"])
             mb = {"latents": latents, "ids": ids, "t": t, "drop": drop, "noise": noise}
             micro.append({k: v.pin_memory() for k, v in mb.items()} if pin else mb)

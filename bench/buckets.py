@@ -11,17 +11,16 @@ measurement (no LAION metadata is reachable offline here), so the per-aspect row
   python bench/buckets.py speed --config small --res 256    # img/s: each bucket, the mix, the square
   python bench/buckets.py compile --config small --res 256  # CPU: compile seconds per bucket
 """
-import argparse
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import append_results, time_interleaved  # noqa: I001 (sets sys.path)
+from common import append_results, require_positive, time_interleaved  # noqa: I001 (sets sys.path)
 import SD_Model as M
 import sd_data
-from sd_common import pick_device
+from sd_common import arg_parser, pick_device, run_main
 
 # (width : height, share): common photo, screen and print ratios, landscape-heavy as web images are. An assumption.
 ASSUMED_MIX = [((1, 1), 0.22), ((4, 3), 0.18), ((3, 2), 0.20), ((16, 9), 0.10), ((2, 1), 0.03), ((5, 4), 0.04),
@@ -150,9 +149,14 @@ def compile_cost(args):
                     "auto-dynamic ms/step"], rows)
 
 
+def main(args):
+    args.res = args.res or (512 if args.what == "crop" else 256)
+    require_positive(args, "res", "multiple", "images", "batch", "steps")
+    {"crop": crop, "speed": speed, "compile": compile_cost}[args.what](args)
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("what", choices=["crop", "speed", "compile"],
                    help="the crop's area figures, training img/s, or the compile cost per bucket")
     p.add_argument("--res", type=int, default=None, help="base resolution of the buckets (crop: 512, else 256)")
@@ -165,6 +169,4 @@ if __name__ == "__main__":
                    help="speed: timed steps per size (the median is kept); compile: steps per bucket after the "
                         "first (the best is kept)")
     p.add_argument("--device", default="cpu", help="speed, compile: cpu, cuda, ...")
-    args = p.parse_args()
-    args.res = args.res or (512 if args.what == "crop" else 256)
-    {"crop": crop, "speed": speed, "compile": compile_cost}[args.what](args)
+    run_main(main, p.parse_args())

@@ -8,7 +8,6 @@ the disk, not an init.
 
     python bench/checkpoint_save.py --config sd1 --dir /workspace/checkpoints
 """
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 from common import append_results  # noqa: I001 (sets sys.path)
 import SD_Model as M
-from sd_common import atomic_path, check_writable, run_main
+from sd_common import arg_parser, atomic_path, check_writable, run_main
 
 
 def training_state(config):
@@ -51,8 +50,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--config", default="sd1", choices=sorted(M.UNET_CONFIGS), help="named UNet config")
     p.add_argument("--dir", default=None, help="folder on the disk to measure (default: a temp folder)")
     run_main(main, p.parse_args())

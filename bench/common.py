@@ -19,6 +19,15 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
+def require_positive(args, *names):
+    """One line, before any model is built, for a size or count flag below 1."""
+    from sd_common import UserError
+    for name in names:
+        values = getattr(args, name)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            raise UserError(f"--{name} must be at least 1, got {values}")
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -68,3 +77,24 @@ def append_results(device, title, settings, header, rows):
     with open(out, "a") as f:
         f.write(text)
     return out
+
+
+def random_unet(cfg):
+    """Our from-scratch UNet of `cfg` with its zero-initialized outputs made random, so that no branch is
+    trivially zero (fp32, on CPU)."""
+    import SD_Model
+    torch.manual_seed(0)
+    unet = SD_Model.UNet(cfg).initialize_weights()
+    for p in unet.parameters():
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.02)
+    return unet
+
+
+def random_batch(cfg, batch, res, device, memory_format=torch.contiguous_format):
+    """One fixed training batch for `cfg` at `res` px (latents res/8): (x, t, context, target)."""
+    g, h = torch.Generator().manual_seed(1), res // 8
+    return (torch.randn(batch, cfg.in_channels, h, h, generator=g).to(device, memory_format=memory_format),
+            torch.randint(0, 1000, (batch,), generator=g).to(device),
+            torch.randn(batch, 77, cfg.context_dim, generator=g).to(device),
+            torch.randn(batch, cfg.out_channels, h, h, generator=g).to(device))

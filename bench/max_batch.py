@@ -7,16 +7,15 @@ costs in speed for what it buys in batch.
 
   GPU:  python bench/max_batch.py --config sd1 --res 512 --dtype bf16 --channels_last
 """
-import argparse
 import gc
 import time
 
 import torch
 
-from common import append_results, device_name, peak_flops, sync  # noqa: I001 (sets sys.path)
-from unet_step import count_flops, make_step
+from common import append_results, device_name, peak_flops, require_positive, sync  # noqa: I001 (sets sys.path)
+from unet_step import count_flops, make_batch, make_step
 import SD_Model as M
-from sd_common import UserError, pick_device, run_main
+from sd_common import UserError, arg_parser, pick_device, run_main
 
 
 def largest_fitting(fits, limit):
@@ -30,15 +29,6 @@ def largest_fitting(fits, limit):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
-
-
-def make_batch(cfg, args, device, batch):
-    h = args.res // 8
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    return (torch.randn(batch, cfg.in_channels, h, h, device=device).contiguous(memory_format=fmt),
-            torch.randint(0, 1000, (batch,), device=device),
-            torch.randn(batch, 77, cfg.context_dim, device=device),
-            torch.randn(batch, cfg.out_channels, h, h, device=device))
 
 
 def free(model, device):
@@ -70,6 +60,7 @@ def probe(model, cfg, args, device, batch, timed_steps=0):
 
 
 def main(args):
+    require_positive(args, "res", "limit", "steps")
     device = pick_device(args.device)
     if device.type != "cuda":
         raise UserError("the largest batch is a GPU-memory figure; run this on a CUDA device")
@@ -102,8 +93,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--config", default="sd1", choices=sorted(M.UNET_CONFIGS), help="named UNet config")
     p.add_argument("--res", type=int, default=512, help="image resolution (latents are res/8)")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="autocast dtype")

@@ -6,7 +6,6 @@ Unless --text_encoder is passed through, the run uses a random CLIP text tower o
   CPU, small:  python bench/train_e2e.py --phase tiny --nproc 2 --steps 30
   1 H100:      python bench/train_e2e.py --phase phase1 --nproc 1 --steps 60 -- --batch_size 32 --compile true
 """
-import argparse
 import re
 import subprocess
 import sys
@@ -14,8 +13,8 @@ import tempfile
 
 import torch
 
-from common import ROOT, append_results  # noqa: I001 (sets sys.path)
-from sd_common import pick_device
+from common import ROOT, append_results, require_positive  # noqa: I001 (sets sys.path)
+from sd_common import arg_parser, pick_device, run_main
 
 LINE = re.compile(r"step (\d+)/\d+ .*?\| ([\d.]+) img/s(?: \| MFU ([\d.]+)%)?(?: \| mem ([\d.]+) GB)?")
 
@@ -36,11 +35,14 @@ def random_text_encoder(phase, out_dir):
 
 
 def main(args, extra):
+    require_positive(args, "nproc", "steps", "log_every", "synthetic")
     with tempfile.TemporaryDirectory() as out:
         if "--text_encoder" not in extra:
             extra = [*extra, "--text_encoder", random_text_encoder(args.phase, out)]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               str(ROOT / "SD_Train.py"), "--phase", args.phase, "--synthetic", str(args.synthetic),
+        # one process runs as a plain script (no torchrun, whose worker a time box's kill would miss)
+        launch = ([sys.executable] if args.nproc == 1 else
+                  [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"])
+        cmd = [*launch, str(ROOT / "SD_Train.py"), "--phase", args.phase, "--synthetic", str(args.synthetic),
                "--max_steps", str(args.steps), "--log_every", str(args.log_every), "--out_dir", out,
                "--val_prompts", "", "--val_samples", "0", "--keep_last", "1", *extra]
         print(" ".join(cmd))
@@ -64,8 +66,7 @@ def main(args, extra):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--phase", default="tiny", help="phase of configs/phases.yaml (model, resolution, batch)")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for torchrun")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps to run")
@@ -73,4 +74,4 @@ if __name__ == "__main__":
     p.add_argument("--log_every", type=int, default=5, help="steps per throughput window")
     p.add_argument("--synthetic", type=int, default=4096, help="synthetic samples (the data set size)")
     known, rest = p.parse_known_args()
-    main(known, [a for a in rest if a != "--"])
+    run_main(lambda a: main(a, [x for x in rest if x != "--"]), known)

@@ -7,31 +7,29 @@ forward+backward FLOPs counted by torch's FlopCounterMode.
   CPU, small:  python bench/unet_step.py --config small --res 256 --batch 4
   GPU, full:   python bench/unet_step.py --config sd1 --res 512 --batch 32 --dtype bf16 --channels_last --compile --optimizer
 """
-import argparse
 import copy
+import time
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import append_results, device_name, peak_flops, time_interleaved  # noqa: I001 (sets sys.path)
+from common import (append_results, device_name, peak_flops, random_batch, random_unet,  # noqa: I001 (sets sys.path)
+                    require_positive, sync, time_interleaved)
 import SD_Model as M
-from sd_common import pick_device, pick_dtype
+from sd_common import arg_parser, pick_device, pick_dtype, run_main
 
 
 def build_models(args, device):
-    """Our UNet and diffusers' with identical weights (ours' from-scratch init, then random outputs so that
-    no branch is trivially zero)."""
-    from diffusers import UNet2DConditionModel
+    """Our UNet and (with --impl both) diffusers' with identical weights (ours' from-scratch init, then random
+    outputs so that no branch is trivially zero)."""
     cfg = M.unet_config(args.config)
-    torch.manual_seed(0)
-    ours = M.UNet(cfg).initialize_weights()
-    for p in ours.parameters():
-        if not p.any():
-            torch.nn.init.normal_(p, std=0.02)
-    theirs = UNet2DConditionModel.from_config(M.diffusers_config(cfg, args.res // 8))
-    theirs.load_state_dict(ours.state_dict())
-    models = {"ours": ours, "diffusers": theirs}
+    ours = random_unet(cfg)
+    models = {"ours": ours}
+    if args.impl == "both":
+        from diffusers import UNet2DConditionModel
+        models["diffusers"] = UNet2DConditionModel.from_config(M.diffusers_config(cfg, args.res // 8))
+        models["diffusers"].load_state_dict(ours.state_dict())
     for name, m in models.items():
         m.to(device).train()
         if args.channels_last:
@@ -43,7 +41,7 @@ def build_models(args, device):
 
 def make_step(model, is_ours, args, device, batch):
     x, t, ctx, target = batch
-    forward = torch.compile(model) if args.compile else model
+    forward = torch.compile(model, backend=getattr(args, "compile_backend", "inductor")) if args.compile else model
     dtype = None if args.dtype == "fp32" else pick_dtype(device, args.dtype)    # None: no autocast
     opt = ema = None
     if args.optimizer:
@@ -75,20 +73,26 @@ def count_flops(model, batch):
     return counter.get_total_flops()
 
 
+def make_batch(cfg, args, device, batch):
+    """common.random_batch of `batch` samples at args.res, in args' memory format (also max_batch, kernel_profile)."""
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    return random_batch(cfg, batch, args.res, device, fmt)
+
+
 def main(args):
     device = pick_device(args.device)
+    require_positive(args, "batch", "steps", "res")
     M.configure_cuda_backends()
     cfg, models = build_models(args, device)
-    h = args.res // 8
-    g = torch.Generator().manual_seed(1)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    batch = (torch.randn(args.batch, cfg.in_channels, h, h, generator=g).to(device, memory_format=fmt),
-             torch.randint(0, 1000, (args.batch,), generator=g).to(device),
-             torch.randn(args.batch, 77, cfg.context_dim, generator=g).to(device),
-             torch.randn(args.batch, cfg.out_channels, h, h, generator=g).to(device))
+    batch = make_batch(cfg, args, device, args.batch)
     flops = count_flops(models["ours"], batch)
     steps = {k: make_step(m, k == "ours", args, device, batch) for k, m in models.items()}
-    sec = time_interleaved(steps, args.steps, args.warmup, device)
+    t0 = time.perf_counter()
+    for step in steps.values():              # the first step of each: compile and cuDNN autotuning happen here
+        step()
+    sync(device)
+    first_s = time.perf_counter() - t0
+    sec = time_interleaved(steps, args.steps, max(0, args.warmup - 1), device)
 
     peak = peak_flops(device)
     rows = []
@@ -97,20 +101,20 @@ def main(args):
         mfu = f"{flops * ips / peak:.1%}" if peak else "n/a"
         mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "n/a"
         rows.append([k, f"{sec[k] * 1e3:.1f}", f"{ips:.2f}", mfu, mem])
-    ratio = sec["diffusers"] / sec["ours"]
-    rows.append(["ours / diffusers", "", f"{ratio:.3f}x", "", ""])
+    if "diffusers" in sec:
+        rows.append(["ours / diffusers", "", f"{sec['diffusers'] / sec['ours']:.3f}x", "", ""])
     settings = dict(config=args.config, res=args.res, batch=args.batch, dtype=args.dtype,
-                    channels_last=args.channels_last, grad_ckpt=args.grad_ckpt, compile=args.compile,
-                    optimizer_ema=args.optimizer, steps=args.steps, fwd_bwd_gflop_per_img=f"{flops / 1e9:.1f}")
+                    channels_last=args.channels_last, grad_ckpt=args.grad_ckpt,
+                    compile=args.compile and args.compile_backend,
+                    optimizer_ema=args.optimizer, steps=args.steps, fwd_bwd_gflop_per_img=f"{flops / 1e9:.1f}",
+                    first_steps_s=f"{first_s:.1f}")
     append_results(device, "UNet training step (bench/unet_step.py)", settings,
                    ["impl", "ms/step", "img/s", "MFU", "peak GiB"], rows)
-    print(f"{device_name(device)}: ours {args.batch / sec['ours']:.2f} img/s, diffusers "
-          f"{args.batch / sec['diffusers']:.2f} img/s, ratio {ratio:.3f}x")
+    print(f"{device_name(device)}: " + ", ".join(f"{k} {args.batch / s:.2f} img/s" for k, s in sec.items()))
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--config", default="small", choices=sorted(M.UNET_CONFIGS), help="named UNet config")
     p.add_argument("--res", type=int, default=256, help="image resolution (latents are res/8)")
     p.add_argument("--batch", type=int, default=4, help="batch size")
@@ -118,8 +122,12 @@ if __name__ == "__main__":
     p.add_argument("--channels_last", action="store_true", help="channels_last memory format")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in both models")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--compile_backend", default="inductor", choices=["inductor", "aot_eager"],
+                   help="torch.compile backend: inductor (what training runs), or aot_eager (traces forward and "
+                        "backward without generating code: a CPU rehearsal in minutes)")
     p.add_argument("--optimizer", action="store_true", help="include clip + AdamW + EMA update in the step")
+    p.add_argument("--impl", default="both", choices=["both", "ours"], help="time ours and diffusers', or ours alone")
     p.add_argument("--steps", type=int, default=10, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per model")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu")
-    main(p.parse_args())
+    run_main(main, p.parse_args())

@@ -14,6 +14,7 @@ at its bucket, SD_Train.py trains the `demo_bucketed` phase (buckets: true), and
 both aspects.
 
     python -m demo.run
+    python -m demo.run --prediction_type flow --loss_weighting none --score_steps 5 10 25 50   # same data, own run
     python -m demo.run --bucketed          # -> data/demo_bucketed
 """
 import argparse
@@ -26,7 +27,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import sd_data
+from sd_common import arg_parser
 from demo import shapes
+from SD_Model import LOSS_WEIGHTINGS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_VAE_FACTOR = 4                          # demo/train_vae.py's default: 3 levels, 4x downsampling
@@ -43,46 +46,43 @@ def bucketed_sizes(res):
     return sizes, base
 
 
-def folders(root):
+def folders(root, prediction_type="epsilon"):
     """Every input and output of the demo, by name. latents/, captions/ and clip/ are what the `demo` phase in
-    configs/phases.yaml reads when --root is left at data/demo."""
+    configs/phases.yaml reads when --root is left at data/demo. Another objective than eps trains, samples and
+    scores in folders of its own (run_flow/, ...) on the same data."""
     root = Path(root)
-    names = ["www", "meta", "filtered", "tars", "tokens", "captions", "clip", "vae", "latents", "run", "samples",
-             "eval"]
-    return argparse.Namespace(root=root, **{n: root / n for n in names})
+    names = ["www", "meta", "filtered", "tars", "tokens", "captions", "clip", "vae", "latents"]
+    own = "" if prediction_type == "epsilon" else f"_{prediction_type}"
+    return argparse.Namespace(root=root, **{n: root / n for n in names},
+                              **{n: root / f"{n}{own}" for n in ("run", "samples", "eval")})
 
 
 def script_steps(args, d):
-    """(title, argv) of each script run, in order: exactly what a user would type for this data set. Images are
-    `res` px square, or with --bucketed `res` px on their shorter side, encoded and trained at the base `base`."""
+    """(title, argv) of each script run, in order, the scores last: exactly what a user would type for this data
+    set. Images are `res` px square, or with --bucketed `res` px on their shorter side, encoded and trained at the
+    base `base`; the grid and the score are drawn at each image size."""
     py, res, seed = sys.executable, str(args.resolution), str(args.seed)
+    objective = ["--prediction_type", args.prediction_type] + \
+        (["--loss_weighting", args.loss_weighting] if args.loss_weighting else [])
     sizes, base = bucketed_sizes(args.resolution) if args.bucketed else ([(args.resolution,) * 2], args.resolution)
     buckets = ["--buckets"] if args.bucketed else []
     train = ["--phase", "demo_bucketed" if args.bucketed else "demo"] + \
         (["--max_steps", str(args.max_steps)] if args.max_steps else [])
     ckpt = d.run / "ema_final.safetensors"
-
-    def sized(w, h):                              # the grid and the score, at each image size
-        name = f"{w}x{h}" if args.bucketed else ""
-        flags = ["--width", str(w), "--height", str(h)] if args.bucketed else []
-        sampling = ["--steps", str(args.steps), "--seed", seed, "--device", "cpu", *flags]
-        return [
-            (f"sample the prompt grid {name}".strip(),
-             [py, "SD_ImageGen.py", "--ckpt", ckpt, "--prompts", d.samples / "prompts.txt", "--n", str(args.n),
-              "--grid", "--cfg", str(args.cfg), *sampling, "--out", d.samples / f"grid{'_' * bool(name)}{name}.png"]),
-            (f"evaluate.py: prompt-following score {name}".strip(),
-             [py, "evaluate.py", "--ckpt", ckpt, "--shapes", "--shapes_seeds", str(args.n), "--guidance_scales",
-              str(args.cfg), *sampling, "--out", d.eval / name])]
+    named = [(f"{w}x{h}" if args.bucketed else "", ["--width", str(w), "--height", str(h)] if args.bucketed else [])
+             for w, h in sizes]
     return [
         ("02 filter metadata", [py, "02_filter_metadata.py", "--meta", d.meta, "--out", d.filtered,
                                 "--preset", "phase1", "--min_width", res, "--min_height", res]),
         ("03 download images (img2dataset)", [py, "03_download_images.py", "--meta", d.filtered, "--out", d.tars,
                                               "--image_size", res, "--min_image_size", res, "--processes", "1",
-                                              "--threads", "16", "--shard_size", "1000", "--timeout", "10", *buckets]),
+                                              "--threads", "16", "--shard_size", "1000", "--timeout", "10",
+                                              *buckets]),
         ("04 captions -> CLIP token ids", [py, "04_preprocess_to_cache.py", "--tars", d.tars, "--out", d.tokens,
                                            "--tokenizer", d.clip, "--min_image_size", res, "--workers", "2"]),
         ("05 caption dataset (train / validation)", [py, "05_build_hf_dataset.py", "--batches", d.tokens,
-                                                     "--out", d.captions, "--val_fraction", "0.02"]),
+                                                     "--out", d.captions, "--val_fraction", "0.02",
+                                                     "--tars", d.tars]),
         ("train the demo VAE", [py, "-m", "demo.train_vae", "--tars", d.tars, "--out", d.vae, "--resolution", res,
                                 "--steps", str(args.vae_steps), "--seed", seed]),
         ("encode latents", [py, "encode_latents.py", "--tars", d.tars, "--out", d.latents, "--vae", d.vae,
@@ -92,9 +92,15 @@ def script_steps(args, d):
                                              "--nproc_per_node", str(args.nproc), "SD_Train.py", *train,
                                              "--resume", "auto", "--datasets", f"{d.latents}:{d.captions}",
                                              "--text_encoder", d.clip, "--resolution", str(base), "--seed", seed,
-                                             "--out_dir", d.run]),
-        *[step for w, h in sizes for step in sized(w, h)],
-    ]
+                                             "--out_dir", d.run, *objective]),
+    ] + [(f"sample the prompt grid {name}".strip(),
+          [py, "SD_ImageGen.py", "--ckpt", ckpt, "--prompts", d.samples / "prompts.txt", "--n", str(args.n), "--grid",
+           "--steps", str(args.steps), "--guidance_scale", str(args.guidance_scale), "--seed", seed, "--device", "cpu",
+           *size, "--out", d.samples / f"grid{'_' * bool(name)}{name}.png"]) for name, size in named
+    ] + [(f"evaluate.py: prompt-following score{' ' * bool(name)}{name}, {n} steps",
+          [py, "evaluate.py", "--ckpt", ckpt, "--shapes", "--shapes_seeds", str(args.n), "--steps", str(n),
+           "--guidance_scales", str(args.guidance_scale), "--seed", seed, "--device", "cpu", *size,
+           "--out", d.eval / name / f"steps_{n}"]) for name, size in named for n in args.score_steps or [args.steps]]
 
 
 def run_script(title, argv, timings):
@@ -119,7 +125,9 @@ def served_port(meta_file):
 
 def main(args):
     from tiny_models import save_tiny_clip
-    d = folders(args.root)
+    if min([args.steps, *(args.score_steps or [])]) < 1:     # before minutes of data and training
+        raise SystemExit("make demo: --steps and --score_steps must be at least 1")
+    d = folders(args.root, args.prediction_type)
     steps = dict(script_steps(args, d))
     timings, start = [], time.time()
     sizes = bucketed_sizes(args.resolution)[0] if args.bucketed else args.resolution
@@ -151,7 +159,7 @@ def main(args):
     prompts_file = d.samples / "prompts.txt"
     prompts_file.parent.mkdir(parents=True, exist_ok=True)
     prompts_file.write_text("\n".join(shapes.prompt_grid()) + "\n")
-    scores = {t: steps.pop(t) for t in list(steps) if t.startswith("evaluate.py")}
+    scores = {title: steps.pop(title) for title in list(steps) if title.startswith("evaluate.py")}
     for title, argv in steps.items():
         run_script(title, argv, timings)
     sd_data.print_summary(f"make demo: {time.time() - start:.0f} s until the score",
@@ -166,8 +174,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--root", default=None,
                         help="folder for every input and output of the demo (default: data/demo, or "
                              "data/demo_bucketed with --bucketed)")
@@ -183,8 +190,16 @@ if __name__ == "__main__":
     parser.add_argument("--vae_steps", type=int, default=600, help="optimizer steps of the demo VAE")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
     parser.add_argument("--n", type=int, default=4, help="seeds per prompt in the grid and the score")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps for the score")
-    parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale for the score")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps of the grid and the score")
+    parser.add_argument("--score_steps", type=int, nargs="+", default=None,
+                        help="score once per step count instead (eval/steps_N each): how many steps each objective "
+                             "needs")
+    parser.add_argument("--guidance_scale", type=float, default=5.0, help="classifier-free guidance scale for the score")
+    parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "flow"],
+                        help="the UNet's objective (SD_Train.py --prediction_type); not eps: run, samples and eval "
+                             "go to run_<type>/ ... on the same data")
+    parser.add_argument("--loss_weighting", default=None, choices=LOSS_WEIGHTINGS,
+                        help="SD_Train.py --loss_weighting (default: the demo phase's, min_snr; SD3's flow loss: none)")
     parser.add_argument("--max_steps", type=int, default=0,
                         help="stop the UNet after this many optimizer steps (0: the phase's epochs; a smoke run)")
     args = parser.parse_args()

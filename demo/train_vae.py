@@ -9,7 +9,6 @@ it with `--vae DIR` exactly as they load sd-vae-ft-mse.
 
     python -m demo.train_vae --tars data/demo/tars --out data/demo/vae
 """
-import argparse
 import math
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 import sd_data
-from sd_common import UserError, atomic_folder, run_main
+from sd_common import UserError, arg_parser, atomic_folder, run_main
 
 
 def load_images(tars, resolution, min_size):
@@ -119,8 +118,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--tars", default="data/demo/tars", help="input folder of webdataset tar shards")
     parser.add_argument("--out", default="data/demo/vae", help="output folder (diffusers AutoencoderKL layout)")
     parser.add_argument("--resolution", type=int, default=64, help="square image side, as encode_latents will use")

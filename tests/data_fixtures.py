@@ -139,11 +139,11 @@ def write_tar(path, members):
             tf.addfile(info, io.BytesIO(data))
 
 
-def run_script(script, *args, check=True, timeout=300, env=None):
-    """Run a repo script as a user would (`python SCRIPT ...`) and return the CompletedProcess."""
+def run_script(script, *args, check=True, timeout=300, env=None, cwd=REPO):
+    """Run a repo script as a user would (`python SCRIPT ...`, from `cwd`) and return the CompletedProcess."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
-    proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -156,3 +156,46 @@ def summary_value(output, label):
         if "|" in line and line.split("|")[0].strip() == label:
             return int(line.split("|")[1].strip().replace(",", ""))
     raise AssertionError(f"no summary row '{label}' in:\n{output}")
+
+
+def readme_commands(section="### Every phase's data"):
+    """[(phase comment, script, [args])] of the first bash block after `section` in the README: `python SCRIPT ...`
+    and `torchrun ... SCRIPT ...` lines, comments dropped; each belongs to the `# name: ...` comment above it."""
+    import shlex
+    text = (REPO / "README.md").read_text()
+    block = text.split(section, 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands, phase = [], None
+    for line in block.splitlines():
+        if line.startswith("#"):
+            phase = line[1:].split(":")[0].strip()
+            continue
+        words = shlex.split(line.split(" #")[0])
+        if not words:
+            continue
+        at = next(i for i, w in enumerate(words) if w.endswith(".py"))
+        commands.append((phase, words[at], words[at + 1:]))
+    return commands
+
+
+def preview_contents(path, tile_w, tile_h=sd_data.PREVIEW_TILE):
+    """(keys, captions, tiles) of a preview.png: its text chunks, and each tile cut out of the grid where
+    sd_data.preview_grid puts it. Checks the grid holds exactly that many cells, each with a caption drawn under
+    its tile, and nothing in the slots after the last one."""
+    import json
+    im = Image.open(path)
+    keys, captions = json.loads(im.text["keys"]), json.loads(im.text["captions"])
+    grid = np.asarray(im.convert("RGB"))
+    pad, strip = sd_data.PREVIEW_PAD, sd_data.PREVIEW_LINES * (sd_data.PREVIEW_FONT + 3)
+    cell_w, cell_h = tile_w + 2 * pad, tile_h + 2 * pad + strip
+    cols = grid.shape[1] // cell_w
+    assert grid.shape == (-(-len(keys) // cols) * cell_h, cols * cell_w, 3) and len(captions) == len(keys)
+    tiles = []
+    for i in range(-(-len(keys) // cols) * cols):
+        r, c = divmod(i, cols)
+        cell = grid[r * cell_h:(r + 1) * cell_h, c * cell_w:(c + 1) * cell_w]
+        if i >= len(keys):
+            assert not cell.any(), f"slot {i} after the last tile is not empty"
+            continue
+        assert (cell[pad + tile_h:].min(-1) > 150).sum() > 20, f"no caption drawn under tile {i}"
+        tiles.append(cell[pad:pad + tile_h, pad:pad + tile_w])
+    return keys, captions, tiles

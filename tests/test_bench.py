@@ -66,6 +66,76 @@ def test_checkpoint_save_appends_a_table(tmp_path):
     assert "| small | " in results(tmp_path) and not list((tmp_path / "ckpt").iterdir())   # measured, then removed
 
 
+def test_data_pipeline_measures_02_and_03_with_projections(tmp_path):
+    proc = run_bench(tmp_path, "data_pipeline.py", "--stages", "filter", "download", "--filter_rows", 20000,
+                     "--download_images", 6, "--download_size", "400x300", "--download_image_size", 64, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    text = results(tmp_path)
+    assert "| 02 filter --preset phase1, 1 process |" in text and "-> LAION-2B-en, 2.3B rows, 1 process" in text
+    assert "img/s per core (6 of 6 kept)" in text and "-> 100M images, one 16-core node" in text
+
+
+def test_sampler_steps_scores_every_sampler_and_finds_the_fewest_steps(tmp_path):
+    """On a random tiny checkpoint: a row per sampler x step count, the reference, and the summary table."""
+    import SD_Model as M
+    from tiny_models import save_tiny_clip, save_tiny_vae
+    clip, vae = save_tiny_clip(tmp_path / "clip"), save_tiny_vae(tmp_path / "vae")
+    meta = M.checkpoint_meta("small", M.NoiseSchedule(), vae, 1.0, clip, "last", 32)
+    M.save_unet(M.UNet(M.unet_config("small")).initialize_weights().state_dict(), "small",
+                tmp_path / "ema_final.safetensors", "ours", meta)
+    proc = run_bench(tmp_path, "sampler_steps.py", "--ckpt", tmp_path / "ema_final.safetensors", "--samplers",
+                     "euler_a", "dpmpp_2m_karras", "--steps", 1, "--reference", "ddim:2", "--shapes_seeds", 1,
+                     "--batch_size", 24, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    text = results(tmp_path)
+    assert "| sampler | steps | color | shape | images/s | reaches ddim-2 |" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| euler_a |", "| dpmpp_2m_karras |", "| ddim |"))]
+    assert len(rows) == 2 + 1 + 2           # the grid, the reference, a summary row per sampler
+    proc = run_bench(tmp_path, "sampler_steps.py", "--ckpt", tmp_path / "ema_final.safetensors", "--reference", "ddim")
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --reference takes")
+
+
+def test_ema_appends_a_table_with_every_variant(tmp_path):
+    proc = run_bench(tmp_path, "ema.py", "--config", "small", "--res", 64, "--batch", 1, "--every", 2, "--block", 2,
+                     "--rounds", 1, "--warmup", 0, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    text = results(tmp_path)
+    assert "### EMA cost per training step (bench/ema.py)" in text and "sd1_fp32_ema_gb_off_the_gpu_with_cpu=3.44" in text
+    for row in ("| no EMA |", "| EMA every step (model) |", "| EMA every 2 steps (model) |", "| EMA every step (cpu) |",
+                "| EMA every 2 steps (cpu) |"):
+        assert row in text
+    proc = run_bench(tmp_path, "ema.py", "--every", 3, "--block", 4, "--device", "cpu")
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --block 4 must be a multiple")
+
+
+def test_kernel_profile_appends_the_top_kernels_by_kind(tmp_path):
+    proc = run_bench(tmp_path, "kernel_profile.py", "--what", "train", "--config", "small", "--res", 32, "--batch", 1,
+                     "--steps", 1, "--warmup", 0, "--top", 5, "--dtype", "fp32", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    text = results(tmp_path)
+    assert "| kernel | calls | ms | share | kind |" in text and "by_kind=" in text
+    assert len([line for line in text.splitlines() if line.startswith("| aten::")]) == 5
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bogus"], "error: unknown argument '--bogus'"),
+    (["--train-s", "0"], "error: a time budget must be a positive number of seconds, got '0'"),
+    (["--sample-s", "-5"], "error: a time budget must be a positive number of seconds, got '-5'"),
+])
+def test_gpu_check_refuses_bad_arguments_in_one_line(tmp_path, args, message):
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), *args], cwd=REPO, capture_output=True,
+                          text=True, env=dict(os.environ, OUT=str(tmp_path)), timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith(message) and not list(tmp_path.iterdir())
+
+
+def test_gpu_check_says_when_its_output_folder_is_not_writable(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--cpu-dry"], cwd=REPO, capture_output=True,
+                          text=True, env=dict(os.environ, OUT=str(tmp_path / "file" / "out")), timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: cannot write the output folder '{tmp_path}/file/out'"
+
+
 def test_buckets_crop_appends_the_area_table(tmp_path):
     proc = run_bench(tmp_path, "buckets.py", "crop", "--images", 1000)
     assert proc.returncode == 0, proc.stderr

@@ -1,5 +1,6 @@
 """End to end: generated images served on 127.0.0.1 -> 02 -> 03 (real img2dataset) -> 04 -> 05 ->
-encode_latents with a tiny local VAE, exact counts at every step, then a second run that redoes nothing."""
+encode_latents with a tiny local VAE, exact counts at every step and the preview each writes, then a second run that
+redoes nothing."""
 import json
 import tarfile
 
@@ -11,8 +12,8 @@ import torch
 import SD_Model
 import sd_data
 import sd_latents
-from data_fixtures import (LoopbackServer, bad_image_bytes, good_jpeg, laion_rows, natural_image, run_script,
-                           summary_value, to_bytes, write_parquet, write_tar)
+from data_fixtures import (LoopbackServer, bad_image_bytes, good_jpeg, laion_rows, natural_image, preview_contents,
+                           run_script, summary_value, to_bytes, write_parquet, write_tar)
 from tiny_models import save_tiny_tokenizer, save_tiny_vae
 
 pytestmark = pytest.mark.slow                     # every test here runs the real scripts
@@ -115,7 +116,7 @@ def test_pipeline_end_to_end(tmp_path, models):
         # 03: real img2dataset over loopback
         out = run_script("03_download_images.py", "--meta", d["filtered"], "--out", d["tars"], "--image_size", RES,
                          "--processes", 1, "--threads", 8, "--shard_size", 12, "--timeout", 2,
-                         "--min_image_size", 32, "--max_image_area", 4e6).stdout
+                         "--min_image_size", 32, "--max_image_area", 4e6, "--preview", 8).stdout
         n_ok = N_GOOD_JPEG + N_GOOD_PNG + len(SERVED_OK)
         assert summary_value(out, "urls in") == n_served
         assert summary_value(out, "kept (downloaded + resized)") == n_ok
@@ -126,12 +127,23 @@ def test_pipeline_end_to_end(tmp_path, models):
         assert len(tars) == 3  # 35 urls / 12 per shard, across two input files
         tar_mtimes = mtimes(d["tars"], "*.tar")
 
+        # its preview: the 8 samples whose keys rank first for seed 0 (3 shards: all read), as stored, captioned
+        samples = {k: s for t in tars for k, s in sd_data.iter_tar_samples(t)}
+        keys, captions, tiles = preview_contents(d["tars"] / "preview.png", sd_data.PREVIEW_TILE)
+        assert keys == sorted(samples, key=lambda k: sd_data.preview_rank(k, 0))[:8]
+        assert captions == [sd_data.sample_caption(samples[k]) for k in keys]
+        for k, tile in zip(keys, tiles):
+            want = sd_data.load_image_square(sd_data.sample_image(samples[k]), sd_data.PREVIEW_TILE, min_size=1)
+            assert np.array_equal(tile, want), k
+        preview_bytes = (d["tars"] / "preview.png").read_bytes()
+
         # a second 03 run downloads nothing (img2dataset's incremental mode)
         out = run_script("03_download_images.py", "--meta", d["filtered"], "--out", d["tars"], "--image_size", RES,
                          "--processes", 1, "--threads", 8, "--shard_size", 12, "--timeout", 2,
-                         "--min_image_size", 32, "--max_image_area", 4e6).stdout
+                         "--min_image_size", 32, "--max_image_area", 4e6, "--preview", 8).stdout
         assert summary_value(out, "shards downloaded now") == 0
         assert mtimes(d["tars"], "*.tar") == tar_mtimes
+        assert (d["tars"] / "preview.png").read_bytes() == preview_bytes     # seeded: the same samples again
 
     # damage the data as the wild does: cut the last shard inside its last image, and add a hand-made shard
     # with a sample without caption and an HTML page saved as .jpg
@@ -166,7 +178,8 @@ def test_pipeline_end_to_end(tmp_path, models):
     assert any(r["caption"] == "an extra sample" for r in tokens)
 
     # 05: DatasetDict with a deterministic split
-    out = run_script("05_build_hf_dataset.py", "--batches", d["tokens"], "--out", d["hf"], "--val_fraction", 0.25).stdout
+    out = run_script("05_build_hf_dataset.py", "--batches", d["tokens"], "--out", d["hf"], "--val_fraction", 0.25,
+                     "--tars", d["tars"], "--preview", 6, "--preview_seed", 1).stdout
     train, val = sd_latents.open_captions(d["hf"], "train"), sd_latents.open_captions(d["hf"], "validation")
     assert len(train) + len(val) == n_captioned
     assert summary_value(out, "validation") == len(val) > 0 and len(train) > 0
@@ -174,10 +187,19 @@ def test_pipeline_end_to_end(tmp_path, models):
     assert not any(sd_data.is_validation_key(k, 0.25) for k in train["image_key"])
     assert list(train["image_key"]) == sorted(train["image_key"])      # key order, whatever the download order
     assert len(train[0]["input_ids"]) == 77
+    # its preview: rows of either split (seed 1), each with its image from the tars and the dataset's caption
+    rows = dict(zip([*train["image_key"], *val["image_key"]], [*train["caption"], *val["caption"]]))
+    samples = {k: s for t in sorted(d["tars"].glob("*.tar")) for k, s in sd_data.iter_tar_samples(t)}
+    keys, captions, tiles = preview_contents(d["hf"] / "preview.png", sd_data.PREVIEW_TILE)
+    assert keys == sorted(rows, key=lambda k: sd_data.preview_rank(k, 1))[:6]
+    assert captions == [rows[k] for k in keys]
+    for k, tile in zip(keys, tiles):
+        want = sd_data.load_image_square(sd_data.sample_image(samples[k]), sd_data.PREVIEW_TILE, min_size=1)
+        assert np.array_equal(tile, want), k
 
     # encode_latents: the tiny VAE on CPU
     enc_args = ["--tars", d["tars"], "--out", d["latents"], "--vae", vae_dir, "--resolution", RES, "--device", "cpu",
-                "--workers", 2, "--batch_size", 4, "--chunk_size", 3]
+                "--workers", 2, "--batch_size", 4, "--chunk_size", 3, "--preview", 5]
     out = run_script("encode_latents.py", *enc_args).stdout
     n_latents = n_tar_samples - 2  # neither the HTML page nor the uncaptioned image (04 drops it too)
     assert summary_value(out, "samples in") == n_tar_samples
@@ -204,6 +226,17 @@ def test_pipeline_end_to_end(tmp_path, models):
     torch.testing.assert_close(stored.float(), direct, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(vae.decode(stored.float()), vae.decode(direct.half().float()), rtol=1e-4, atol=1e-4)
 
+    # its preview: the 5 samples ranking first, each source image beside the VAE's decode of its stored latent
+    keys, captions, tiles = preview_contents(d["latents"] / "preview.png", 2 * sd_data.PREVIEW_TILE)
+    assert keys == sorted(sd_latents.existing_latent_keys(d["latents"]), key=lambda k: sd_data.preview_rank(k, 0))[:5]
+    assert captions == [sd_data.sample_caption(samples[k]) for k in keys]
+    decoded = vae.decode_images(torch.from_numpy(np.stack([sd_latents.read_latent(d["latents"], k) for k in keys])))
+    for k, tile, dec in zip(keys, tiles, decoded):
+        src = sd_data.load_image_square(sd_data.sample_image(samples[k]), RES)
+        assert np.array_equal(tile[:, :sd_data.PREVIEW_TILE], sd_data.resize_center_crop(src, sd_data.PREVIEW_TILE))
+        diff = np.abs(tile[:, sd_data.PREVIEW_TILE:].astype(int) - sd_data.resize_center_crop(dec, sd_data.PREVIEW_TILE))
+        assert diff.max() <= 2, k                                    # the batch of the script vs this one
+
     # second run of every step: nothing redone, outputs untouched
     lat_mtimes = mtimes(d["latents"], "*.npy")
     tok_mtimes = mtimes(d["tokens"], "*.parquet")
@@ -211,8 +244,10 @@ def test_pipeline_end_to_end(tmp_path, models):
     assert summary_value(out, "shards already done") == 2 and summary_value(out, "kept") == n_served
     out = run_script("04_preprocess_to_cache.py", "--tars", d["tars"], "--out", d["tokens"], "--tokenizer", tok_dir).stdout
     assert summary_value(out, "shards already done") == len(tars) + 1 and mtimes(d["tokens"], "*.parquet") == tok_mtimes
-    out = run_script("05_build_hf_dataset.py", "--batches", d["tokens"], "--out", d["hf"], "--val_fraction", 0.25).stdout
-    assert "nothing rebuilt" in out
+    preview_mtime = (d["hf"] / "preview.png").stat().st_mtime_ns
+    out = run_script("05_build_hf_dataset.py", "--batches", d["tokens"], "--out", d["hf"], "--val_fraction", 0.25,
+                     "--preview", 0).stdout
+    assert "nothing rebuilt" in out and (d["hf"] / "preview.png").stat().st_mtime_ns == preview_mtime   # 0: none
     out = run_script("encode_latents.py", *enc_args).stdout
     assert summary_value(out, "encoded now") == 0 and summary_value(out, "already encoded") == n_latents
     assert mtimes(d["latents"], "*.npy") == lat_mtimes
@@ -229,6 +264,33 @@ def test_pipeline_end_to_end(tmp_path, models):
     after = mtimes(d["latents"], "*.npy")
     assert {k: v for k, v in after.items() if k[:-4] not in keys[:2]} == \
         {k: v for k, v in lat_mtimes.items() if k[:-4] not in keys[:2]}
+
+
+def test_download_on_spark_local(tmp_path):
+    """03 --distributor pyspark: img2dataset's shards run as Spark tasks on local[2] (a real Spark, Java and its
+    Python workers, which unpickle sd_data.RGB8Resizer from the files the script ships), over loopback. One run:
+    resuming is img2dataset's shard bookkeeping, the same for every distributor (tested above)."""
+    import cv2
+    www = tmp_path / "www"
+    www.mkdir()
+    sources = {f"good{i}.jpg": good_jpeg(i) for i in range(7)}
+    sources["rgb16.png"] = bad_image_bytes("png16")
+    for name, data in sources.items():
+        (www / name).write_bytes(data)
+    with LoopbackServer(www) as server:
+        urls = [f"{server.url}/{n}" for n in sources]
+        write_parquet(tmp_path / "meta" / "a.parquet", laion_rows(len(urls), url=urls))
+        args = ["--meta", tmp_path / "meta", "--out", tmp_path / "tars", "--image_size", RES, "--shard_size", 4,
+                "--distributor", "pyspark", "--spark_master", "local[2]", "--threads", 4, "--min_image_size", 32]
+        out = run_script("03_download_images.py", *args, timeout=240).stdout
+        assert summary_value(out, "shards downloaded now") == 2
+        assert summary_value(out, "kept (downloaded + resized)") == len(sources)
+    stored = {json.loads(s["json"])["url"].rsplit("/", 1)[1]: s["jpg"]
+              for t in sorted((tmp_path / "tars").glob("*.tar")) for _, s in sd_data.iter_tar_samples(t)}
+    assert sorted(stored) == sorted(sources)
+    for name, data in sources.items():                 # the 16-bit PNG too: RGB, looking like its source
+        got = cv2.imdecode(np.frombuffer(stored[name], np.uint8), cv2.IMREAD_COLOR)[..., ::-1].astype(np.float32)
+        assert np.abs(got - sd_data.load_image_square(data, RES, min_size=1)).mean() < 4.0
 
 
 BUCKET_SOURCES = [(400, 300), (300, 600), (500, 500), (640, 360), (300, 400), (700, 300)]   # (w, h) served
@@ -296,8 +358,8 @@ def test_bucketed_download_and_encode(tmp_path, models):
                          ).save_to_disk(str(tmp_path / "captions"))
     spec = {"latents": str(out), "captions": str(tmp_path / "captions")}
     text = type("Text", (), {"max_length": 77})()
-    source, dropped = sd_latents.open_source(spec, "train", base, 4, text, buckets=True)
-    assert dropped == 0 and [want[k] for k in source.keys] == source.bucket.tolist()
+    source, dropped, orphans = sd_latents.open_source(spec, "train", base, 4, text, buckets=True)
+    assert dropped == orphans == 0 and [want[k] for k in source.keys] == source.bucket.tolist()
     assert source.sizes == buckets and source.shapes == [(4, h // 8, w // 8) for w, h in buckets]
     with pytest.raises(sd_data.UserError, match="holds aspect-bucketed latents .* train on them with --buckets true"):
         sd_latents.open_source(spec, "train", base, 4, text)

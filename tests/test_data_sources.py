@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import sd_data
-from data_fixtures import (LoopbackServer, bad_image_bytes, good_jpeg, natural_image, run_script, summary_value,
-                           to_bytes, write_tar)
+from data_fixtures import (LoopbackServer, bad_image_bytes, good_jpeg, natural_image, preview_contents, run_script,
+                           summary_value, to_bytes, write_tar)
 
 pytestmark = pytest.mark.slow                     # every test here runs the real scripts
 
@@ -158,7 +158,7 @@ def test_build_image_dataset(tmp_path, diffusiondb, journeydb):
     run_script("01c_download_journeydb_images.py", "--source", journeydb[0], "--archives", "0", "--out", jdb,
                "--resolution", RES, "--min_image_size", 32, "--workers", 1)
     write_tar(jdb / "zz-extra.tar", {"nocap.jpg": to_bytes(natural_image(80, 80, 3), "JPEG")})
-    args = ["--tars", ddb, jdb, "--out", tmp_path / "hf", "--val_fraction", 0.3]
+    args = ["--tars", ddb, jdb, "--out", tmp_path / "hf", "--val_fraction", 0.3, "--preview", 4]
     out = run_script("03_build_hf_dataset.py", *args).stdout
     import datasets
     dd = datasets.load_from_disk(str(tmp_path / "hf"))
@@ -168,6 +168,15 @@ def test_build_image_dataset(tmp_path, diffusiondb, journeydb):
     row = dd["train"][0]
     assert row["image"].size == (RES, RES) and row["caption"] and row["source"] in ("diffusiondb", "journeydb")
     assert {"diffusiondb", "journeydb"} == set(dd["train"]["source"]) | set(dd["validation"]["source"])
+    # the preview: the 4 train rows whose keys rank first for seed 0, as the dataset stores them, captioned
+    keys, captions, tiles = preview_contents(tmp_path / "hf" / "preview.png", sd_data.PREVIEW_TILE)
+    stored = dd["train"].cast_column("image", datasets.Image(decode=False))
+    rows = {r["image_key"]: r for r in stored}
+    assert keys == sorted(rows, key=lambda k: sd_data.preview_rank(k, 0))[:4]
+    assert captions == [rows[k]["caption"] for k in keys]
+    for k, tile in zip(keys, tiles):
+        want = sd_data.load_image_square(rows[k]["image"]["bytes"], sd_data.PREVIEW_TILE, min_size=1)
+        assert np.array_equal(tile, want), k
     out = run_script("03_build_hf_dataset.py", *args).stdout
     assert "nothing rebuilt" in out
 
@@ -325,3 +334,27 @@ def test_coco_keeps_tall_people_and_crops_around_them(tmp_path, coco):
     assert sd_data.sample_caption(got["001_000000000001"]) == "A man walks past a dog."
     proc = run_script("01e_download_coco_people.py", "--source", src, "--split", "test", check=False)
     assert proc.returncode != 0 and "no test-*.parquet files" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_readme_phase3_commands_make_one_dataset_of_two_tar_folders(tmp_path, diffusiondb, journeydb):
+    """The README's phase-3 lines as written (run from a fresh folder, so their data/ paths land there), with only
+    what tiny local data needs appended: sources, sizes, the tiny tokenizer and VAE, CPU instead of torchrun."""
+    import sd_latents
+    from data_fixtures import readme_commands
+    from tiny_models import save_tiny_tokenizer, save_tiny_vae
+    save_tiny_tokenizer(tmp_path / "tok", "a fantasy castle midjourney prompt".split())
+    save_tiny_vae(tmp_path / "vae")
+    small = ["--resolution", RES, "--min_image_size", 32, "--workers", 1]
+    tiny = {"01b_download_diffusiondb.py": ["--source", diffusiondb[0], "--parts", "1-2", *small],
+            "01c_download_journeydb_images.py": ["--source", journeydb[0], "--archives", "0", *small],
+            "04_preprocess_to_cache.py": ["--tokenizer", tmp_path / "tok", "--workers", 1],
+            "05_build_hf_dataset.py": ["--val_fraction", 0.3],
+            "encode_latents.py": ["--vae", tmp_path / "vae", "--device", "cpu", "--resolution", RES, "--workers", 1]}
+    lines = [(script, args) for phase, script, args in readme_commands() if phase.startswith("phase3")]
+    assert [s for s, _ in lines] == list(tiny)
+    for script, args in lines:
+        run_script(script, *args, *tiny[script], cwd=tmp_path)
+    data = tmp_path / "data"
+    captions = [k for split in ("train", "validation") for k in sd_latents.open_captions(data / "dm_hf", split)["image_key"]]
+    assert len(captions) == len(set(captions)) == 8                # DiffusionDB's 6 and JourneyDB's 2 kept images
+    assert sd_latents.existing_latent_keys(data / "dm_latents") == set(captions)

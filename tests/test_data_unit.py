@@ -178,6 +178,50 @@ def test_shard_writer_is_atomic(tmp_path):
 
 
 #################################################################################
+#                                   Previews                                    #
+#################################################################################
+
+def test_preview_takes_the_first_ranked_usable_samples_of_seeded_shards(tmp_path):
+    """6 shards of 3 samples: a preview reads PREVIEW_SHARDS of them (a seeded pick), skips the unusable samples
+    (an HTML page, no caption, a PNG whose body is broken behind a good header) and those outside `keys`, and keeps
+    the lowest-ranked keys."""
+    broken = bytearray(to_bytes(natural_image(96, 80, 3), "PNG"))
+    broken[len(broken) // 2:len(broken) // 2 + 60] = bytes(60)
+    bad = {(5, 1): bad_image_bytes("html"), (2, 0): bytes(broken), (4, 0): bytes(broken)}
+    tars = []
+    for t in range(6):
+        members = {}
+        for i in range(3):
+            members[f"s{t}{i}.jpg"] = bad.get((t, i), good_jpeg(10 * t + i))
+            if (t, i) != (3, 2):                                          # one sample without a caption
+                members[f"s{t}{i}.txt"] = f"sample {t} {i}".encode()
+        tars.append(tmp_path / f"{t:05d}.tar")
+        write_tar(tars[-1], members)
+    picked = sorted(np.random.default_rng(7).choice(6, sd_data.PREVIEW_SHARDS, replace=False))
+    assert {2, 3, 4, 5} == set(picked)                                            # every bad sample is read
+    usable = [f"s{t}{i}" for t in picked for i in range(3) if (t, i) not in {*bad, (3, 2)}]
+    got = sd_data.preview_samples(tars, 5, 7)
+    assert [k for k, _, _ in got] == sorted(usable, key=lambda k: sd_data.preview_rank(k, 7))[:5]
+    assert all(c == f"sample {k[1]} {k[2]}" and image == good_jpeg(10 * int(k[1]) + int(k[2])) for k, image, c in got)
+    assert sd_data.preview_samples(tars, 5, 7) == got                            # seeded: the same again
+    assert sorted(k for k, _, _ in sd_data.preview_samples(tars, 50, 7)) == sorted(usable)   # bad ones never shown
+    wanted = set(usable[::2])
+    assert [k for k, _, _ in sd_data.preview_samples(tars, 50, 7, keys=wanted)] == \
+        sorted(wanted, key=lambda k: sd_data.preview_rank(k, 7))
+
+
+def test_preview_grid_has_a_captioned_cell_per_tile(tmp_path):
+    from data_fixtures import preview_contents
+    tiles = [natural_image(2 * sd_data.PREVIEW_TILE, sd_data.PREVIEW_TILE, i) for i in range(7)]
+    captions = [f"caption {i}" for i in range(6)] + ["a caption far too long for three lines " * 12]
+    path = sd_data.write_preview(tmp_path / "preview.png", tiles, captions, [f"k{i}" for i in range(7)])
+    keys, got_captions, got_tiles = preview_contents(path, 2 * sd_data.PREVIEW_TILE)
+    assert keys == [f"k{i}" for i in range(7)] and got_captions == captions
+    assert all(np.array_equal(a, b) for a, b in zip(got_tiles, tiles)) and len(got_tiles) == 7
+    assert sd_data.write_preview(tmp_path / "none.png", [], [], []) is None and not (tmp_path / "none.png").exists()
+
+
+#################################################################################
 #                           Metadata, Captions, Splits                          #
 #################################################################################
 
@@ -251,6 +295,16 @@ def test_wrong_paths_give_one_line_errors(script, args):
     assert "/nonexistent/" in proc.stderr
 
 
+@pytest.mark.parametrize("script", ["03_download_images.py", "03_build_hf_dataset.py", "05_build_hf_dataset.py",
+                                    "encode_latents.py"])
+@pytest.mark.slow
+def test_a_negative_preview_is_one_line_before_any_work(script, tmp_path):
+    proc = run_script(script, "--preview", -1, "--out", tmp_path / "out", check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: --preview must be 0 (no preview) or a number of " \
+                                                           "samples, got -1"
+    assert not (tmp_path / "out").exists()
+
+
 def test_filter_phase2_preset_and_overrides(tmp_path):
     rows = laion_rows(6, aesthetic=[7.6, 7.4, 8.0, 8.0, 8.0, 8.0], pwatermark=[0.1, 0.1, 0.2, 0.1, 0.1, 0.1],
                       similarity=[0.31, 0.31, 0.31, 0.29, 0.31, 0.31], height=[768, 768, 768, 768, 500, 768])
@@ -287,7 +341,7 @@ def test_build_dataset_without_validation_rows(tmp_path):
     write_parquet(tmp_path / "tok" / "a.parquet", {"image_key": ["k0", "k1", "k0"], "caption": ["a b", "c d", "a b"],
                                                    "input_ids": [[1] * 77, [2] * 77, [1] * 77]})
     out = run_script("05_build_hf_dataset.py", "--batches", tmp_path / "tok", "--out", tmp_path / "hf",
-                     "--val_fraction", "0").stdout
+                     "--val_fraction", "0", "--preview", 0).stdout
     assert summary_value(out, "train") == 2 and summary_value(out, "validation") == 0
     assert summary_value(out, "skipped: duplicate key") == 1
     assert len(sd_latents.open_captions(tmp_path / "hf", "train")) == 2

@@ -107,15 +107,19 @@ def test_bucketed_demo_commands_and_phase_agree():
     assert run.bucketed_sizes(64) == ([(96, 64), (64, 96)], 80)
     phase = SD_Train.load_phase("demo_bucketed")
     assert phase["buckets"] is True and phase["resolution"] == 80
-    args = argparse.Namespace(resolution=SIZE, vae_steps=1, nproc=1, n=1, steps=1, cfg=1.0, seed=0, bucketed=True,
+    args = argparse.Namespace(resolution=SIZE, vae_steps=1, nproc=1, n=1, steps=1, guidance_scale=1.0, seed=0,
+                              prediction_type="epsilon", loss_weighting=None, score_steps=None, bucketed=True,
                               max_steps=0)
     steps = {t: [str(a) for a in argv] for t, argv in run.script_steps(args, run.folders("data/demo_bucketed"))}
     assert "--buckets" in steps["03 download images (img2dataset)"] and "--buckets" in steps["encode latents"]
     train = steps["train the UNet (torchrun, gloo)"]
     assert train[train.index("--phase") + 1] == "demo_bucketed" and train[train.index("--resolution") + 1] == "80"
     assert [t for t in steps if t.startswith(("sample", "evaluate"))] == [
-        "sample the prompt grid 96x64", "evaluate.py: prompt-following score 96x64",
-        "sample the prompt grid 64x96", "evaluate.py: prompt-following score 64x96"]
+        "sample the prompt grid 96x64", "sample the prompt grid 64x96",
+        "evaluate.py: prompt-following score 96x64, 1 steps", "evaluate.py: prompt-following score 64x96, 1 steps"]
+    score = steps["evaluate.py: prompt-following score 64x96, 1 steps"]
+    assert score[score.index("--width") + 1:score.index("--width") + 4] == ["64", "--height", "96"]
+    assert score[score.index("--out") + 1] == "data/demo_bucketed/eval/64x96/steps_1"
     phase_data = phase["datasets"][0]
     assert [phase_data["latents"], phase_data["captions"], phase["text_encoder"]] == \
         [train[train.index("--datasets") + 1].split(":")[0], train[train.index("--datasets") + 1].split(":")[1],
@@ -126,14 +130,22 @@ def test_metadata_passes_02_as_the_demo_runs_it(tmp_path):
     d = run.folders(tmp_path)
     scenes = shapes.write_dataset(d.www, d.meta / "part-00000.parquet", 40, 0, SIZE, "http://127.0.0.1:9")
     assert sorted(p.name for p in d.www.iterdir()) == [f"{i:06d}.png" for i in range(40)]
-    args = argparse.Namespace(resolution=SIZE, vae_steps=1, nproc=1, n=1, steps=1, cfg=1.0, seed=0, bucketed=False,
+    args = argparse.Namespace(resolution=SIZE, vae_steps=1, nproc=1, n=1, steps=1, guidance_scale=1.0, seed=0,
+                              prediction_type="flow", loss_weighting="none", score_steps=[2, 8], bucketed=False,
                               max_steps=0)
-    argv = [str(a) for a in dict(run.script_steps(args, d))["02 filter metadata"]]
+    steps = dict(run.script_steps(args, d))
+    argv = [str(a) for a in steps["02 filter metadata"]]
     out = subprocess.run(argv, cwd=run.REPO, capture_output=True, text=True, check=True).stdout
     assert summary_value(out, "rows in") == summary_value(out, "kept") == 40
     kept = pq.read_table(d.filtered / "part-00000.parquet").to_pydict()
     assert kept["caption"] == [s.caption for s in scenes]
     assert kept["url"] == [f"http://127.0.0.1:9/{i:06d}.png" for i in range(40)]
+    # another objective: its own run folder on the same data, one score per step count
+    flow = run.folders(tmp_path, "flow")
+    assert flow.latents == d.latents and flow.run == tmp_path / "run_flow" and d.run == tmp_path / "run"
+    train = " ".join(map(str, steps["train the UNet (torchrun, gloo)"]))
+    assert train.endswith(f"--out_dir {d.run} --prediction_type flow --loss_weighting none")
+    assert [t for t in steps if t.startswith("evaluate.py")][-1] == "evaluate.py: prompt-following score, 8 steps"
 
 
 @pytest.mark.slow

@@ -323,6 +323,7 @@ def test_bad_input_gives_one_clear_error(tiny_ckpt, tiny_clip_model, inception_f
 def test_cli_shapes_prints_one_prompt_following_line(tiny_ckpt, tmp_path):
     r = evaluate(tmp_path, tiny_ckpt, "--shapes", "--shapes_seeds", "1", "--batch_size", "8")
     assert r.returncode == 0, r.stderr
+    assert r.stderr.count("ddim x8:   0%|          | 0/2") == 3      # a steps bar per batch of 8 images
     lines = [line for line in r.stdout.splitlines() if line.startswith("prompt-following:")]
     assert len(lines) == 1 and re.fullmatch(r"prompt-following: color [01]\.\d\d shape [01]\.\d\d", lines[0])
     color, shape = map(float, re.findall(r"\d\.\d\d", lines[0]))

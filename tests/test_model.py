@@ -13,7 +13,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.torch import load_file, save_file
 
 import SD_Model as M
-from conftest import ROOT
+from conftest import ROOT, fake_model
 
 
 def rel_err(a, b):
@@ -344,12 +344,6 @@ def test_loss_weightings_are_finite_at_zero_terminal_snr():
 
 # --- samplers --------------------------------------------------------------------------------------------
 
-def fake_model(x, t):
-    """A fixed nonlinear stand-in for the UNet."""
-    t = float(t)
-    return 0.3 * torch.tanh(x) * torch.cos(torch.tensor(t / 300.0)) + 0.1 * torch.sin(torch.tensor(t / 97.0))
-
-
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("spacing,eta", [("leading", 0.0), ("trailing", 0.0), ("leading", 0.7)])
 def test_ddim_matches_diffusers_step_for_step(prediction, spacing, eta):
@@ -400,7 +394,7 @@ def test_zero_terminal_snr_models_sample_from_pure_noise():
     ztsnr = M.NoiseSchedule(prediction_type="v_prediction", zero_terminal_snr=True)
     assert M.Pipeline(None, None, None, ztsnr).spacing == "trailing"
     assert M.Pipeline(None, None, None, M.NoiseSchedule()).spacing == "leading"
-    assert M.diffusers_scheduler_config(ztsnr)["timestep_spacing"] == "trailing"
+    assert M.diffusers_scheduler_config(ztsnr)[1]["timestep_spacing"] == "trailing"
     assert M.sampling_timesteps(ztsnr, 25, M.default_spacing(ztsnr))[0] == 999
     assert ztsnr.alphas_cumprod[-1] == 0
 
@@ -415,6 +409,93 @@ def test_ddim_does_not_clamp_x0_by_default():
     M.sample_ddim(lambda x, t: torch.zeros_like(x), x, M.NoiseSchedule(), 5, clip_x0=1.0,
                   callback=lambda i, t, xi, x0: clamped.append(x0))
     assert clamped[0].max() <= 1.0
+
+
+# --- rectified flow --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [1, 2, 28])
+@pytest.mark.parametrize("sampler", ["flow_euler", "flow_heun"])
+def test_flow_samplers_match_diffusers_step_for_step(sampler, steps, shift):
+    """sample_flow_euler / _heun against diffusers' FlowMatchEulerDiscreteScheduler / FlowMatchHeunDiscreteScheduler
+    (their sigma grid included): every step's latents within 1e-5 (Heun's intermediate Euler predictions are the
+    scheduler's odd steps and not compared)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+    ref = (FlowMatchEulerDiscreteScheduler if sampler == "flow_euler" else FlowMatchHeunDiscreteScheduler)(shift=shift)
+    ref.set_timesteps(steps)
+    schedule = M.NoiseSchedule(prediction_type="flow", flow_shift=shift)
+    ours_sigmas = M.flow_sigmas(schedule, steps)
+    heun_sigmas = torch.cat([ref.sigmas[:1], ref.sigmas[1::2]])                 # the scheduler repeats each one
+    assert torch.equal(ours_sigmas, ref.sigmas if sampler == "flow_euler" else heun_sigmas)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    xr, ref_traj = x.clone(), []
+    for i, t in enumerate(ref.timesteps):
+        xr = ref.step(fake_model(xr, t), t, xr).prev_sample
+        if sampler == "flow_euler" or i % 2 == 1 or i == len(ref.timesteps) - 1:
+            ref_traj.append(xr)
+    ours_traj, seen_t = [], []
+    M.SAMPLERS[sampler](fake_model, x.clone(), schedule, steps,
+                        callback=lambda i, t, xi, x0: (ours_traj.append(xi), seen_t.append(t)))
+    assert len(ours_traj) == len(ref_traj) == steps
+    assert max((a - b).abs().max().item() for a, b in zip(ref_traj, ours_traj)) <= 1e-5
+    assert seen_t == ref.timesteps[::1 if sampler == "flow_euler" else 2].tolist()   # the UNet's 0..T input
+
+
+def test_flow_forward_process_target_and_loss_weights_match_the_formula():
+    """x = (1 - s) x0 + s noise, target noise - x0, s = t / T; each weighting is its x0-space weight times s^2 (the
+    velocity loss weighs the x0 error by 1 / s^2), from SNR = ((1 - s) / s)^2 in float64; finite at s = 0 and 1."""
+    s = M.NoiseSchedule(prediction_type="flow")
+    t = torch.tensor([1.0, 37.5, 250.0, 500.0, 812.25, 999.0])
+    x0, noise = torch.randn(6, 4, 8, 8), torch.randn(6, 4, 8, 8)
+    sig = (t.double() / 1000)[:, None, None, None]
+    torch.testing.assert_close(s.q_sample(x0, t, noise).double(), (1 - sig) * x0.double() + sig * noise.double())
+    torch.testing.assert_close(s.target(x0, t, noise), noise - x0)
+    sig, gamma = t.double() / 1000, 3.0
+    snr = ((1 - sig) / sig) ** 2
+    w_x0 = {"none": 1 / sig ** 2, "min_snr": snr.clamp(max=gamma), "soft_min_snr": 1 / (1 / snr + 1 / gamma),
+            "debiased": snr.sqrt().clamp(max=1000 ** 0.5)}
+    for name, w in w_x0.items():
+        # rtol: 1 - s in float32 near s = 1 (1 - 0.999 has 4 significant digits there)
+        torch.testing.assert_close(s.loss_weight(t, name, gamma).double(), w * sig ** 2, rtol=1e-4, atol=0, msg=name)
+        assert torch.isfinite(s.loss_weight(torch.tensor([0.0, 1000.0]), name, gamma)).all(), name
+    with pytest.raises(M.UserError, match="a flow model reaches pure noise at t = T"):
+        M.NoiseSchedule(prediction_type="flow", zero_terminal_snr=True)
+    with pytest.raises(M.UserError, match="flow_shift and flow_logit_std must be positive"):
+        M.NoiseSchedule(prediction_type="flow", flow_shift=0.0)
+    with pytest.raises(M.UserError, match="unknown flow_t_density 'lognormal'"):
+        M.NoiseSchedule(prediction_type="flow", flow_t_density="lognormal")
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_training_sigmas_follow_the_logit_normal_and_the_shift(shift):
+    """SD3's rf/lognorm(m, s): logit of the unshifted sigma is N(m, s) (mean and std within 4 standard errors over
+    4000 per-sample Philox streams); uniform gives mean 1/2. t is a float on the 0..T scale."""
+    import numpy as np
+    n = 4000
+
+    def draws(**kw):
+        draw = M.NoiseSchedule(prediction_type="flow", flow_shift=shift, **kw).draw_train_t
+        t = np.array([draw(np.random.Generator(np.random.Philox(counter=[0, i, 0, 0], key=[0, 0]))) for i in range(n)])
+        sig = t / 1000
+        assert isinstance(draw(np.random.default_rng(0)), float) and 0 < sig.min() and sig.max() <= 1
+        return sig / (shift - (shift - 1) * sig)                 # time_shift undone
+    logit = np.log(1 / draws(flow_logit_mean=0.5, flow_logit_std=0.8) - 1) * -1
+    assert abs(logit.mean() - 0.5) < 4 * 0.8 / n ** 0.5 and abs(logit.std() - 0.8) < 4 * 0.8 / (2 * n) ** 0.5
+    assert abs(draws(flow_t_density="uniform").mean() - 0.5) < 4 * (1 / 12) ** 0.5 / n ** 0.5
+    assert M.time_shift(0.5, 3.0) == 0.75 and M.resolution_shift(512) == 2.0
+    assert M.NoiseSchedule().draw_train_t(np.random.default_rng(0)) in range(1000)   # eps / v: DDPM's integers
+
+
+def test_samplers_refuse_the_other_objective():
+    flow, eps = M.NoiseSchedule(prediction_type="flow"), M.NoiseSchedule()
+    assert M.default_sampler(flow) == "flow_euler" and M.default_sampler(eps) == "ddim"
+    with pytest.raises(M.UserError, match=r"sampler 'ddim' does not fit this flow model; use one of \['flow_euler', "
+                                          r"'flow_heun'\]"):
+        M.check_sampler_fits("ddim", flow)
+    with pytest.raises(M.UserError, match="sampler 'flow_heun' does not fit this epsilon model"):
+        M.check_sampler_fits("flow_heun", eps)
+    with pytest.raises(M.UserError, match="deterministic ODE solvers; eta must be 0"):
+        M.sample_flow_euler(fake_model, torch.zeros(1, 4, 2, 2), flow, 2, eta=0.5)
 
 
 def test_cfg_wrapper_formula_and_negative_prompt():

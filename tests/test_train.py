@@ -3,6 +3,8 @@ then the real script end to end on the `small` UNet, a tiny local CLIP and VAE a
 encode_latents / 05 contract: overfitting, grad accumulation and DDP equivalence, SIGKILL + resume bitwise, a kill
 in the middle of a checkpoint write, FSDP2 checkpoint/resume, NaN stop, --init, and every bad input's error."""
 import importlib.util
+import io
+import json
 import math
 import os
 import re
@@ -27,6 +29,7 @@ from tiny_models import save_tiny_clip, save_tiny_vae
 
 REPO = Path(__file__).resolve().parents[1]
 RES, LATENT = 64, (4, 8, 8)                           # the `tiny` phase: 64 px images, 8x8 latents
+DRAW_T = SD_Model.NoiseSchedule().draw_train_t       # DDPM's integer timesteps
 # aspect buckets at 64 px for the tiny VAE (8x): square, landscape, portrait (encode_latents.py --buckets' layout)
 BUCKET_SIZES, BUCKET_SHAPES = [(64, 64), (80, 48), (48, 80)], [(4, 8, 8), (4, 6, 10), (4, 10, 6)]
 
@@ -46,9 +49,9 @@ def write_dataset(root, name, n_train, n_val, tokenizer, seed, scaling_factor, v
     keys = [f"{name}{i:05d}" for i in range(n_train + n_val)]
     bucket = rng.choice(3, len(keys), p=[0.5, 0.3, 0.2]) if bucketed else np.zeros(len(keys), int)
     lat.mkdir(parents=True)
-    for k, b in zip(keys, bucket):
-        if latents_for is None or k in latents_for:
-            sd_latents.write_latent(lat, k, rng.standard_normal(BUCKET_SHAPES[b]).astype(np.float16))
+    for k in (keys if latents_for is None else latents_for):      # latents_for may name keys with no caption
+        b = bucket[keys.index(k)] if k in keys else 0
+        sd_latents.write_latent(lat, k, rng.standard_normal(BUCKET_SHAPES[b]).astype(np.float16))
     info = {"vae": str(vae), "scaling_factor": scaling_factor, "resolution": RES, "latent_shape": list(LATENT),
             "dtype": "float16", "count": len(keys)}
     if bucketed:
@@ -238,6 +241,18 @@ def test_flags_override_phases_with_type_checks(tmp_path):
         resolve("--phase", "p", "--phases_file", str(bad))
     with pytest.raises(SD_Model.UserError, match="zero_terminal_snr needs prediction_type v_prediction"):
         resolve("--phase", "tiny", "--synthetic", "8", "--zero_terminal_snr", "true")
+    flow = resolve("--phase", "tiny", "--prediction_type", "flow", "--flow_shift", "auto", "--resolution", "512")
+    assert flow["flow_shift"] == 2.0 and flow["flow_t_density"] == "logit_normal"   # SD3's sqrt(512^2 / 256^2)
+    assert SD_Model.NoiseSchedule.from_dict(flow).flow and "flow_shift" in SD_Train.RUN_IDENTITY
+    for argv, message in [(["--prediction_type", "flow", "--zero_terminal_snr", "true"], "reaches pure noise at t = T"),
+                          (["--prediction_type", "rf"], r"'rf' is not one of \['epsilon', 'v_prediction', 'flow'\]"),
+                          (["--flow_shift", "-1"], "flow_shift and flow_logit_std must be positive"),
+                          (["--flow_shift", "big"], "--flow_shift: expected a number"),
+                          (["--ema_every", "0"], r"ema_every must be at least 1 \(got 0\)"),
+                          (["--ema_device", "gpu"], r"'gpu' is not one of \['model', 'cpu'\]"),
+                          (["--fsdp", "true", "--ema_device", "cpu"], "FSDP already shards the EMA|--fsdp already")]:
+        with pytest.raises(SD_Model.UserError, match=message):
+            resolve("--phase", "tiny", *argv)
 
 
 #################################################################################
@@ -308,12 +323,39 @@ def test_ema_matches_a_hand_computation():
         torch.testing.assert_close(e.double(), h, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", ["model", "cpu"])
+def test_ema_every_n_steps_matches_a_hand_computation(device):
+    """EMA every 3 steps with decay_at(step) ** 3, folded in after steps 2, 5, 8, ... (from 0) and unchanged in
+    between; the CPU path (staging copy + worker thread) is bit for bit the in-place one on a CPU machine."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    every, max_decay = 3, 0.9
+    ema = SD_Train.EMA(params, device, every, max_decay)
+    hand = [p.double().clone() for p in params]
+    for s in range(12):
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g))
+        before = [e.clone() for e in ema.tensors]
+        ema.update(s)
+        if (s + 1) % every == 0:
+            d = SD_Train.ema_decay_at(s, max_decay) ** every
+            hand = [d * h + (1 - d) * p.double() for h, p in zip(hand, params)]
+            ref = [e.clone() for e in before]
+            SD_Train.ema_update_(ref, params, d)
+            assert all(torch.equal(a, b) for a, b in zip(ema.tensors, ref))           # bitwise the in-place update
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(ema.tensors, before))
+        for e, h in zip(ema.tensors, hand):
+            torch.testing.assert_close(e.double(), h, rtol=1e-6, atol=1e-6)
+    ema.close()
+
+
 def test_cfg_dropout_rate_and_substitution():
     p, n = 0.15, 4000
-    _, drop, _ = sd_latents.sample_randomness(0, 0, range(n), (1, 1, 1), 1000, p)
+    _, drop, _ = sd_latents.sample_randomness(0, 0, range(n), (1, 1, 1), DRAW_T, p)
     tolerance = 4 * math.sqrt(p * (1 - p) / n)                                  # 4 sigma
     assert abs(drop.float().mean().item() - p) < tolerance
-    _, none, _ = sd_latents.sample_randomness(0, 0, range(100), (1, 1, 1), 1000, 0.0)
+    _, none, _ = sd_latents.sample_randomness(0, 0, range(100), (1, 1, 1), DRAW_T, 0.0)
     assert not none.any()
     context, uncond = torch.randn(6, 77, 32), torch.randn(1, 77, 32)
     drop = torch.tensor([True, False, False, True, False, False])
@@ -322,17 +364,17 @@ def test_cfg_dropout_rate_and_substitution():
 
 
 def test_sample_randomness_is_a_function_of_the_sample_position_only():
-    whole = sd_latents.sample_randomness(3, 2, range(8), LATENT, 1000, 0.5)
-    halves = [sd_latents.sample_randomness(3, 2, r, LATENT, 1000, 0.5) for r in (range(0, 4), range(4, 8))]
+    whole = sd_latents.sample_randomness(3, 2, range(8), LATENT, DRAW_T, 0.5)
+    halves = [sd_latents.sample_randomness(3, 2, r, LATENT, DRAW_T, 0.5) for r in (range(0, 4), range(4, 8))]
     for i in range(3):
         assert torch.equal(whole[i], torch.cat([h[i] for h in halves]))
-    other_epoch = sd_latents.sample_randomness(3, 3, range(8), LATENT, 1000, 0.5)
+    other_epoch = sd_latents.sample_randomness(3, 3, range(8), LATENT, DRAW_T, 0.5)
     assert not torch.equal(whole[2], other_epoch[2])
 
 
 def test_noise_offset_adds_one_constant_per_sample_and_channel():
-    t, drop, noise = sd_latents.sample_randomness(3, 2, range(8), LATENT, 1000, 0.5)
-    t_off, drop_off, noise_off = sd_latents.sample_randomness(3, 2, range(8), LATENT, 1000, 0.5, noise_offset=0.1)
+    t, drop, noise = sd_latents.sample_randomness(3, 2, range(8), LATENT, DRAW_T, 0.5)
+    t_off, drop_off, noise_off = sd_latents.sample_randomness(3, 2, range(8), LATENT, DRAW_T, 0.5, noise_offset=0.1)
     assert torch.equal(t, t_off) and torch.equal(drop, drop_off)          # the other draws are unchanged
     offset = noise_off - noise                                             # (8, C, h, w)
     assert torch.allclose(offset, offset[:, :, :1, :1].expand_as(offset), atol=1e-6)
@@ -407,11 +449,11 @@ def test_bucketed_batches_have_one_shape_per_step_on_both_ranks_and_resume_exact
     cfg = {"batch_size": 2, "grad_accum": 2, "seed": 0, "cfg_dropout": 0.1, "noise_offset": 0.0}
     order = mix.epoch_order(0, 0, 8)
     assert len(order) == 8 * mix.steps_per_epoch(8) == 32                         # 49 samples: 4 whole steps of 8
-    ranks = [list(sd_latents.step_batches(mix, order, 0, cfg, 2, r, 0, 1000, pin=False)) for r in (0, 1)]
+    ranks = [list(sd_latents.step_batches(mix, order, 0, cfg, 2, r, 0, DRAW_T, pin=False)) for r in (0, 1)]
     for (p0, micro0), (p1, micro1) in zip(*ranks):
         assert p0 == p1 and len({tuple(mb["latents"].shape[1:]) for mb in micro0 + micro1}) == 1
         assert all(mb["noise"].shape == mb["latents"].shape for mb in micro0 + micro1)
-    resumed = list(sd_latents.step_batches(mix, order, 3, cfg, 2, 1, 0, 1000, pin=False))
+    resumed = list(sd_latents.step_batches(mix, order, 3, cfg, 2, 1, 0, DRAW_T, pin=False))
     assert [p for p, _ in resumed] == [3] and all(torch.equal(a[k], b[k]) for a, b in zip(resumed[0][1], ranks[1][3][1])
                                                   for k in a)
 
@@ -422,6 +464,19 @@ def test_bucketed_batches_have_one_shape_per_step_on_both_ranks_and_resume_exact
 
 def run_main(*argv):
     SD_Train.main(SD_Train.parse_args([str(a) for a in argv]))
+
+
+def test_key_sets_that_disagree_are_counted_both_ways(tiny):
+    """Captions without a latent (a tar encoded but tokenized short) and latents without a caption (a tar tokenized
+    while still being written: issue 15's 10 lost captions) are both counted; SD_Train prints each as a note."""
+    keys = [f"mix{i:05d}" for i in range(10)]        # 8 train + 2 validation captions
+    tok = SD_Model.load_tokenizer(tiny.clip)
+    pair = write_dataset(tiny.root, "mix", 8, 2, tok, 6, tiny.scaling_factor, tiny.vae,
+                         latents_for=keys[3:] + ["mix99990", "mix99991", "mix99992"])
+    text = SD_Model.FrozenTextEncoder(tiny.clip)
+    source, dropped, orphans = sd_latents.open_source({"latents": str(pair[0]), "captions": str(pair[1])}, "train",
+                                                      RES, 4, text)
+    assert (len(source), dropped, orphans) == (5, 3, 3)
 
 
 def test_each_bad_input_gets_its_clear_error(tiny, tmp_path, monkeypatch):
@@ -638,6 +693,40 @@ def test_ema_in_the_run_matches_a_hand_computation(single_run):
         d = SD_Train.ema_decay_at(step, 0.9999)
         for k, e in cur["ema"].items():
             torch.testing.assert_close(e, d * prev["ema"][k] + (1 - d) * cur["unet"][k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_flow_run_with_cpu_ema_every_3_resumes_bitwise_and_equals_the_in_place_ema(tiny, tmp_path, monkeypatch):
+    """A rectified-flow run (logit-normal sigmas, shift 3, SD3's plain loss) with its EMA in host memory, folded in
+    every 3 steps: the checkpoints record the objective; resumed from step 3 it ends bit for bit as the
+    uninterrupted run; the EMA moves only after steps 3 and 6, by the hand formula with decay ** 3; and the in-place
+    EMA (--ema_device model) gives the same bits. In-process runs: 6 steps each."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+
+    def run(out, *extra):
+        run_main(*base_args(tiny, out), "--prediction_type", "flow", "--flow_shift", 3, "--loss_weighting", "none",
+                 "--ema_every", 3, "--ema_decay", 0.9, "--max_steps", 6, "--save_steps", 1, "--val_steps", 3, *extra)
+    run(tmp_path / "a", "--ema_device", "cpu")
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt(tmp_path / "a", 3), ckpt(tmp_path / "b", 3))
+    run(tmp_path / "b", "--ema_device", "cpu", "--resume", "auto")
+    assert "resumed from" in (tmp_path / "b" / "train.log").read_text()
+    assert_same_state(ckpt(tmp_path / "a", 6), ckpt(tmp_path / "b", 6))
+    run(tmp_path / "c", "--ema_device", "model")
+    assert_same_state(ckpt(tmp_path / "a", 6), ckpt(tmp_path / "c", 6))
+
+    a = {k: load_ckpt(ckpt(tmp_path / "a", k)) for k in range(1, 7)}
+    schedule = a[6]["meta"]["schedule"]
+    assert schedule["prediction_type"] == "flow" and schedule["flow_shift"] == 3.0
+    assert re.search(r"validation at step 3: val/loss_t100 [\d.]+", (tmp_path / "a" / "train.log").read_text())
+    for k in (2, 4, 5):
+        assert_trees_equal(a[k]["ema"], a[k - 1]["ema"], f"ema {k}")
+    for k in (3, 6):
+        d = SD_Train.ema_decay_at(k - 1, 0.9) ** 3
+        for n, e in a[k]["ema"].items():
+            torch.testing.assert_close(e, d * a[k - 1]["ema"][n] + (1 - d) * a[k]["unet"][n], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(a[6]["ema"]["conv_out.weight"], a[5]["ema"]["conv_out.weight"])
 
 
 @pytest.mark.slow
@@ -865,3 +954,135 @@ def test_a_disk_too_small_for_one_checkpoint_is_one_line_before_training(tiny, t
     with pytest.raises(SD_Model.UserError, match=r"has 0.00 GB free but one checkpoint of this UNet takes 0.04 GB"):
         run_main(*base_args(tiny, tmp_path / "run"))
     assert not SD_Train.list_checkpoints(tmp_path / "run")
+
+
+#################################################################################
+#               Watching the run: TensorBoard, the loss curve, the dry run      #
+#################################################################################
+
+def test_logger_choice_maps_the_older_wandb_flag_and_names_a_missing_package(monkeypatch):
+    import importlib.util
+    pick = lambda logger, mode="disabled": SD_Train.pick_loggers({"logger": logger, "wandb": mode})  # noqa: E731
+    assert pick("auto") == (True, None)                           # tensorboard is in requirements.txt
+    assert pick("auto", "offline") == (True, "offline")           # the older `--wandb offline` alone still works
+    assert pick("tensorboard") == (True, None) and pick("none") == (False, None)
+    assert pick("wandb") == (False, "online") and pick("both", "offline") == (True, "offline")
+    with pytest.raises(SD_Model.UserError, match="--wandb offline asks for wandb but --logger tensorboard leaves"):
+        pick("tensorboard", "offline")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name))
+    assert pick("auto") == (False, None)                          # a pod without it: auto only notes it
+    with pytest.raises(SD_Model.UserError, match=r"needs the tensorboard package: pip install tensorboard"):
+        pick("both")
+
+
+def tensorboard_events(out):
+    """A run folder's event files, read by TensorBoard's own loader (which applies purge_step as the UI does)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+@pytest.mark.slow
+def test_tensorboard_events_metrics_and_loss_curve_across_a_resume(tiny, tmp_path, monkeypatch):
+    """--logger tensorboard, read back with TensorBoard's EventAccumulator: every scalar of the log line at every
+    step, the validation loss and grid at every validation. A run stopped after logging step 3 whose checkpoint of
+    step 3 was lost resumes at 2: step 3 is logged again and appears once (TensorBoard hides the stopped run's,
+    metrics.jsonl drops it), and loss_curve.png is redrawn at the next validation."""
+    from PIL import Image
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "run"
+    args = [*base_args(tiny, out), "--logger", "tensorboard", "--save_steps", 2, "--val_steps", 2,
+            "--val_prompts", "a red circle|a blue square", "--vae", tiny.vae]
+    run_main(*args, "--max_steps", 3)                                            # validates at 2, saves 2 and 3
+    curve_at_2 = np.asarray(Image.open(out / "loss_curve.png"))
+    ckpt(out, 3).unlink()
+    run_main(*args, "--max_steps", 4, "--resume", "auto")                        # from step 2; validates at 4
+    events = tensorboard_events(out)
+    train_tags = {"train/loss", "train/mse", "train/lr", "train/grad_norm", "train/img_per_s", "train/rss_gb",
+                  *(f"train/mse_q{i}" for i in range(4))}
+    val_tags = {"val/loss", *(f"val/loss_t{t}" for t in (100, 300, 500, 700, 900))}
+    assert train_tags | val_tags <= set(events.Tags()["scalars"])
+    for tag in train_tags:
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3, 4], tag
+    for tag in val_tags:
+        assert [e.step for e in events.Scalars(tag)] == [2, 4], tag
+    loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert loss == pytest.approx(logged(out, "loss"), abs=1e-4)                  # train.log's (last) line per step
+    lr = {e.step: e.value for e in events.Scalars("train/lr")}
+    assert lr == pytest.approx(logged(out, "lr"), rel=1e-3)
+    grids = events.Images("val/images")
+    assert [g.step for g in grids] == [2, 4] and (grids[1].width, grids[1].height) == (2 * RES, RES)
+    grid = np.asarray(Image.open(io.BytesIO(grids[1].encoded_image_string)).convert("RGB"))
+    assert np.array_equal(grid, np.asarray(Image.open(out / "samples" / "step_00000004.png").convert("RGB")))
+    # metrics.jsonl: each step once, the same values; the curve was redrawn with the steps after 2
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "train/loss" in h] == [1, 2, 3, 4]
+    assert [h["step"] for h in history if "val/loss" in h] == [2, 4]
+    assert {h["step"]: h["train/loss"] for h in history if "train/loss" in h} == pytest.approx(loss, rel=1e-6)
+    curve_at_4 = np.asarray(Image.open(out / "loss_curve.png"))
+    assert curve_at_4.shape == curve_at_2.shape == (520, 900, 3) and not np.array_equal(curve_at_4, curve_at_2)
+
+
+def test_loss_curve_puts_each_point_on_a_log_axis():
+    """Two series drawn by draw_loss_curve: the points' pixels carry their series' colour where a log axis puts
+    them (three decades apart -> evenly spaced rows), and non-finite or non-positive values are left out."""
+    steps = [0, 50, 100]
+    img = np.asarray(SD_Train.draw_loss_curve({"a": [(s, v) for s, v in zip(steps, (1.0, 0.1, 0.01))],
+                                               "b": [(50, float("nan")), (60, 0.0), (100, 1.0)]}))
+
+    def colour_rows(colour):
+        ys, xs = np.nonzero((np.abs(img.astype(int) - colour).sum(-1) < 30))
+        return ys, xs
+    ys, xs = colour_rows((31, 119, 180))
+    dots = [ys[np.abs(xs - x) <= 1].mean() for x in (xs.min() + 3, (xs.min() + xs.max()) / 2, xs.max() - 3)]
+    assert abs((dots[1] - dots[0]) - (dots[2] - dots[1])) < 3 and dots[2] > dots[1] > dots[0]   # equal decades
+    ys_b, xs_b = colour_rows((255, 127, 14))
+    assert len(ys_b) and xs_b.max() > xs.max() - 5                               # b's one finite point, at step 100
+
+
+def summary_rows(output):
+    """{label: value} of every printed summary table row."""
+    return {k.strip(): v.strip() for line in output.splitlines() if " | " in line for k, v in [line.split(" | ", 1)]}
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "runs" / "tiny"
+    before = sorted(tmp_path.rglob("*"))
+    run_main(*base_args(tiny, out), "--epochs", 2, "--save_steps", 3, "--keep_last", 2, "--dry_run", 2)
+    assert sorted(tmp_path.rglob("*")) == before and not out.exists()           # not even the run folder
+    text = capsys.readouterr().out
+    rows = summary_rows(text)
+    n = sum(p.numel() for p in SD_Model.build_unet("small").parameters())
+    ckpt_gb = 16 * n * 1.02 / 1e9
+    assert rows["UNet parameters"] == f"{n:,}" and rows["dataset latents:train"] == "32"
+    assert rows["samples per epoch"] == "32" and rows["global batch"] == "4 (4 x 1 accum x 1 ranks)"
+    assert rows["steps"] == "8/epoch x 2 epochs = 16"
+    assert re.fullmatch(r"\d+\.\d{3} s \(median of 2, fp32 on cpu\)", rows["step time"])
+    sec = float(rows["step time"].split()[0])
+    assert re.fullmatch(r"[\d,.]+ \([\d,.]+ per rank\)", rows["img/s"]) and rows["MFU"] == "n/a (CPU)"
+    hours = lambda label: float(rows[label].split()[0].replace(",", ""))  # noqa: E731
+    assert rows["estimated hours"].endswith(" for 16 steps") and hours("estimated hours") == \
+        pytest.approx(16 * sec / 3600, abs=0.006)                               # sec as printed, to 1 ms
+    assert re.fullmatch(r"\d+\.\d\d GB RSS \(CPU\)", rows["memory"])
+    # checkpoints at steps 3, 6, 8 (epoch end), 9, 12, 15 and 16 (epoch end, last): 7, at most 2 + 1 on disk
+    assert rows["checkpoints"] == f"{ckpt_gb:.2f} GB each, 7 written, 3 on disk at once (keep_last 2)"
+    assert rows["disk needed"] == f"{(3 * 16 * n * 1.02 + 2 * n) / 1e9:.2f} GB (checkpoints + {2 * n / 1e9:.2f} GB " \
+                                  "EMA export)"
+    assert rows["disk free"].endswith(f"at {tmp_path}: room enough")
+    assert hours("8 processes: global batch 32, 2 steps") == pytest.approx(2 * 32 / (4 / sec * 8) / 3600, abs=0.006)
+    assert "note: these are CPU figures" in text
+    # with buckets: whole steps of one bucket (each bucket's leftover dropped), timed at the largest bucket
+    run_main(*base_args(tiny, out, tiny.bucketed), "--buckets", "true", "--dry_run", 1)
+    records = sd_latents.read_bucket_records(tiny.bucketed[0])
+    per_bucket = np.bincount([records[f"bucketed{i:05d}"] for i in range(40)], minlength=3)     # the train split
+    steps = int((per_bucket // 4).sum())
+    assert summary_rows(capsys.readouterr().out)["steps"] == f"{steps}/epoch x 1 epochs = {steps}" and steps < 40 // 4
+    for bad in (0, -1, "abc"):
+        with pytest.raises(SD_Model.UserError, match=rf"--dry_run STEPS: how many steps to time, at least 1 \(got "
+                                                     rf"'{bad}'\)"):
+            run_main(*base_args(tiny, out), "--dry_run", bad)
