@@ -14,13 +14,17 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# Tests run in 2 pytest workers (pytest-xdist), one thread each: most tests launch small scripts whose start-up and
+# tiny tensors keep one core busy, so two at a time use both cores.
+TEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
+
 # Everything, what CI runs (.ci/run): the unit tests and the real scripts end to end on tiny local models and data.
 test: setup
-	$(PY) -m pytest -q tests
+	$(TEST) tests
 
 # The inner loop: pure pieces and in-process tests (no script launched, no full-size model), under 2 minutes.
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	$(TEST) -m "not slow" tests
 
 # The whole pipeline, offline, on generated colored shapes: ~20 minutes on 2 CPU cores (plus the install), everything under data/demo/
 # (a re-run reuses finished steps; delete data/demo/ to start over). Ends with `prompt-following: color C shape S`.

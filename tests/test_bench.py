@@ -114,7 +114,10 @@ def test_kernel_profile_appends_the_top_kernels_by_kind(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = results(tmp_path)
     assert "| kernel | calls | ms | share | kind |" in text and "by_kind=" in text
-    assert len([line for line in text.splitlines() if line.startswith("| aten::")]) == 5
+    lines = text.splitlines()
+    start = lines.index("| kernel | calls | ms | share | kind |") + 2                 # past the header and its rule
+    rows = [line for line in lines[start:start + 6] if line.startswith("| ")]
+    assert len(rows) == 5                    # CPU ops need not all be aten:: ones (autograd / optimizer records)
 
 
 @pytest.mark.parametrize("args,message", [
