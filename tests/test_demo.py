@@ -90,12 +90,12 @@ def test_non_square_scenes_fit_their_images_and_classify_exactly():
     scenes = shapes.random_scenes(300, seed=0, size=sizes)
     for (w, h), s in zip(shapes.image_sizes(300, sizes), scenes):
         x0, y0, x1, y1 = s.box
-        assert 2 <= x0 < x1 <= w - 2 and 2 <= y0 < y1 <= h - 2 and 0.3 * 64 <= x1 - x0 <= 0.65 * 64
+        assert 2 <= x0 < x1 <= w - 2 and 2 <= y0 < y1 <= h - 2 and shapes.MIN_SIDE * 64 <= x1 - x0 <= shapes.MAX_SIDE * 64
     images = [shapes.render(s, w, h) for (w, h), s in zip(shapes.image_sizes(300, sizes), scenes)]
     assert images[0].shape == (64, 96, 3) and images[1].shape == (96, 64, 3)
     assert shapes.score(images, [s.caption for s in scenes]) == (1.0, 1.0)
     rng = np.random.default_rng(3)                       # the square generator before it took (width, height)
-    side = rng.uniform(0.3, 0.65) * SIZE
+    side = rng.uniform(shapes.MIN_SIDE, shapes.MAX_SIDE) * SIZE
     x0, y0 = rng.uniform(2, SIZE - 2 - side, size=2)
     assert shapes.random_scenes(1, 3, SIZE)[0].box == (x0, y0, x0 + side, y0 + side)
 
