@@ -8,8 +8,8 @@ measurement (no LAION metadata is reachable offline here), so the per-aspect row
 
   python bench/buckets.py crop                              # the assumed mix, buckets of 512
   python bench/buckets.py crop --meta data/laion_filtered   # your data's own aspects
-  python bench/buckets.py speed --config small --res 256    # img/s: each bucket, the mix, the square
-  python bench/buckets.py compile --config small --res 256  # CPU: compile seconds per bucket
+  python bench/buckets.py speed --config small --resolution 256    # img/s: each bucket, the mix, the square
+  python bench/buckets.py compile --config small --resolution 256  # CPU: compile seconds per bucket
 """
 import time
 
@@ -46,7 +46,7 @@ def aspects(args):
 
 
 def crop(args):
-    buckets = sd_data.aspect_buckets(args.res, args.multiple)
+    buckets = sd_data.aspect_buckets(args.resolution, args.multiple)
 
     def kept(r):
         b = buckets[sd_data.nearest_bucket(r, 1.0, buckets)]
@@ -62,7 +62,7 @@ def crop(args):
     rows.append(["  images losing > 10% of their area", "", f"{(both[:, 0] < 0.9).mean():.1%}",
                  f"{(both[:, 1] < 0.9).mean():.1%}"])
     append_results(torch.device("cpu"), "Aspect buckets: image area kept (bench/buckets.py crop)",
-                   dict(res=args.res, multiple=args.multiple, buckets=len(buckets)),
+                   dict(resolution=args.resolution, multiple=args.multiple, buckets=len(buckets)),
                    ["aspect (w:h)", "bucket", "area kept, buckets", "area kept, centre square"], rows)
 
 
@@ -70,9 +70,9 @@ def unet_and_batches(args, device, sizes):
     """The named UNet (its from-scratch init) and one random (latents, t, context) batch per (width, height)."""
     cfg = M.unet_config(args.config)
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(args.batch, cfg.in_channels, h // 8, w // 8, generator=g).to(device),
-                torch.randint(0, 1000, (args.batch,), generator=g).to(device),
-                torch.randn(args.batch, 77, cfg.context_dim, generator=g).to(device)) for w, h in sizes]
+    batches = [(torch.randn(args.batch_size, cfg.in_channels, h // 8, w // 8, generator=g).to(device),
+                torch.randint(0, 1000, (args.batch_size,), generator=g).to(device),
+                torch.randn(args.batch_size, 77, cfg.context_dim, generator=g).to(device)) for w, h in sizes]
     torch.manual_seed(0)
     return M.UNet(cfg).initialize_weights().to(device).train(), batches
 
@@ -89,19 +89,20 @@ def speed(args):
     """img/s of the eager training step per bucket and at the square base, timed call by call in turn (a busy
     neighbour hits all alike); the bucketed figure weighs the buckets as the mix of `aspects` fills them."""
     device = pick_device(args.device)
-    buckets = sd_data.aspect_buckets(args.res, 64)
-    unet, batches = unet_and_batches(args, device, buckets + [(args.res, args.res)])
+    buckets = sd_data.aspect_buckets(args.resolution, 64)
+    unet, batches = unet_and_batches(args, device, buckets + [(args.resolution, args.resolution)])
     sec = time_interleaved({i: (lambda b=b: train_step(unet, b)) for i, b in enumerate(batches)}, args.steps, 1,
                            device)
     share = np.bincount([sd_data.nearest_bucket(r, 1.0, buckets) for r in aspects(args)], minlength=len(buckets))
     share = share / share.sum()
-    mix = args.batch / float(np.dot(share, [sec[i] for i in range(len(buckets))]))
-    square = args.batch / sec[len(buckets)]
-    rows = [[f"{w}x{h}", f"{share[i]:.1%}", f"{args.batch / sec[i]:.2f}"] for i, (w, h) in enumerate(buckets)]
-    rows += [["bucketed, the mix", "100%", f"{mix:.2f}"], [f"square {args.res}x{args.res}", "", f"{square:.2f}"],
+    mix = args.batch_size / float(np.dot(share, [sec[i] for i in range(len(buckets))]))
+    square = args.batch_size / sec[len(buckets)]
+    rows = [[f"{w}x{h}", f"{share[i]:.1%}", f"{args.batch_size / sec[i]:.2f}"] for i, (w, h) in enumerate(buckets)]
+    rows += [["bucketed, the mix", "100%", f"{mix:.2f}"],
+             [f"square {args.resolution}x{args.resolution}", "", f"{square:.2f}"],
              ["bucketed / square", "", f"{mix / square:.3f}x"]]
     append_results(device, "Aspect buckets: training img/s (bench/buckets.py speed)",
-                   dict(config=args.config, res=args.res, batch=args.batch, steps=args.steps,
+                   dict(config=args.config, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,
                         mix="--meta " + args.meta if args.meta else "ASSUMED_MIX"),
                    ["bucket", "share of the mix", "img/s (fwd+bwd)"], rows)
 
@@ -112,7 +113,7 @@ def compile_cost(args):
     recompiles once with symbolic sizes after the second shape)."""
     from torch._dynamo import config as dynamo
     device = pick_device(args.device)
-    buckets = sd_data.aspect_buckets(args.res, 64)
+    buckets = sd_data.aspect_buckets(args.resolution, 64)
     dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(buckets))      # as SD_Train.py sets it
 
     def step(model, batch):
@@ -144,14 +145,14 @@ def compile_cost(args):
     total = {m: "-" if isinstance(runs[m], str) else f"{sum(runs[m][0]):.1f}" for m in (False, None)}
     rows.append(["all buckets", "", total[False], "", total[None], ""])
     append_results(device, "Aspect buckets: torch.compile per bucket (bench/buckets.py compile)",
-                   dict(config=args.config, res=args.res, batch=args.batch, steps=args.steps),
+                   dict(config=args.config, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps),
                    ["bucket", "eager ms/step", "static: 1st step s", "static ms/step", "auto-dynamic: 1st step s",
                     "auto-dynamic ms/step"], rows)
 
 
 def main(args):
-    args.res = args.res or (512 if args.what == "crop" else 256)
-    require_positive(args, "res", "multiple", "images", "batch", "steps")
+    args.resolution = args.resolution or (512 if args.what == "crop" else 256)
+    require_positive(args, "resolution", "multiple", "images", "batch_size", "steps")
     {"crop": crop, "speed": speed, "compile": compile_cost}[args.what](args)
 
 
@@ -159,12 +160,12 @@ if __name__ == "__main__":
     p = arg_parser(__doc__)
     p.add_argument("what", choices=["crop", "speed", "compile"],
                    help="the crop's area figures, training img/s, or the compile cost per bucket")
-    p.add_argument("--res", type=int, default=None, help="base resolution of the buckets (crop: 512, else 256)")
+    p.add_argument("--resolution", type=int, default=None, help="base resolution of the buckets (crop: 512, else 256)")
     p.add_argument("--multiple", type=int, default=64, help="crop: bucket sides are multiples of this (64: SD's VAE)")
     p.add_argument("--meta", default=None, help="crop, speed: LAION parquet folder whose width/height give the aspects")
     p.add_argument("--images", type=int, default=100_000, help="crop, speed: draws from ASSUMED_MIX without --meta")
     p.add_argument("--config", default="small", choices=sorted(M.UNET_CONFIGS), help="speed, compile: UNet config")
-    p.add_argument("--batch", type=int, default=2, help="speed, compile: batch size")
+    p.add_argument("--batch_size", type=int, default=2, help="speed, compile: batch size")
     p.add_argument("--steps", type=int, default=3,
                    help="speed: timed steps per size (the median is kept); compile: steps per bucket after the "
                         "first (the best is kept)")

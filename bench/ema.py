@@ -8,8 +8,8 @@ critical path; the step-time difference to "no EMA" is that plus noise), and the
 Each variant runs a block of consecutive steps (its pending fold waited for at the block's end, so it pays for its
 own), blocks alternating between variants so that a busy neighbour on a shared CPU hits all alike.
 
-  CPU, the demo UNet:  python bench/ema.py --config demo --res 128 --batch 16 --every 10
-  GPU, SD1:            python bench/ema.py --config sd1 --res 512 --batch 8 --dtype bf16 --every 10
+  CPU, the demo UNet:  python bench/ema.py --config demo --resolution 128 --batch_size 16 --every 10
+  GPU, SD1:            python bench/ema.py --config sd1 --resolution 512 --batch_size 8 --dtype bf16 --every 10
 """
 import statistics
 import time
@@ -33,7 +33,7 @@ def build(args, device):
     cfg = M.unet_config(args.config)
     unet = random_unet(cfg).to(device).train()
     opt = SD_Train.build_optimizer(unet.parameters(), {"lr": 1e-5, "weight_decay": 1e-2})
-    return unet, opt, random_batch(cfg, args.batch, args.res, device)
+    return unet, opt, random_batch(cfg, args.batch_size, args.resolution, device)
 
 
 def make_block(unet, opt, batch, ema, args, device, ema_seconds):
@@ -72,8 +72,9 @@ def make_block(unet, opt, batch, ema, args, device, ema_seconds):
 
 
 def main(args):
-    if min(args.batch, args.res, args.every, args.block, args.rounds) < 1 or args.warmup < 0:
-        raise UserError("--batch, --res, --every, --block and --rounds must be at least 1, --warmup 0 or more")
+    if min(args.batch_size, args.resolution, args.every, args.block, args.rounds) < 1 or args.warmup < 0:
+        raise UserError("--batch_size, --resolution, --every, --block and --rounds must be at least 1, --warmup 0 or "
+                        "more")
     if args.block % args.every:
         raise UserError(f"--block {args.block} must be a multiple of --every {args.every} (whole EMA periods per "
                         "block)")
@@ -112,8 +113,8 @@ def main(args):
             e.close()
     with torch.device("meta"):                      # counts only: no 860M-parameter allocation
         sizes = {c: M.count_params(M.UNet(M.unet_config(c))) for c in ("sd1", "sd2")}
-    settings = dict(config=args.config, params=f"{n_params:,}", res=args.res, batch=args.batch, dtype=args.dtype,
-                    steps_per_block=args.block, rounds=args.rounds,
+    settings = dict(config=args.config, params=f"{n_params:,}", resolution=args.resolution,
+                    batch_size=args.batch_size, dtype=args.dtype, steps_per_block=args.block, rounds=args.rounds,
                     fp32_ema_gb=f"{ema_gb(n_params):.3f}",
                     **{f"{c}_fp32_ema_gb_off_the_gpu_with_cpu": f"{ema_gb(n):.2f} ({n:,} params)"
                        for c, n in sizes.items()})
@@ -125,8 +126,8 @@ def main(args):
 if __name__ == "__main__":
     p = arg_parser(__doc__)
     p.add_argument("--config", default="demo", choices=sorted(M.UNET_CONFIGS), help="named UNet config")
-    p.add_argument("--res", type=int, default=128, help="image resolution (latents are res/8)")
-    p.add_argument("--batch", type=int, default=16, help="batch size")
+    p.add_argument("--resolution", type=int, default=128, help="image resolution (latents are resolution/8)")
+    p.add_argument("--batch_size", type=int, default=16, help="batch size")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
     p.add_argument("--every", type=int, default=10, help="N of the every-N-steps variants")
     p.add_argument("--block", type=int, default=20, help="consecutive steps per timed block (a multiple of --every)")

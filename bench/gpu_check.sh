@@ -126,34 +126,35 @@ step() {  # step NAME BOX_SECONDS COMMAND...: run it under `timeout`, within wha
 if [ $part = all ] || [ $part = train ]; then                          # issue 18
     deadline=$(( $(now) + train_s ))
     step tests_train 110 "$py" -m pytest -q -m cuda tests/test_cuda.py -k "$train_tests" -rs "${pytest_dev[@]}"
-    step unet_step_512 60 $bench/unet_step.py --config $model --res $res --batch $bs --dtype bf16 --channels_last \
-        --optimizer --steps $step_s --warmup $warm --device $dev
-    step unet_step_256 50 $bench/unet_step.py --config $model --res $res_small --batch $bs_small --dtype bf16 \
+    step unet_step_512 60 $bench/unet_step.py --config $model --resolution $res --batch_size $bs --dtype bf16 \
         --channels_last --optimizer --steps $step_s --warmup $warm --device $dev
+    step unet_step_256 50 $bench/unet_step.py --config $model --resolution $res_small --batch_size $bs_small \
+        --dtype bf16 --channels_last --optimizer --steps $step_s --warmup $warm --device $dev
     step train_e2e 90 $bench/train_e2e.py --phase $e2e_phase --nproc 1 --steps $e2e_steps --warmup $(( e2e_steps / 2 )) \
         --log_every $(( e2e_steps / 4 )) -- --batch_size $bs --grad_accum 1 --resolution $res --device $dev
-    step compile_mfu 120 $bench/unet_step.py --config $model --res $res --batch $bs --dtype bf16 --channels_last \
-        --optimizer --compile --compile_backend $backend --impl ours --steps $step_s --warmup $warm --device $dev
-    step profile_train 40 $bench/kernel_profile.py --what train --config $model --res $res --batch $bs --dtype bf16 \
-        --channels_last --steps $prof_steps --warmup $warm --device $dev
+    step compile_mfu 120 $bench/unet_step.py --config $model --resolution $res --batch_size $bs --dtype bf16 \
+        --channels_last --optimizer --compile --compile_backend $backend --impl ours --steps $step_s --warmup $warm \
+        --device $dev
+    step profile_train 40 $bench/kernel_profile.py --what train --config $model --resolution $res --batch_size $bs \
+        --dtype bf16 --channels_last --steps $prof_steps --warmup $warm --device $dev
     step sdpa_kernels 20 $bench/kernel_profile.py --what sdpa --dtype bf16 --device $dev
     if [ $dry = 1 ]; then   # CUDA only: the rehearsal checks its one-line refusal on a CPU, and nothing more
         step max_batch 30 bash -c "$bench/max_batch.py --device cpu 2>&1 | tail -1 | grep '^error: .*CUDA'"
     else
-        step max_batch 120 $bench/max_batch.py --config $model --res $res --dtype bf16 --channels_last --limit $limit \
-            --steps 3 --device $dev
+        step max_batch 120 $bench/max_batch.py --config $model --resolution $res --dtype bf16 --channels_last \
+            --limit $limit --steps 3 --device $dev
     fi
 fi
 
 if [ $part = all ] || [ $part = sample ]; then                         # issue 19
     deadline=$(( $(now) + sample_s ))
     step tests_sample 60 "$py" -m pytest -q -m cuda tests/test_cuda.py -k "$sample_tests" -rs "${pytest_dev[@]}"
-    step sample_eager 80 $bench/sample.py --config $model --res $res --steps $steps --dtype fp16 --batch 1 $n \
-        --repeats $reps --device $dev
-    step sample_cuda_graphs 100 $bench/sample.py --config $model --res $res --steps $steps --dtype fp16 --batch 1 \
-        --compile reduce-overhead --impl ours --repeats $reps --device $dev
-    step profile_sample 35 $bench/kernel_profile.py --what sample --config $model --res $res --batch 1 --steps $steps \
-        --dtype fp16 --warmup 1 --device $dev
+    step sample_eager 80 $bench/sample.py --config $model --resolution $res --steps $steps --dtype fp16 \
+        --batch_size 1 $n --repeats $reps --device $dev
+    step sample_cuda_graphs 100 $bench/sample.py --config $model --resolution $res --steps $steps --dtype fp16 \
+        --batch_size 1 --compile reduce-overhead --impl ours --repeats $reps --device $dev
+    step profile_sample 35 $bench/kernel_profile.py --what sample --config $model --resolution $res --batch_size 1 \
+        --steps $steps --dtype fp16 --warmup 1 --device $dev
     step data_pipeline 90 $bench/data_pipeline.py --device $dev --resolution $res --vae $vae --images $images \
         --batch_size 32 --workers $workers --latents $latents --compile
 fi

@@ -3,8 +3,8 @@ step as bench/unet_step.py times it, or of one text-to-image sampling run as ben
 with its share and a kind (conv, GEMM, attention, norm, ...); and which SDPA kernel serves each of SD1's head
 widths (40, 80, 160), forward and backward.
 
-  python bench/kernel_profile.py --what train --config sd1 --res 512 --batch 16 --dtype bf16 --channels_last
-  python bench/kernel_profile.py --what sample --config sd1 --res 512 --steps 50 --dtype fp16
+  python bench/kernel_profile.py --what train --config sd1 --resolution 512 --batch_size 16 --dtype bf16 --channels_last
+  python bench/kernel_profile.py --what sample --config sd1 --resolution 512 --steps 50 --dtype fp16
   python bench/kernel_profile.py --what sdpa
 """
 import re
@@ -64,7 +64,7 @@ def profile_train(args, device):
     model.set_grad_checkpointing(args.grad_ckpt)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    batch = make_batch(cfg, args, device, args.batch)
+    batch = make_batch(cfg, args, device, args.batch_size)
     count_flops(model, batch)                        # as unet_step does (a deep copy): same memory picture
     step = make_step(model, True, args, device, batch)
     for _ in range(args.warmup):
@@ -75,7 +75,7 @@ def profile_train(args, device):
         for _ in range(args.steps):
             step()
         sync(device)
-    return prof, dict(config=args.config, res=args.res, batch=args.batch, dtype=args.dtype,
+    return prof, dict(config=args.config, resolution=args.resolution, batch_size=args.batch_size, dtype=args.dtype,
                       channels_last=args.channels_last, grad_ckpt=args.grad_ckpt, compile=args.compile,
                       optimizer_ema=True, profiled_steps=args.steps)
 
@@ -90,7 +90,8 @@ def profile_sample(args, device):
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead")
 
     def run():
-        M.generate(pipe, [PROMPT] * args.batch, "", args.steps, 7.5, seed=0, height=args.res, width=args.res)
+        M.generate(pipe, [PROMPT] * args.batch_size, "", args.steps, 7.5, seed=0, height=args.resolution,
+                   width=args.resolution)
     for _ in range(args.warmup):
         run()
     sync(device)
@@ -98,8 +99,8 @@ def profile_sample(args, device):
     with profile(activities=activities) as prof:
         run()
         sync(device)
-    return prof, dict(config=args.config, res=args.res, batch=args.batch, steps=args.steps, cfg=7.5,
-                      dtype=args.dtype, compile=args.compile)
+    return prof, dict(config=args.config, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,
+                      cfg=7.5, dtype=args.dtype, compile=args.compile)
 
 
 def sdpa_backend(q, k, v, backward):
@@ -130,9 +131,9 @@ def sdpa_table(device, dtype, batch=2, heads=8):
 
 
 def check_args(args):
-    require_positive(args, "res", "batch", "steps", "top")
-    if args.res % 8:
-        raise UserError(f"--res must be a multiple of 8 (the VAE's downsampling), got {args.res}")
+    require_positive(args, "resolution", "batch_size", "steps", "top")
+    if args.resolution % 8:
+        raise UserError(f"--resolution must be a multiple of 8 (the VAE's downsampling), got {args.resolution}")
     if args.what == "sample" and args.config not in ("sd1", "small"):
         raise UserError("--what sample builds a text encoder and VAE of sd1's or small's size: use --config sd1 or "
                         "small")
@@ -146,7 +147,7 @@ def main(args):
         dtype = pick_dtype(device, args.dtype)
         rows = sdpa_table(device, dtype)
         append_results(device, "SDPA kernel per SD1 head width (bench/kernel_profile.py --what sdpa)",
-                       dict(dtype=args.dtype, batch=2, heads=8, res=512),
+                       dict(dtype=args.dtype, batch_size=2, heads=8, resolution=512),
                        ["where", "head width", "attention", "forward", "forward + backward"], rows)
         return
     prof, settings = (profile_train if args.what == "train" else profile_sample)(args, device)
@@ -162,8 +163,8 @@ if __name__ == "__main__":
     p = arg_parser(__doc__)
     p.add_argument("--what", default="train", choices=["train", "sample", "sdpa"], help="what to profile")
     p.add_argument("--config", default="small", choices=sorted(M.UNET_CONFIGS), help="named UNet config")
-    p.add_argument("--res", type=int, default=256, help="image resolution (latents are res/8)")
-    p.add_argument("--batch", type=int, default=4, help="batch size (train), images per call (sample)")
+    p.add_argument("--resolution", type=int, default=256, help="image resolution (latents are resolution/8)")
+    p.add_argument("--batch_size", type=int, default=4, help="batch size (train), images per call (sample)")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="autocast (train) / weights dtype")
     p.add_argument("--channels_last", action="store_true", help="train: channels_last memory format")
     p.add_argument("--grad_ckpt", action="store_true", help="train: gradient checkpointing")

@@ -5,7 +5,7 @@ run twice per probe so the optimizer state is allocated. Batches are probed by d
 catching CUDA out-of-memory; each result is then timed for img/s, so the table shows what checkpointing
 costs in speed for what it buys in batch.
 
-  GPU:  python bench/max_batch.py --config sd1 --res 512 --dtype bf16 --channels_last
+  GPU:  python bench/max_batch.py --config sd1 --resolution 512 --dtype bf16 --channels_last
 """
 import gc
 import time
@@ -60,7 +60,7 @@ def probe(model, cfg, args, device, batch, timed_steps=0):
 
 
 def main(args):
-    require_positive(args, "res", "limit", "steps")
+    require_positive(args, "resolution", "limit", "steps")
     device = pick_device(args.device)
     if device.type != "cuda":
         raise UserError("the largest batch is a GPU-memory figure; run this on a CUDA device")
@@ -85,7 +85,7 @@ def main(args):
         rows.append([ckpt, best, f"{mem:.1f}", f"{sec * 1e3:.0f}", f"{ips:.1f}", mfu])
         print(f"grad_ckpt={ckpt}: largest batch {best}, {mem:.1f} GiB peak, {ips:.1f} img/s")
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    settings = dict(config=args.config, res=args.res, dtype=args.dtype, channels_last=args.channels_last,
+    settings = dict(config=args.config, resolution=args.resolution, dtype=args.dtype, channels_last=args.channels_last,
                     compile=args.compile, optimizer_ema=True, gpu_GiB=f"{total:.0f}")
     append_results(device, "Largest batch per GPU, training step (bench/max_batch.py)", settings,
                    ["grad_ckpt", "max batch", "peak GiB", "ms/step", "img/s", "MFU"], rows)
@@ -95,7 +95,7 @@ def main(args):
 if __name__ == "__main__":
     p = arg_parser(__doc__)
     p.add_argument("--config", default="sd1", choices=sorted(M.UNET_CONFIGS), help="named UNet config")
-    p.add_argument("--res", type=int, default=512, help="image resolution (latents are res/8)")
+    p.add_argument("--resolution", type=int, default=512, help="image resolution (latents are resolution/8)")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
     p.add_argument("--channels_last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (recompiles per batch size)")

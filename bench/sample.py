@@ -2,9 +2,10 @@
 it) vs diffusers' StableDiffusionPipeline, on the same random weights in one run: DDIM with CFG; latency, img/s,
 UNet steps/s, the first call's time (torch.compile and cuDNN autotuning), and the VAE decode's share of it all.
 
-  CPU, small:  python bench/sample.py --config small --res 256 --steps 20
-  GPU, full:   python bench/sample.py --config sd1 --res 512 --steps 50 --dtype fp16 --batch 8
-  CUDA graphs: python bench/sample.py --config sd1 --res 512 --steps 50 --dtype fp16 --compile reduce-overhead --impl ours
+  CPU, small:  python bench/sample.py --config small --resolution 256 --steps 20
+  GPU, full:   python bench/sample.py --config sd1 --resolution 512 --steps 50 --dtype fp16 --batch_size 8
+  CUDA graphs: python bench/sample.py --config sd1 --resolution 512 --steps 50 --dtype fp16 --compile reduce-overhead \
+                 --impl ours
 """
 import tempfile
 import time
@@ -35,7 +36,7 @@ def save_random_parts(args, workdir):
     unet = M.UNet(cfg)
     for p in unet.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    meta = M.checkpoint_meta(cfg, M.NoiseSchedule(), str(vae), 0.18215, str(clip), "last", args.res)
+    meta = M.checkpoint_meta(cfg, M.NoiseSchedule(), str(vae), 0.18215, str(clip), "last", args.resolution)
     M.save_unet(unet.state_dict(), cfg, workdir / "unet.safetensors", "ours", meta)
     return workdir / "unet.safetensors", unet.state_dict(), clip, vae
 
@@ -44,7 +45,7 @@ def build_diffusers(args, ours, unet_sd, clip, vae, device, dtype):
     """diffusers' pipeline from its own copies of the same parts, as a diffusers user holds them."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
-    unet = UNet2DConditionModel.from_config(M.diffusers_config(ours.unet.config, args.res // 8))
+    unet = UNet2DConditionModel.from_config(M.diffusers_config(ours.unet.config, args.resolution // 8))
     unet.load_state_dict(unet_sd)
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(vae), text_encoder=CLIPTextModel.from_pretrained(clip),
@@ -57,9 +58,9 @@ def build_diffusers(args, ours, unet_sd, clip, vae, device, dtype):
 
 
 def check_args(args):
-    require_positive(args, "res", "steps", "repeats", "batch")
-    if args.res % 8:
-        raise UserError(f"--res must be a multiple of 8 (the VAE's downsampling), got {args.res}")
+    require_positive(args, "resolution", "steps", "repeats", "batch_size")
+    if args.resolution % 8:
+        raise UserError(f"--resolution must be a multiple of 8 (the VAE's downsampling), got {args.resolution}")
 
 
 def main(args):
@@ -76,17 +77,17 @@ def main(args):
         if theirs is not None:
             theirs.unet = torch.compile(theirs.unet, mode=args.compile)
 
-    for n in args.batch:
+    for n in args.batch_size:
         measure(args, ours, theirs, n, device, dtype)
 
 
 def measure(args, ours, theirs, n, device, dtype):
     """One table: both pipelines drawing batches of n images, and their VAE decodes of n latents."""
-    fns = {"ours": lambda: M.generate(ours, [PROMPT] * n, "", args.steps, args.guidance_scale, seed=0, height=args.res,
-                                      width=args.res)}
+    fns = {"ours": lambda: M.generate(ours, [PROMPT] * n, "", args.steps, args.guidance_scale, seed=0,
+                                      height=args.resolution, width=args.resolution)}
     if theirs is not None:
         fns["diffusers"] = lambda: theirs([PROMPT] * n, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                                          height=args.res, width=args.res, output_type="np",
+                                          height=args.resolution, width=args.resolution, output_type="np",
                                           generator=torch.Generator("cpu").manual_seed(0))
     first = {}
     for k, fn in fns.items():                        # the first call compiles (CUDA graphs) and autotunes cuDNN
@@ -97,7 +98,7 @@ def measure(args, ours, theirs, n, device, dtype):
     sec = time_interleaved(fns, args.repeats, max(0, args.warmup - 1), device)
 
     # The VAE decode alone, as each pipeline calls it after the last step (ours: channels_last on CUDA).
-    latents = torch.randn(n, 4, args.res // 8, args.res // 8, device=device)
+    latents = torch.randn(n, 4, args.resolution // 8, args.resolution // 8, device=device)
     decode = {"ours": lambda: ours.vae.decode(latents)}
     if theirs is not None:
         decode["diffusers"] = lambda: theirs.vae.decode(latents.to(dtype) / theirs.vae.config.scaling_factor)
@@ -109,7 +110,8 @@ def measure(args, ours, theirs, n, device, dtype):
     if theirs is not None:
         rows.append(["diffusers / ours latency", f"{sec['diffusers'] / sec['ours']:.3f}x", "", "", "",
                      f"{dec['diffusers'] / dec['ours']:.3f}x", ""])
-    settings = dict(config=args.config, res=args.res, steps=args.steps, guidance_scale=args.guidance_scale, batch=n, dtype=args.dtype,
+    settings = dict(config=args.config, resolution=args.resolution, steps=args.steps,
+                    guidance_scale=args.guidance_scale, batch_size=n, dtype=args.dtype,
                     compile=args.compile or "off", repeats=args.repeats)
     append_results(device, "Text-to-image sampling, DDIM + CFG (bench/sample.py)", settings,
                    ["impl", "s/batch", "img/s", "steps/s", "first call s", "VAE decode s", "decode share"], rows)
@@ -120,10 +122,10 @@ if __name__ == "__main__":
     p = arg_parser(__doc__)
     p.add_argument("--config", default="small", choices=["sd1", "small"],
                    help="named UNet config (with a text encoder and VAE of its size: CLIP-L and SD's VAE for sd1)")
-    p.add_argument("--res", type=int, default=256, help="image resolution")
+    p.add_argument("--resolution", type=int, default=256, help="image resolution")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--batch", type=int, nargs="+", default=[1], help="images per call (one prompt repeated); "
+    p.add_argument("--batch_size", type=int, nargs="+", default=[1], help="images per call (one prompt repeated); "
                    "several sizes: one table each, the models built once")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights dtype")
     p.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],

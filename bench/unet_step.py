@@ -4,8 +4,9 @@ Times forward + backward (and with --optimizer, fused AdamW + EMA as SD_Train.py
 alternating the two models step by step, and prints img/s for both, the ratio, and MFU on GPU with the
 forward+backward FLOPs counted by torch's FlopCounterMode.
 
-  CPU, small:  python bench/unet_step.py --config small --res 256 --batch 4
-  GPU, full:   python bench/unet_step.py --config sd1 --res 512 --batch 32 --dtype bf16 --channels_last --compile --optimizer
+  CPU, small:  python bench/unet_step.py --config small --resolution 256 --batch_size 4
+  GPU, full:   python bench/unet_step.py --config sd1 --resolution 512 --batch_size 32 --dtype bf16 --channels_last \
+                 --compile --optimizer
 """
 import copy
 import time
@@ -28,7 +29,7 @@ def build_models(args, device):
     models = {"ours": ours}
     if args.impl == "both":
         from diffusers import UNet2DConditionModel
-        models["diffusers"] = UNet2DConditionModel.from_config(M.diffusers_config(cfg, args.res // 8))
+        models["diffusers"] = UNet2DConditionModel.from_config(M.diffusers_config(cfg, args.resolution // 8))
         models["diffusers"].load_state_dict(ours.state_dict())
     for name, m in models.items():
         m.to(device).train()
@@ -74,17 +75,18 @@ def count_flops(model, batch):
 
 
 def make_batch(cfg, args, device, batch):
-    """common.random_batch of `batch` samples at args.res, in args' memory format (also max_batch, kernel_profile)."""
+    """common.random_batch of `batch` samples at args.resolution, in args' memory format (also max_batch and
+    kernel_profile)."""
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    return random_batch(cfg, batch, args.res, device, fmt)
+    return random_batch(cfg, batch, args.resolution, device, fmt)
 
 
 def main(args):
     device = pick_device(args.device)
-    require_positive(args, "batch", "steps", "res")
+    require_positive(args, "batch_size", "steps", "resolution")
     M.configure_cuda_backends()
     cfg, models = build_models(args, device)
-    batch = make_batch(cfg, args, device, args.batch)
+    batch = make_batch(cfg, args, device, args.batch_size)
     flops = count_flops(models["ours"], batch)
     steps = {k: make_step(m, k == "ours", args, device, batch) for k, m in models.items()}
     t0 = time.perf_counter()
@@ -97,27 +99,27 @@ def main(args):
     peak = peak_flops(device)
     rows = []
     for k in steps:
-        ips = args.batch / sec[k]
+        ips = args.batch_size / sec[k]
         mfu = f"{flops * ips / peak:.1%}" if peak else "n/a"
         mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "n/a"
         rows.append([k, f"{sec[k] * 1e3:.1f}", f"{ips:.2f}", mfu, mem])
     if "diffusers" in sec:
         rows.append(["ours / diffusers", "", f"{sec['diffusers'] / sec['ours']:.3f}x", "", ""])
-    settings = dict(config=args.config, res=args.res, batch=args.batch, dtype=args.dtype,
+    settings = dict(config=args.config, resolution=args.resolution, batch_size=args.batch_size, dtype=args.dtype,
                     channels_last=args.channels_last, grad_ckpt=args.grad_ckpt,
                     compile=args.compile and args.compile_backend,
                     optimizer_ema=args.optimizer, steps=args.steps, fwd_bwd_gflop_per_img=f"{flops / 1e9:.1f}",
                     first_steps_s=f"{first_s:.1f}")
     append_results(device, "UNet training step (bench/unet_step.py)", settings,
                    ["impl", "ms/step", "img/s", "MFU", "peak GiB"], rows)
-    print(f"{device_name(device)}: " + ", ".join(f"{k} {args.batch / s:.2f} img/s" for k, s in sec.items()))
+    print(f"{device_name(device)}: " + ", ".join(f"{k} {args.batch_size / s:.2f} img/s" for k, s in sec.items()))
 
 
 if __name__ == "__main__":
     p = arg_parser(__doc__)
     p.add_argument("--config", default="small", choices=sorted(M.UNET_CONFIGS), help="named UNet config")
-    p.add_argument("--res", type=int, default=256, help="image resolution (latents are res/8)")
-    p.add_argument("--batch", type=int, default=4, help="batch size")
+    p.add_argument("--resolution", type=int, default=256, help="image resolution (latents are resolution/8)")
+    p.add_argument("--batch_size", type=int, default=4, help="batch size")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
     p.add_argument("--channels_last", action="store_true", help="channels_last memory format")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in both models")

@@ -40,7 +40,7 @@ def test_largest_fitting_finds_the_edge_in_few_probes(edge):
 
 
 def test_unet_step_appends_a_table_with_the_ratio(tmp_path):
-    proc = run_bench(tmp_path, "unet_step.py", "--config", "small", "--res", 64, "--batch", 1, "--steps", 1,
+    proc = run_bench(tmp_path, "unet_step.py", "--config", "small", "--resolution", 64, "--batch_size", 1, "--steps", 1,
                      "--warmup", 0, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     text = results(tmp_path)
@@ -48,7 +48,7 @@ def test_unet_step_appends_a_table_with_the_ratio(tmp_path):
 
 
 def test_sample_appends_a_table(tmp_path):
-    proc = run_bench(tmp_path, "sample.py", "--config", "small", "--res", 64, "--steps", 2, "--repeats", 1,
+    proc = run_bench(tmp_path, "sample.py", "--config", "small", "--resolution", 64, "--steps", 2, "--repeats", 1,
                      "--warmup", 0, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert "| diffusers / ours latency |" in results(tmp_path)
@@ -96,8 +96,8 @@ def test_sampler_steps_scores_every_sampler_and_finds_the_fewest_steps(tmp_path)
 
 
 def test_ema_appends_a_table_with_every_variant(tmp_path):
-    proc = run_bench(tmp_path, "ema.py", "--config", "small", "--res", 64, "--batch", 1, "--every", 2, "--block", 2,
-                     "--rounds", 1, "--warmup", 0, "--device", "cpu")
+    proc = run_bench(tmp_path, "ema.py", "--config", "small", "--resolution", 64, "--batch_size", 1, "--every", 2,
+                     "--block", 2, "--rounds", 1, "--warmup", 0, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     text = results(tmp_path)
     assert "### EMA cost per training step (bench/ema.py)" in text and "sd1_fp32_ema_gb_off_the_gpu_with_cpu=3.44" in text
@@ -109,8 +109,8 @@ def test_ema_appends_a_table_with_every_variant(tmp_path):
 
 
 def test_kernel_profile_appends_the_top_kernels_by_kind(tmp_path):
-    proc = run_bench(tmp_path, "kernel_profile.py", "--what", "train", "--config", "small", "--res", 32, "--batch", 1,
-                     "--steps", 1, "--warmup", 0, "--top", 5, "--dtype", "fp32", "--device", "cpu")
+    proc = run_bench(tmp_path, "kernel_profile.py", "--what", "train", "--config", "small", "--resolution", 32,
+                     "--batch_size", 1, "--steps", 1, "--warmup", 0, "--top", 5, "--dtype", "fp32", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     text = results(tmp_path)
     assert "| kernel | calls | ms | share | kind |" in text and "by_kind=" in text
