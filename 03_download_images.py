@@ -103,7 +103,7 @@ def download(args, out, extra, done_shards, resize_mode):
     reader = Reader(str(Path(args.meta).resolve()), "parquet", "url", "caption", None, None, extra, args.shard_size,
                     done_shards, str(tmp))
     resizer = sd_data.RGB8Resizer(Resizer(
-        image_size=args.image_size, resize_mode=resize_mode, resize_only_if_bigger=False,
+        image_size=args.resolution, resize_mode=resize_mode, resize_only_if_bigger=False,
         encode_quality=args.jpeg_quality, encode_format="jpg", min_image_size=args.min_image_size,
         max_image_area=args.max_image_area, max_aspect_ratio=args.max_aspect_ratio))
     downloader = Downloader(
@@ -129,7 +129,7 @@ def main(args):
     for needed in ("url", "caption"):
         if needed not in columns:
             raise UserError(f"'{files[0]}' has no '{needed}' column; run 01/02 on it first")
-    for flag in ("processes", "threads", "shard_size", "subjob_size", "image_size", "timeout"):
+    for flag in ("processes", "threads", "shard_size", "subjob_size", "resolution", "timeout"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
     if args.retries < 0 or args.max_shard_retry < 0:
@@ -137,8 +137,8 @@ def main(args):
     if not 0 < args.refetch_transient <= 1:
         raise UserError(f"--refetch_transient {args.refetch_transient} is outside (0, 1]")
     extra = [c for c in columns if c not in RESERVED]  # keep the LAION scores next to each image
-    # With buckets the aspect is kept: img2dataset's keep_ratio scales the shorter side to --image_size (the base
-    # resolution), so every bucket of that base (shorter side <= base) is covered without upscaling.
+    # With buckets the aspect is kept: img2dataset's keep_ratio scales the shorter side to --resolution (the
+    # buckets' base resolution), so every bucket of that base (shorter side <= base) is covered without upscaling.
     resize_mode = args.resize_mode or ("keep_ratio" if args.buckets else "center_crop")
     if args.buckets and resize_mode != "keep_ratio":
         raise UserError(f"--buckets keeps each image's aspect (resize_mode keep_ratio); --resize_mode {resize_mode} "
@@ -181,7 +181,7 @@ if __name__ == "__main__":
     parser.add_argument("--meta", default="data/laion_filtered", help="input folder of filtered parquet (from 02)")
     parser.add_argument("--out", default="data/laion_tars", help="output folder of webdataset tar shards (on a "
                         "cluster: a path every worker sees, e.g. a shared file system)")
-    parser.add_argument("--image_size", type=int, default=512,
+    parser.add_argument("--resolution", type=int, default=512,
                         help="output side in pixels (with --buckets: the shorter side; use the base resolution)")
     parser.add_argument("--buckets", action="store_true",
                         help="keep each image's aspect (resize_mode keep_ratio) for aspect-ratio buckets: "

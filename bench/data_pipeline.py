@@ -188,10 +188,11 @@ def bench_download(args, jpegs, tmp, device):
         pq.write_table(pa.table({"url": [f"{server.url}/{i}.jpg" for i in range(args.download_images)],
                                  "caption": ["a photo of a red house"] * args.download_images}),
                        tmp / "dl_meta" / "a.parquet")
-        proc = subprocess.run([sys.executable, str(ROOT / "03_download_images.py"), "--meta", str(tmp / "dl_meta"), "--out",
-                        str(tmp / "dl"), "--processes", "1", "--threads", "16", "--image_size", str(args.download_image_size),
-                        "--shard_size", str(args.download_images)], capture_output=True, text=True,
-                       env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
+        proc = subprocess.run([sys.executable, str(ROOT / "03_download_images.py"), "--meta", str(tmp / "dl_meta"),
+                               "--out", str(tmp / "dl"), "--processes", "1", "--threads", "16",
+                               "--resolution", str(args.download_resolution), "--shard_size", str(args.download_images)],
+                              capture_output=True, text=True,
+                              env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
         if proc.returncode:
             raise RuntimeError(f"03_download_images.py failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     stats = [json.loads(p.read_text()) for p in (tmp / "dl").glob("*_stats.json")]
@@ -199,7 +200,7 @@ def bench_download(args, jpegs, tmp, device):
     seconds = sum(s["end_time"] - s["start_time"] for s in stats)   # the shard's own time: no process start-up
     per_core = kept / seconds
     node = 16 * per_core
-    return [(f"03 download+resize, 1 process x 16 threads ({w}x{h} JPEG -> {args.download_image_size} px)",
+    return [(f"03 download+resize, 1 process x 16 threads ({w}x{h} JPEG -> {args.download_resolution} px)",
              f"{per_core:.1f} img/s per core ({kept} of {args.download_images} kept)"),
             ("  -> phase 1, 1.3M images, one 16-core node (CPU bound)", f"{1.3e6 / node / 3600:.1f} h"),
             ("  -> 100M images, one 16-core node (CPU bound)", f"{1e8 / node / 3600:.0f} h")]
@@ -245,5 +246,5 @@ if __name__ == "__main__":
     parser.add_argument("--filter_rows", type=int, default=1_000_000, help="LAION-like rows filtered by 02")
     parser.add_argument("--download_images", type=int, default=300, help="images 03 downloads over loopback")
     parser.add_argument("--download_size", default="1024x768", help="size of the served JPEGs (phase 1: >= 512 px)")
-    parser.add_argument("--download_image_size", type=int, default=512, help="03's --image_size (phase 1: 512)")
+    parser.add_argument("--download_resolution", type=int, default=512, help="03's --resolution (phase 1: 512)")
     run_main(main, parser.parse_args())

@@ -75,7 +75,7 @@ def script_steps(args, d):
         ("02 filter metadata", [py, "02_filter_metadata.py", "--meta", d.meta, "--out", d.filtered,
                                 "--preset", "phase1", "--min_width", res, "--min_height", res]),
         ("03 download images (img2dataset)", [py, "03_download_images.py", "--meta", d.filtered, "--out", d.tars,
-                                              "--image_size", res, "--min_image_size", res, "--processes", "1",
+                                              "--resolution", res, "--min_image_size", res, "--processes", "1",
                                               "--threads", "16", "--shard_size", "1000", "--timeout", "10",
                                               *buckets]),
         ("04 captions -> CLIP token ids", [py, "04_preprocess_to_cache.py", "--tars", d.tars, "--out", d.tokens,

@@ -68,7 +68,8 @@ def test_checkpoint_save_appends_a_table(tmp_path):
 
 def test_data_pipeline_measures_02_and_03_with_projections(tmp_path):
     proc = run_bench(tmp_path, "data_pipeline.py", "--stages", "filter", "download", "--filter_rows", 20000,
-                     "--download_images", 6, "--download_size", "400x300", "--download_image_size", 64, "--device", "cpu")
+                     "--download_images", 6, "--download_size", "400x300", "--download_resolution", 64,
+                     "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     text = results(tmp_path)
     assert "| 02 filter --preset phase1, 1 process |" in text and "-> LAION-2B-en, 2.3B rows, 1 process" in text

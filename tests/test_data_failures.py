@@ -88,7 +88,7 @@ def test_shards_lost_to_a_slow_server_or_read_while_written_are_redone(tmp_path)
         n_odd = len(names)
         write_parquet(tmp_path / "meta" / "a.parquet",
                       laion_rows(len(urls), url=urls, caption=[f"a photo of red house number {i}" for i in range(len(urls))]))
-        args = ["--meta", tmp_path / "meta", "--out", tmp_path / "tars", "--image_size", RES, "--processes", 1,
+        args = ["--meta", tmp_path / "meta", "--out", tmp_path / "tars", "--resolution", RES, "--processes", 1,
                 "--threads", 8, "--shard_size", n_odd, "--timeout", 2, "--min_image_size", 32]
         out = run_script("03_download_images.py", *args).stdout
         assert summary_value(out, "kept (downloaded + resized)") == n_odd

@@ -114,7 +114,7 @@ def test_pipeline_end_to_end(tmp_path, models):
         assert len(kept_urls) == len(set(kept_urls)) == n_served
 
         # 03: real img2dataset over loopback
-        out = run_script("03_download_images.py", "--meta", d["filtered"], "--out", d["tars"], "--image_size", RES,
+        out = run_script("03_download_images.py", "--meta", d["filtered"], "--out", d["tars"], "--resolution", RES,
                          "--processes", 1, "--threads", 8, "--shard_size", 12, "--timeout", 2,
                          "--min_image_size", 32, "--max_image_area", 4e6, "--preview", 8).stdout
         n_ok = N_GOOD_JPEG + N_GOOD_PNG + len(SERVED_OK)
@@ -138,7 +138,7 @@ def test_pipeline_end_to_end(tmp_path, models):
         preview_bytes = (d["tars"] / "preview.png").read_bytes()
 
         # a second 03 run downloads nothing (img2dataset's incremental mode)
-        out = run_script("03_download_images.py", "--meta", d["filtered"], "--out", d["tars"], "--image_size", RES,
+        out = run_script("03_download_images.py", "--meta", d["filtered"], "--out", d["tars"], "--resolution", RES,
                          "--processes", 1, "--threads", 8, "--shard_size", 12, "--timeout", 2,
                          "--min_image_size", 32, "--max_image_area", 4e6, "--preview", 8).stdout
         assert summary_value(out, "shards downloaded now") == 0
@@ -280,7 +280,7 @@ def test_download_on_spark_local(tmp_path):
     with LoopbackServer(www) as server:
         urls = [f"{server.url}/{n}" for n in sources]
         write_parquet(tmp_path / "meta" / "a.parquet", laion_rows(len(urls), url=urls))
-        args = ["--meta", tmp_path / "meta", "--out", tmp_path / "tars", "--image_size", RES, "--shard_size", 4,
+        args = ["--meta", tmp_path / "meta", "--out", tmp_path / "tars", "--resolution", RES, "--shard_size", 4,
                 "--distributor", "pyspark", "--spark_master", "local[2]", "--threads", 4, "--min_image_size", 32]
         out = run_script("03_download_images.py", *args, timeout=240).stdout
         assert summary_value(out, "shards downloaded now") == 2
@@ -311,7 +311,7 @@ def test_bucketed_download_and_encode(tmp_path, models):
         write_parquet(tmp_path / "meta" / "part-00000.parquet",
                       laion_rows(n, url=[f"{server.url}/{i}.jpg" for i in range(n)]))
         run_script("03_download_images.py", "--meta", tmp_path / "meta", "--out", tmp_path / "tars", "--buckets",
-                   "--image_size", base, "--processes", 1, "--threads", 4, "--min_image_size", 64)
+                   "--resolution", base, "--processes", 1, "--threads", 4, "--min_image_size", 64)
     samples = {k: s for t in sorted((tmp_path / "tars").glob("*.tar")) for k, s in sd_data.iter_tar_samples(t)}
     assert len(samples) == n
     for s in samples.values():                                                   # aspect kept, shorter side = base
