@@ -20,7 +20,7 @@ def made_from(parquet):
     return json.loads(meta[SOURCE_TAR]) if SOURCE_TAR in meta else None
 
 
-def process_shard(tar, dst, tokenizer_name, min_size, batch):
+def process_shard(tar, dst, text_encoder, min_size, batch):
     """One tar -> one parquet of its usable samples (via a temp file: a shard's parquet exists only when
     complete, which is what the resume check looks at), stamped with the tar's size and mtime as they were
     before reading it: a tar that was still being written is redone by the next run. Returns its counts."""
@@ -28,7 +28,7 @@ def process_shard(tar, dst, tokenizer_name, min_size, batch):
     import torch
     global _tokenizer
     if _tokenizer is None:  # once per worker process
-        _tokenizer = SD_Model.load_tokenizer(tokenizer_name, "--tokenizer")
+        _tokenizer = SD_Model.load_tokenizer(text_encoder, "--text_encoder")
     identity = sd_data.file_identity(tar)
     counts = Counter()
     keys, captions = [], []
@@ -59,14 +59,14 @@ def main(args):
     tars = sd_data.list_tars(args.tars)
     out = Path(args.out)
     check_writable(out, "--out")
-    SD_Model.load_tokenizer(args.tokenizer, "--tokenizer")  # fail fast, with one line, before starting workers
+    SD_Model.load_tokenizer(args.text_encoder, "--text_encoder")  # fail fast, in one line, before starting workers
 
     # done = a batch made from the tar as it is now; one made from an earlier state of it is redone
     done = [(out / f"{t.stem}.parquet").exists() for t in tars]
     todo = [t for t, d in zip(tars, done) if not d or made_from(out / f"{t.stem}.parquet") != sd_data.file_identity(t)]
     total = Counter({"shards": len(tars), "shards already done": len(tars) - len(todo),
                      "shards changed since: redone": sum(done) - (len(tars) - len(todo))})
-    jobs = [(str(t), str(out / f"{t.stem}.parquet"), args.tokenizer, args.min_image_size, args.tokenize_batch)
+    jobs = [(str(t), str(out / f"{t.stem}.parquet"), args.text_encoder, args.min_image_size, args.tokenize_batch)
             for t in todo]
     sd_data.run_jobs(process_shard, jobs, args.workers, "tokenize", "shard", total)
     rows = sd_data.count_rows(total, ("shards", "shards already done", "shards changed since: redone", "truncated tar",
@@ -80,10 +80,11 @@ if __name__ == "__main__":
     parser.add_argument("--tars", nargs="+", default=["data/laion_tars"],
                         help="input folder(s) of webdataset tar shards (phase 3: DiffusionDB's and JourneyDB's)")
     parser.add_argument("--out", default="data/laion_tokens", help="output folder of parquet batches (one per tar)")
-    parser.add_argument("--tokenizer", default=SD_Model.DEFAULT_TEXT_ENCODER["sd1"],
-                        help="CLIP tokenizer: hub id, tokenizer folder or diffusers pipeline folder; the phase's "
-                             f"--text_encoder (SD2 phases: {SD_Model.DEFAULT_TEXT_ENCODER['sd2']}, which pads "
-                             "differently; SD_Train.py refuses ids from another tokenizer)")
+    parser.add_argument("--text_encoder", default=SD_Model.DEFAULT_TEXT_ENCODER["sd1"],
+                        help="the CLIP text encoder whose tokenizer is used: hub id, text encoder or tokenizer folder, "
+                             "or diffusers pipeline folder; the phase's SD_Train.py --text_encoder (SD2 phases: "
+                             f"{SD_Model.DEFAULT_TEXT_ENCODER['sd2']}, which pads differently; SD_Train.py refuses "
+                             "ids from another tokenizer)")
     parser.add_argument("--min_image_size", type=int, default=64, help="skip images whose shorter side is smaller")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count()), help="shards tokenised in parallel")
     parser.add_argument("--tokenize_batch", type=int, default=1024, help="captions per tokenizer call")

@@ -224,7 +224,7 @@ def open_source(spec, split, resolution, in_channels, text, buckets=False):
         if (text.tokenize(probe).numpy() != ids[:len(probe)]).any():
             raise UserError(f"the token ids in '{captions}' are not what '{text.name}' gives for their captions; "
                             f"they were tokenized for another text encoder: rerun 04_preprocess_to_cache.py with "
-                            f"--tokenizer {text.name} and 05_build_hf_dataset.py")
+                            f"--text_encoder {text.name} and 05_build_hf_dataset.py")
     have = existing_latent_keys(root)
     records = read_bucket_records(root) if "buckets" in info else dict.fromkeys(have, 0)
     done = have & records.keys()                     # a bucketed latent without its record: not finished

@@ -79,7 +79,7 @@ def script_steps(args, d):
                                               "--threads", "16", "--shard_size", "1000", "--timeout", "10",
                                               *buckets]),
         ("04 captions -> CLIP token ids", [py, "04_preprocess_to_cache.py", "--tars", d.tars, "--out", d.tokens,
-                                           "--tokenizer", d.clip, "--min_image_size", res, "--workers", "2"]),
+                                           "--text_encoder", d.clip, "--min_image_size", res, "--workers", "2"]),
         ("05 caption dataset (train / validation)", [py, "05_build_hf_dataset.py", "--batches", d.tokens,
                                                      "--out", d.captions, "--val_fraction", "0.02",
                                                      "--tars", d.tars]),

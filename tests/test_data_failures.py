@@ -114,7 +114,7 @@ def test_shards_lost_to_a_slow_server_or_read_while_written_are_redone(tmp_path)
     save_tiny_tokenizer(tok, "a photo of red house number".split())
     full = tars[1].read_bytes()
     tars[1].write_bytes(b"")
-    args = ["--tars", tmp_path / "tars", "--out", tmp_path / "tokens", "--tokenizer", tok, "--workers", 1]
+    args = ["--tars", tmp_path / "tars", "--out", tmp_path / "tokens", "--text_encoder", tok, "--workers", 1]
     out = run_script("04_preprocess_to_cache.py", *args).stdout
     assert summary_value(out, "kept") == n_odd and summary_value(out, "truncated tar") == 1
     tars[1].write_bytes(full)
@@ -157,8 +157,8 @@ ONE_LINE = [
     ("02_filter_metadata.py", ["--meta", "{root}/corrupt", "--out", "{root}/o2"], "nothing usable"),
     ("05_build_hf_dataset.py", ["--batches", "{root}/tok", "--out", "{root}/hf", "--val_fraction", "1.5"], "[0, 1)"),
     ("05_build_hf_dataset.py", ["--batches", "{root}/tok", "--out", "{root}/hf", "--val_fraction", "-0.1"], "[0, 1)"),
-    ("04_preprocess_to_cache.py", ["--tars", "{root}/tars", "--out", "{root}/t", "--tokenizer", "data/myclip"],
-     "'data/myclip' does not exist; pass an existing folder or a hub id with --tokenizer"),
+    ("04_preprocess_to_cache.py", ["--tars", "{root}/tars", "--out", "{root}/t", "--text_encoder", "data/myclip"],
+     "'data/myclip' does not exist; pass an existing folder or a hub id with --text_encoder"),
 ]
 
 

@@ -161,7 +161,7 @@ def test_pipeline_end_to_end(tmp_path, models):
     n_tar_samples = n_ok - 1 + 3
 
     # 04: captions + token ids
-    out = run_script("04_preprocess_to_cache.py", "--tars", d["tars"], "--out", d["tokens"], "--tokenizer", tok_dir,
+    out = run_script("04_preprocess_to_cache.py", "--tars", d["tars"], "--out", d["tokens"], "--text_encoder", tok_dir,
                      "--workers", 2).stdout
     assert summary_value(out, "truncated tar") == 1
     assert summary_value(out, "samples in") == n_tar_samples
@@ -242,7 +242,8 @@ def test_pipeline_end_to_end(tmp_path, models):
     tok_mtimes = mtimes(d["tokens"], "*.parquet")
     out = run_script("02_filter_metadata.py", "--meta", d["meta"], "--out", d["filtered"], "--preset", "phase1").stdout
     assert summary_value(out, "shards already done") == 2 and summary_value(out, "kept") == n_served
-    out = run_script("04_preprocess_to_cache.py", "--tars", d["tars"], "--out", d["tokens"], "--tokenizer", tok_dir).stdout
+    out = run_script("04_preprocess_to_cache.py", "--tars", d["tars"], "--out", d["tokens"], "--text_encoder",
+                     tok_dir).stdout
     assert summary_value(out, "shards already done") == len(tars) + 1 and mtimes(d["tokens"], "*.parquet") == tok_mtimes
     preview_mtime = (d["hf"] / "preview.png").stat().st_mtime_ns
     out = run_script("05_build_hf_dataset.py", "--batches", d["tokens"], "--out", d["hf"], "--val_fraction", 0.25,

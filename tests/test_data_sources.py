@@ -347,7 +347,7 @@ def test_readme_phase3_commands_make_one_dataset_of_two_tar_folders(tmp_path, di
     small = ["--resolution", RES, "--min_image_size", 32, "--workers", 1]
     tiny = {"01b_download_diffusiondb.py": ["--source", diffusiondb[0], "--parts", "1-2", *small],
             "01c_download_journeydb_images.py": ["--source", journeydb[0], "--archives", "0", *small],
-            "04_preprocess_to_cache.py": ["--tokenizer", tmp_path / "tok", "--workers", 1],
+            "04_preprocess_to_cache.py": ["--text_encoder", tmp_path / "tok", "--workers", 1],
             "05_build_hf_dataset.py": ["--val_fraction", 0.3],
             "encode_latents.py": ["--vae", tmp_path / "vae", "--device", "cpu", "--resolution", RES, "--workers", 1]}
     lines = [(script, args) for phase, script, args in readme_commands() if phase.startswith("phase3")]

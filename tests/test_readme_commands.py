@@ -54,7 +54,7 @@ def test_every_phase_is_made_by_the_readme_commands(monkeypatch):
 
     for phase in SEED + NEMO:
         cfg = SD_Train.resolve_config(SD_Train.parse_args(["--phase", phase]))
-        tokenizer = cfg["text_encoder"] or SD_Model.DEFAULT_TEXT_ENCODER[cfg["model"]]
+        text_encoder = cfg["text_encoder"] or SD_Model.DEFAULT_TEXT_ENCODER[cfg["model"]]
         for d in cfg["datasets"]:
             script, enc = made.get(d["latents"], (None, None))
             assert script == "encode_latents.py", f"{phase}: no README line makes its latents '{d['latents']}'"
@@ -62,7 +62,8 @@ def test_every_phase_is_made_by_the_readme_commands(monkeypatch):
             script, hf = made.get(d["captions"], (None, None))
             assert script == "05_build_hf_dataset.py", f"{phase}: no README line makes its captions '{d['captions']}'"
             tok = made[hf.batches][1]
-            assert tok.tokenizer == tokenizer, f"{phase}: '{d['captions']}' tokenized by {tok.tokenizer}, not {tokenizer}"
+            assert tok.text_encoder == text_encoder, \
+                f"{phase}: '{d['captions']}' tokenized by {tok.text_encoder}'s tokenizer, not {text_encoder}'s"
             # latents and captions from the same tars: the same keys on both sides
             assert sorted(tok.tars) == sorted(enc.tars), f"{phase}: captions from {tok.tars}, latents from {enc.tars}"
 
