@@ -1434,8 +1434,9 @@ def load_unet(path, prefer_ema=True):
 
 
 def save_unet(state_dict, cfg, dst, fmt="ours", meta=None, sample_size=64):
-    """Write UNet weights as `fmt`: ours (.safetensors + meta), diffusers (UNet folder) or original (single
-    .safetensors with model.diffusion_model.* keys, our config kept in its metadata for exact round trips)."""
+    """Write UNet weights as `fmt`: ours (.safetensors + meta), diffusers (UNet folder) or single-file (the original
+    layout: one .safetensors with model.diffusion_model.* keys, our config kept in its metadata for exact round
+    trips)."""
     from safetensors.torch import save_file
     cfg = unet_config(cfg)
     meta = dict(meta or {}, model_config=asdict(cfg))
@@ -1452,13 +1453,13 @@ def save_unet(state_dict, cfg, dst, fmt="ours", meta=None, sample_size=64):
         (dst / "config.json").write_text(json.dumps(diffusers_config(cfg, sample_size), indent=2))
         with atomic_path(dst / "diffusion_pytorch_model.safetensors") as tmp:
             save_file(sd, str(tmp))
-    elif fmt == "original":
+    elif fmt == "single-file":
         key_map = original_key_map(cfg)
         orig = {ORIGINAL_PREFIX + key_map[k]: v for k, v in sd.items()}
         with atomic_path(dst) as tmp:
             save_file(orig, str(tmp), metadata={"meta": json.dumps(meta)})
     else:
-        raise UserError(f"unknown format '{fmt}'; choose ours, diffusers or original")
+        raise UserError(f"unknown format '{fmt}'; choose ours, diffusers or single-file")
 
 
 #################################################################################
@@ -1849,7 +1850,8 @@ if __name__ == "__main__":
     p = sub.add_parser("convert", help="convert UNet weights between formats (lossless)",
                        formatter_class=HelpFormatter)
     p.add_argument("src", help="our checkpoint (.pt/.safetensors), a diffusers folder, or an original single file")
-    p.add_argument("dst", help="output file (ours, original) or folder (diffusers)")
-    p.add_argument("--format", required=True, choices=["ours", "diffusers", "original"], help="output format")
+    p.add_argument("dst", help="output file (ours, single-file) or folder (diffusers)")
+    p.add_argument("--format", required=True, choices=["ours", "diffusers", "single-file"],
+                   help="output format (single-file: the original CompVis layout, the UNet alone)")
     p.add_argument("--live", action="store_true", help="take live weights instead of EMA when the source has both")
     run_main(main, parser.parse_args())

@@ -70,11 +70,12 @@ def test_parity_from_diffusers_folder(tmp_path, sd2):
 
 
 @pytest.mark.parametrize("sd2", [False, True], ids=["sd1-topology", "sd2-topology"])
-def test_original_export_matches_diffusers_converter(tmp_path, sd2):
-    """Our original-layout export, read by diffusers' own ldm converter, gives diffusers' exact weights."""
+def test_single_file_export_matches_diffusers_converter(tmp_path, sd2):
+    """Our single-file export (the original layout), read by diffusers' own ldm converter, gives diffusers'
+    exact weights."""
     ref = diffusers_unet(sd2)
     ref.save_pretrained(tmp_path / "unet")
-    M.main(_args("convert", str(tmp_path / "unet"), str(tmp_path / "orig.safetensors"), format="original"))
+    M.main(_args("convert", str(tmp_path / "unet"), str(tmp_path / "orig.safetensors"), format="single-file"))
     converted = convert_ldm_unet_checkpoint(load_file(tmp_path / "orig.safetensors"), dict(ref.config))
     expected = ref.state_dict()
     assert set(converted) == set(expected)
@@ -162,7 +163,7 @@ def _args(command, src=None, dst=None, format=None, live=False, config=None):
 def test_convert_round_trip_is_bit_exact(tmp_path):
     ref = diffusers_unet(sd2=True)
     src = _saved_diffusers(ref, tmp_path)
-    steps = [("ours", "a.safetensors"), ("original", "b.safetensors"), ("diffusers", "c"), ("ours", "d.safetensors")]
+    steps = [("ours", "a.safetensors"), ("single-file", "b.safetensors"), ("diffusers", "c"), ("ours", "d.safetensors")]
     prev = src
     for fmt, name in steps:
         cmd = [sys.executable, "SD_Model.py", "convert", str(prev), str(tmp_path / name), "--format", fmt]
