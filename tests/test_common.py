@@ -1,13 +1,19 @@
 """sd_common: the one-line error wrapper, atomic files and folders (a kill, a crash or a full disk leaves the old
-output or the complete new one, never a part), and the device / dtype choice."""
+output or the complete new one, never a part), the device / dtype choice, and the one flag vocabulary that
+sd_common.arg_parser's scripts share (a renamed flag has no alias)."""
 import errno
 import os
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import sd_common
 from sd_common import UserError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
@@ -83,3 +89,36 @@ def test_run_main_prints_one_line_and_exits_1(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         sd_common.run_main(main, None)
     assert capsys.readouterr().err == ""
+
+
+# One name per concept across every CLI (issue 14): each old name, and what argparse says of it.
+RENAMED = [
+    ("bench/unet_step.py", ["--res", "64"], "unrecognized arguments: --res 64"),
+    ("bench/unet_step.py", ["--batch", "2"], "unrecognized arguments: --batch 2"),
+    ("bench/sample.py", ["--res", "64", "--batch", "1"], "unrecognized arguments: --res 64 --batch 1"),
+    ("bench/max_batch.py", ["--res", "64"], "unrecognized arguments: --res 64"),
+    ("bench/kernel_profile.py", ["--res", "64", "--batch", "1"], "unrecognized arguments: --res 64 --batch 1"),
+    ("bench/ema.py", ["--res", "64", "--batch", "1"], "unrecognized arguments: --res 64 --batch 1"),
+    ("bench/buckets.py", ["speed", "--res", "64", "--batch", "1"], "unrecognized arguments: --res 64 --batch 1"),
+    ("bench/data_pipeline.py", ["--download_image_size", "64"], "unrecognized arguments: --download_image_size 64"),
+    ("03_download_images.py", ["--image_size", "256"], "unrecognized arguments: --image_size 256"),
+    ("04_preprocess_to_cache.py", ["--tokenizer", "openai/clip-vit-large-patch14"],
+     "unrecognized arguments: --tokenizer openai/clip-vit-large-patch14"),
+    ("SD_Model.py", ["convert", "a", "b", "--format", "original"],
+     "argument --format: invalid choice: 'original'"),           # then the choices, quoted as the Python quotes them
+]
+
+
+@pytest.mark.parametrize("script,args,error", RENAMED, ids=[f"{s} {' '.join(a)}" for s, a, _ in RENAMED])
+def test_a_renamed_flag_is_refused_by_its_old_name(script, args, error, monkeypatch, capsys):
+    """No aliases: the script's own argparse (run in-process, main never reached) exits 2 with one error line."""
+    def reached(main, parsed):
+        pytest.fail(f"{script} accepted {args}")
+    monkeypatch.setattr(sd_common, "run_main", reached)
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")       # bench/common.py sets it on import: restored after
+    monkeypatch.syspath_prepend(str(REPO / "bench"))      # the benchmarks import bench/common.py
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and f": error: {error}" in last, last
