@@ -1832,7 +1832,7 @@ def info(args):
 
 
 def convert(args):
-    sd, cfg, meta = read_unet_state(args.src, prefer_ema=not args.live)
+    sd, cfg, meta = read_unet_state(args.src, prefer_ema=args.weights == "ema")
     save_unet(sd, cfg, args.dst, args.format, meta)
     print(f"wrote {args.dst} ({args.format}, {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} parameters)")
 
@@ -1853,5 +1853,6 @@ if __name__ == "__main__":
     p.add_argument("dst", help="output file (ours, single-file) or folder (diffusers)")
     p.add_argument("--format", required=True, choices=["ours", "diffusers", "single-file"],
                    help="output format (single-file: the original CompVis layout, the UNet alone)")
-    p.add_argument("--live", action="store_true", help="take live weights instead of EMA when the source has both")
+    p.add_argument("--weights", default="ema", choices=["ema", "live"],
+                   help="which weights of a training checkpoint (one that holds both)")
     run_main(main, parser.parse_args())

@@ -106,6 +106,7 @@ RENAMED = [
      "unrecognized arguments: --tokenizer openai/clip-vit-large-patch14"),
     ("SD_Model.py", ["convert", "a", "b", "--format", "original"],
      "argument --format: invalid choice: 'original'"),           # then the choices, quoted as the Python quotes them
+    ("SD_Model.py", ["convert", "a", "b", "--format", "ours", "--live"], "unrecognized arguments: --live"),
 ]
 
 

@@ -153,9 +153,9 @@ def _saved_diffusers(ref, tmp_path):
     return tmp_path / "ref_unet"
 
 
-def _args(command, src=None, dst=None, format=None, live=False, config=None):
+def _args(command, src=None, dst=None, format=None, weights="ema", config=None):
     import argparse
-    return argparse.Namespace(command=command, src=src, dst=dst, format=format, live=live, config=config)
+    return argparse.Namespace(command=command, src=src, dst=dst, format=format, weights=weights, config=config)
 
 
 # --- checkpoint formats ----------------------------------------------------------------------------------
@@ -184,6 +184,9 @@ def test_training_checkpoint_prefers_ema_and_strips_wrappers(tmp_path):
                 "meta": {"model_config": json.loads(json.dumps(M.asdict(cfg)))}}, tmp_path / "ckpt.pt")
     got = M.load_unet(tmp_path / "ckpt.pt").state_dict()
     assert all(torch.equal(got[k], ema[k]) for k in ema)
+    M.main(_args("convert", str(tmp_path / "ckpt.pt"), str(tmp_path / "live.safetensors"), "ours", weights="live"))
+    got = M.load_unet(tmp_path / "live.safetensors").state_dict()
+    assert all(torch.equal(got[k], live[k]) for k in live)
     sd, _, _ = M.read_unet_state(tmp_path / "ckpt.pt", prefer_ema=False)
     assert all(torch.equal(sd[k], live[k]) for k in live)
 
