@@ -61,7 +61,7 @@ def profile_train(args, device):
     args.optimizer = True                            # make_step's flag: the whole step, AdamW and EMA included
     cfg = M.unet_config(args.config)
     model = M.UNet(cfg).initialize_weights().to(device).train()
-    model.set_grad_checkpointing(args.grad_ckpt)
+    model.set_grad_checkpointing(args.grad_checkpointing)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     batch = make_batch(cfg, args, device, args.batch_size)
@@ -76,8 +76,8 @@ def profile_train(args, device):
             step()
         sync(device)
     return prof, dict(config=args.config, resolution=args.resolution, batch_size=args.batch_size, dtype=args.dtype,
-                      channels_last=args.channels_last, grad_ckpt=args.grad_ckpt, compile=args.compile,
-                      optimizer_ema=True, profiled_steps=args.steps)
+                      channels_last=args.channels_last, grad_checkpointing=args.grad_checkpointing,
+                      compile=args.compile, optimizer_ema=True, profiled_steps=args.steps)
 
 
 def profile_sample(args, device):
@@ -167,7 +167,7 @@ if __name__ == "__main__":
     p.add_argument("--batch_size", type=int, default=4, help="batch size (train), images per call (sample)")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="autocast (train) / weights dtype")
     p.add_argument("--channels_last", action="store_true", help="train: channels_last memory format")
-    p.add_argument("--grad_ckpt", action="store_true", help="train: gradient checkpointing")
+    p.add_argument("--grad_checkpointing", action="store_true", help="train: gradient checkpointing")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (sample: reduce-overhead)")
     p.add_argument("--steps", type=int, default=3, help="train: profiled steps; sample: DDIM steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (train) or runs (sample) first")

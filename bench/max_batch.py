@@ -83,12 +83,12 @@ def main(args):
         ips = best / sec
         mfu = f"{flops * ips / peak:.1%}" if peak else "n/a"
         rows.append([ckpt, best, f"{mem:.1f}", f"{sec * 1e3:.0f}", f"{ips:.1f}", mfu])
-        print(f"grad_ckpt={ckpt}: largest batch {best}, {mem:.1f} GiB peak, {ips:.1f} img/s")
+        print(f"grad_checkpointing={ckpt}: largest batch {best}, {mem:.1f} GiB peak, {ips:.1f} img/s")
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
     settings = dict(config=args.config, resolution=args.resolution, dtype=args.dtype, channels_last=args.channels_last,
                     compile=args.compile, optimizer_ema=True, gpu_GiB=f"{total:.0f}")
     append_results(device, "Largest batch per GPU, training step (bench/max_batch.py)", settings,
-                   ["grad_ckpt", "max batch", "peak GiB", "ms/step", "img/s", "MFU"], rows)
+                   ["grad_checkpointing", "max batch", "peak GiB", "ms/step", "img/s", "MFU"], rows)
     print(device_name(device))
 
 

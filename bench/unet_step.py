@@ -35,7 +35,7 @@ def build_models(args, device):
         m.to(device).train()
         if args.channels_last:
             m.to(memory_format=torch.channels_last)
-        if args.grad_ckpt:
+        if args.grad_checkpointing:
             m.set_grad_checkpointing(True) if name == "ours" else m.enable_gradient_checkpointing()
     return cfg, models
 
@@ -106,7 +106,7 @@ def main(args):
     if "diffusers" in sec:
         rows.append(["ours / diffusers", "", f"{sec['diffusers'] / sec['ours']:.3f}x", "", ""])
     settings = dict(config=args.config, resolution=args.resolution, batch_size=args.batch_size, dtype=args.dtype,
-                    channels_last=args.channels_last, grad_ckpt=args.grad_ckpt,
+                    channels_last=args.channels_last, grad_checkpointing=args.grad_checkpointing,
                     compile=args.compile and args.compile_backend,
                     optimizer_ema=args.optimizer, steps=args.steps, fwd_bwd_gflop_per_img=f"{flops / 1e9:.1f}",
                     first_steps_s=f"{first_s:.1f}")
@@ -122,7 +122,7 @@ if __name__ == "__main__":
     p.add_argument("--batch_size", type=int, default=4, help="batch size")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
     p.add_argument("--channels_last", action="store_true", help="channels_last memory format")
-    p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in both models")
+    p.add_argument("--grad_checkpointing", action="store_true", help="gradient checkpointing in both models")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--compile_backend", default="inductor", choices=["inductor", "aot_eager"],
                    help="torch.compile backend: inductor (what training runs), or aot_eager (traces forward and "

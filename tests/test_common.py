@@ -95,6 +95,8 @@ def test_run_main_prints_one_line_and_exits_1(capsys, monkeypatch):
 RENAMED = [
     ("bench/unet_step.py", ["--res", "64"], "unrecognized arguments: --res 64"),
     ("bench/unet_step.py", ["--batch", "2"], "unrecognized arguments: --batch 2"),
+    ("bench/unet_step.py", ["--grad_ckpt"], "unrecognized arguments: --grad_ckpt"),
+    ("bench/kernel_profile.py", ["--grad_ckpt"], "unrecognized arguments: --grad_ckpt"),
     ("bench/sample.py", ["--res", "64", "--batch", "1"], "unrecognized arguments: --res 64 --batch 1"),
     ("bench/max_batch.py", ["--res", "64"], "unrecognized arguments: --res 64"),
     ("bench/kernel_profile.py", ["--res", "64", "--batch", "1"], "unrecognized arguments: --res 64 --batch 1"),
