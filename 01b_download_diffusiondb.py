@@ -18,7 +18,7 @@ PART = "images/part-{:06d}.zip"
 def convert_part(part, args):
     """Fetch (if remote) and convert one part into OUT/ddb-part-NNNNNN.tar; returns its counts."""
     counts = Counter()
-    zip_path = sd_data.fetch(args.source, PART.format(part), args.download_dir, timeout=args.timeout)
+    zip_path = sd_data.fetch(args.source, PART.format(part), args.raw_dir, timeout=args.timeout)
     if zip_path is None:
         return Counter({"parts missing at source": 1})
     try:
@@ -63,7 +63,7 @@ if __name__ == "__main__":
     parser.add_argument("--source", default="https://huggingface.co/datasets/poloclub/diffusiondb/resolve/main",
                         help="base URL or local folder holding images/part-NNNNNN.zip")
     parser.add_argument("--parts", default="1-500", help="part numbers to convert, e.g. '1-500' or '1,7,9-12'")
-    parser.add_argument("--download_dir", default="data/diffusiondb_raw", help="where zips from a URL source are kept")
+    parser.add_argument("--raw_dir", default="data/diffusiondb_raw", help="where zips from a URL source are kept")
     parser.add_argument("--out", default="data/diffusiondb_tars", help="output folder of webdataset tars")
     parser.add_argument("--resolution", type=int, default=512, help="square side of the stored JPEGs")
     parser.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality of the stored images")

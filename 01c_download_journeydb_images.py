@@ -54,7 +54,7 @@ def load_annotations(path, field, archives):
 def convert_archive(num, captions, args):
     """Fetch (if remote) and convert one archive into OUT/jdb-NNN.tar; returns its counts."""
     counts = Counter()
-    path = sd_data.fetch(args.source, ARCHIVE.format(num), args.download_dir, timeout=args.timeout)
+    path = sd_data.fetch(args.source, ARCHIVE.format(num), args.raw_dir, timeout=args.timeout)
     if path is None:
         return Counter({"archives missing at source": 1})
     try:
@@ -85,7 +85,7 @@ def main(args):
     archives, todo, total = sd_data.pending_parts(args.source, args.archives, "--archives", out, SHARD_NAME.format,
                                                   "archives")
     if todo:
-        anno = sd_data.fetch(args.source, args.annotations, args.download_dir, timeout=args.timeout)
+        anno = sd_data.fetch(args.source, args.annotations, args.raw_dir, timeout=args.timeout)
         if anno is None:
             raise UserError(f"annotations '{args.annotations}' not found under '{args.source}'")
         captions = load_annotations(anno, args.caption_field, todo)
@@ -106,7 +106,7 @@ if __name__ == "__main__":
     parser.add_argument("--annotations", default="data/train/train_anno_realease_repath.jsonl.tgz",
                         help="annotation file under --source (.jsonl or a .tgz holding one)")
     parser.add_argument("--caption_field", default="prompt", help="annotation field used as caption (dotted path)")
-    parser.add_argument("--download_dir", default="data/journeydb_raw", help="where files from a URL source are kept")
+    parser.add_argument("--raw_dir", default="data/journeydb_raw", help="where files from a URL source are kept")
     parser.add_argument("--out", default="data/journeydb_tars", help="output folder of webdataset tars")
     parser.add_argument("--resolution", type=int, default=512, help="square side of the stored JPEGs")
     parser.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality of the stored images")

@@ -103,6 +103,8 @@ RENAMED = [
     ("bench/ema.py", ["--res", "64", "--batch", "1"], "unrecognized arguments: --res 64 --batch 1"),
     ("bench/buckets.py", ["speed", "--res", "64", "--batch", "1"], "unrecognized arguments: --res 64 --batch 1"),
     ("bench/data_pipeline.py", ["--download_image_size", "64"], "unrecognized arguments: --download_image_size 64"),
+    ("01b_download_diffusiondb.py", ["--download_dir", "raw"], "unrecognized arguments: --download_dir raw"),
+    ("01c_download_journeydb_images.py", ["--download_dir", "raw"], "unrecognized arguments: --download_dir raw"),
     ("03_download_images.py", ["--image_size", "256"], "unrecognized arguments: --image_size 256"),
     ("04_preprocess_to_cache.py", ["--tokenizer", "openai/clip-vit-large-patch14"],
      "unrecognized arguments: --tokenizer openai/clip-vit-large-patch14"),

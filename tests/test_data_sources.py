@@ -64,7 +64,7 @@ def diffusiondb(tmp_path_factory):
 
 def test_diffusiondb_over_http(tmp_path, diffusiondb):
     src, originals = diffusiondb
-    args = ["--parts", "1-3", "--download_dir", tmp_path / "raw", "--out", tmp_path / "tars", "--resolution", RES,
+    args = ["--parts", "1-3", "--raw_dir", tmp_path / "raw", "--out", tmp_path / "tars", "--resolution", RES,
             "--min_image_size", 32, "--workers", 2]
     with LoopbackServer(src) as server:
         out = run_script("01b_download_diffusiondb.py", "--source", server.url, *args).stdout
@@ -124,7 +124,7 @@ def journeydb(tmp_path_factory):
 
 def test_journeydb_over_http(tmp_path, journeydb):
     src, originals = journeydb
-    args = ["--archives", "0-2", "--download_dir", tmp_path / "raw", "--out", tmp_path / "tars", "--resolution", RES,
+    args = ["--archives", "0-2", "--raw_dir", tmp_path / "raw", "--out", tmp_path / "tars", "--resolution", RES,
             "--min_image_size", 32, "--workers", 2]
     with LoopbackServer(src) as server:
         out = run_script("01c_download_journeydb_images.py", "--source", server.url, *args).stdout
