@@ -33,7 +33,8 @@ def score(pipe, prompts, args, sampler, steps, folder):
     resolution = pipe.meta.get("resolution", 512)
     sync(pipe.vae.device)
     t0 = time.perf_counter()
-    color, shape = E.shapes_prompt_following(eval_args, pipe, prompts, args.guidance_scale, resolution, folder)
+    color, shape = E.shapes_prompt_following(eval_args, pipe, prompts, args.guidance_scale, resolution, resolution,
+                                             folder)
     sync(pipe.vae.device)
     return color, shape, len(prompts) / (time.perf_counter() - t0)
 
