@@ -1853,6 +1853,5 @@ if __name__ == "__main__":
     p.add_argument("dst", help="output file (ours, single-file) or folder (diffusers)")
     p.add_argument("--format", required=True, choices=["ours", "diffusers", "single-file"],
                    help="output format (single-file: the original CompVis layout, the UNet alone)")
-    p.add_argument("--weights", default="ema", choices=["ema", "live"],
-                   help="which weights of a training checkpoint (one that holds both)")
+    p.add_argument("--weights", default="ema", choices=["ema", "live"], help="which weights of a training checkpoint")
     run_main(main, parser.parse_args())
