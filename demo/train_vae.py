@@ -67,6 +67,10 @@ def latent_stats(vae, images, batch):
 
 
 def main(args):
+    for name in ("steps", "batch_size", "warmup_steps", "stat_images", "log_every", "resolution"):
+        if getattr(args, name) < (0 if name == "warmup_steps" else 1):
+            raise UserError(f"--{name} must be {'0 or more' if name == 'warmup_steps' else 'at least 1'}, "
+                            f"got {getattr(args, name)}")
     out = Path(args.out)
     if (out / "config.json").exists():
         print(f"VAE already trained: {out} (delete the folder to train again)")

@@ -13,6 +13,7 @@ import pytest
 
 from data_fixtures import summary_value
 from demo import run, shapes
+from sd_common import UserError
 from tiny_models import save_tiny_tokenizer
 
 SIZE = 64
@@ -181,3 +182,15 @@ def test_demo_vae_trains_and_loads_like_sd_vae(tmp_path):
     assert vae.decode(latents).shape == x.shape
     again = subprocess.run([str(a) for a in argv], cwd=run.REPO, capture_output=True, text=True, check=True).stdout
     assert "already trained" in again
+
+
+@pytest.mark.parametrize("flag,value,message", [("steps", -1, "--steps must be at least 1, got -1"),
+                                                ("batch_size", 0, "--batch_size must be at least 1, got 0"),
+                                                ("warmup_steps", -2, "--warmup_steps must be 0 or more, got -2")])
+def test_demo_vae_refuses_a_nonsense_count_before_reading_anything(tmp_path, flag, value, message):
+    from demo import train_vae
+    args = argparse.Namespace(steps=600, batch_size=8, warmup_steps=50, stat_images=512, log_every=25, resolution=64,
+                              out=str(tmp_path / "vae"), tars=str(tmp_path / "no_such_tars"))
+    setattr(args, flag, value)
+    with pytest.raises(UserError, match=message):
+        train_vae.main(args)
