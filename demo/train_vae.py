@@ -131,7 +131,7 @@ if __name__ == "__main__":
                         help="channels per level; n levels downsample 2^(n-1) times")
     parser.add_argument("--layers", type=int, default=1, help="ResNet blocks per level (the decoder has one more)")
     parser.add_argument("--groups", type=int, default=1, help="GroupNorm groups (divides every channel count)")
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps (demo.run passes --vae_steps)")
     parser.add_argument("--batch_size", type=int, default=8, help="images per step")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     parser.add_argument("--warmup_steps", type=int, default=50, help="linear LR warmup steps")
