@@ -185,3 +185,11 @@ def pick_dtype(device, name=None, gpu="fp16"):
     if name not in DTYPES:
         raise UserError(f"dtype '{name}' is not one of {list(DTYPES)}")
     return getattr(torch, DTYPES[name])
+
+
+def require_positive(args, *names):
+    """One line, before any work, for a size or count flag below 1."""
+    for name in names:
+        values = getattr(args, name)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            raise UserError(f"--{name} must be at least 1, got {values}")

@@ -14,18 +14,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from sd_common import require_positive  # noqa: E402,F401 (the benches take it from here, with sys.path)
 # The allocator SD_Train.py runs with (read at CUDA's first use, which comes after this import): max batch
 # and peak memory figures depend on it.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
-
-def require_positive(args, *names):
-    """One line, before any model is built, for a size or count flag below 1."""
-    from sd_common import UserError
-    for name in names:
-        values = getattr(args, name)
-        if min(values if isinstance(values, list) else [values]) < 1:
-            raise UserError(f"--{name} must be at least 1, got {values}")
 
 
 def device_name(device):

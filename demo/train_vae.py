@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 import sd_data
-from sd_common import UserError, arg_parser, atomic_folder, run_main
+from sd_common import UserError, arg_parser, atomic_folder, require_positive, run_main
 
 
 def load_images(tars, resolution, min_size):
@@ -67,10 +67,9 @@ def latent_stats(vae, images, batch):
 
 
 def main(args):
-    for name in ("steps", "batch_size", "warmup_steps", "stat_images", "log_every", "resolution"):
-        if getattr(args, name) < (0 if name == "warmup_steps" else 1):
-            raise UserError(f"--{name} must be {'0 or more' if name == 'warmup_steps' else 'at least 1'}, "
-                            f"got {getattr(args, name)}")
+    require_positive(args, "steps", "batch_size", "stat_images", "log_every", "resolution")
+    if args.warmup_steps < 0:
+        raise UserError(f"--warmup_steps must be 0 or more, got {args.warmup_steps}")
     out = Path(args.out)
     if (out / "config.json").exists():
         print(f"VAE already trained: {out} (delete the folder to train again)")
