@@ -17,10 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import append_results, require_positive, time_interleaved  # noqa: I001 (sets sys.path)
+from common import append_results, time_interleaved  # noqa: I001 (sets sys.path)
 import SD_Model as M
 import sd_data
-from sd_common import arg_parser, pick_device, run_main
+from sd_common import arg_parser, pick_device, require_positive, run_main
 
 # (width : height, share): common photo, screen and print ratios, landscape-heavy as web images are. An assumption.
 ASSUMED_MIX = [((1, 1), 0.22), ((4, 3), 0.18), ((3, 2), 0.20), ((16, 9), 0.10), ((2, 1), 0.03), ((5, 4), 0.04),

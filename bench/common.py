@@ -14,7 +14,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from sd_common import require_positive  # noqa: E402,F401 (the benches take it from here, with sys.path)
 # The allocator SD_Train.py runs with (read at CUDA's first use, which comes after this import): max batch
 # and peak memory figures depend on it.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")

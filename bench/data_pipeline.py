@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import ROOT, append_results, require_positive  # noqa: I001 (puts the repo on sys.path)
+from common import ROOT, append_results  # noqa: I001 (puts the repo on sys.path)
 import sd_data
 import sd_latents
-from sd_common import arg_parser, pick_device, run_main
+from sd_common import arg_parser, pick_device, require_positive, run_main
 
 
 def make_jpeg(i, w, h):

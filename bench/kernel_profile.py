@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from common import append_results, require_positive, sync  # noqa: I001 (sets sys.path)
+from common import append_results, sync  # noqa: I001 (sets sys.path)
 import SD_Model as M
-from sd_common import UserError, arg_parser, pick_device, pick_dtype, run_main
+from sd_common import UserError, arg_parser, pick_device, pick_dtype, require_positive, run_main
 
 # Kernel kinds by name, first match wins (cuDNN/CUTLASS convolutions are "fprop/dgrad/wgrad" implicit GEMMs).
 KINDS = [("attention", r"flash|fmha|attention|sdpa"), ("conv", r"conv|fprop|dgrad|wgrad|implicit_gemm"),

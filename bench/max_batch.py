@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from common import append_results, device_name, peak_flops, require_positive, sync  # noqa: I001 (sets sys.path)
+from common import append_results, device_name, peak_flops, sync  # noqa: I001 (sets sys.path)
 from unet_step import count_flops, make_batch, make_step
 import SD_Model as M
-from sd_common import UserError, arg_parser, pick_device, run_main
+from sd_common import UserError, arg_parser, pick_device, require_positive, run_main
 
 
 def largest_fitting(fits, limit):

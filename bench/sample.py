@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from common import append_results, device_name, require_positive, sync, time_interleaved  # noqa: I001 (sets sys.path)
+from common import append_results, device_name, sync, time_interleaved  # noqa: I001 (sets sys.path)
 import SD_Model as M
-from sd_common import UserError, arg_parser, pick_device, pick_dtype, run_main
+from sd_common import UserError, arg_parser, pick_device, pick_dtype, require_positive, run_main
 from tiny_models import save_tiny_clip, save_tiny_vae
 
 # Full size is SD1's: CLIP-L text tower (768 wide, 12 layers) and the sd-vae-ft-mse architecture.

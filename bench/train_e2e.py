@@ -13,8 +13,8 @@ import tempfile
 
 import torch
 
-from common import ROOT, append_results, require_positive  # noqa: I001 (sets sys.path)
-from sd_common import arg_parser, pick_device, run_main
+from common import ROOT, append_results  # noqa: I001 (sets sys.path)
+from sd_common import arg_parser, pick_device, require_positive, run_main
 
 LINE = re.compile(r"step (\d+)/\d+ .*?\| ([\d.]+) img/s(?: \| MFU ([\d.]+)%)?(?: \| mem ([\d.]+) GB)?")
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import (append_results, device_name, peak_flops, random_batch, random_unet,  # noqa: I001 (sets sys.path)
-                    require_positive, sync, time_interleaved)
+                    sync, time_interleaved)
 import SD_Model as M
-from sd_common import arg_parser, pick_device, pick_dtype, run_main
+from sd_common import arg_parser, pick_device, pick_dtype, require_positive, run_main
 
 
 def build_models(args, device):
