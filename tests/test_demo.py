@@ -57,6 +57,28 @@ def test_palette_is_separable():
     assert min(np.linalg.norm(a - b) for a, b in itertools.combinations(colors.values(), 2)) >= 80
 
 
+def color_word_cosines(clip_dir):
+    """Mean cosine between the 8 colors' CLIP outputs at the color word's position, over shape x background."""
+    import torch
+    from SD_Model import FrozenTextEncoder
+    text = FrozenTextEncoder(clip_dir)
+    cosines = []
+    for shape, background in itertools.product(shapes.SHAPES, shapes.BACKGROUNDS):
+        context = text.encode([shapes.caption(c, shape, background) for c in shapes.COLORS])[:, 2]   # BOS, "a", color
+        v = torch.nn.functional.normalize(context, dim=-1)
+        cosines.append((v @ v.T)[~torch.eye(len(v), dtype=torch.bool)].mean().item())
+    return float(np.mean(cosines))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_demo_clip_tells_the_colors_apart(tmp_path, seed):
+    from tiny_models import save_tiny_clip
+    assert color_word_cosines(run.save_demo_clip(tmp_path / "demo", seed)) < 0.5
+    # CLIP's own init (token embeddings std 0.02) leaves them nearly alike: what the demo's word_std is for
+    plain = save_tiny_clip(tmp_path / "plain", hidden=64, layers=2, heads=2, words=shapes.WORDS, seed=seed)
+    assert color_word_cosines(plain) > 0.75
+
+
 def test_captions_and_vocabulary(scenes, tmp_path):
     for s in scenes:
         assert shapes.parse_caption(s.caption) == (s.color, s.shape, s.background)
