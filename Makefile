@@ -29,7 +29,7 @@ test-fast: setup
 # The whole pipeline, offline, on generated colored shapes: ~20 minutes on 2 CPU cores (plus the install), everything under data/demo/
 # (a re-run reuses finished steps; delete data/demo/ to start over). Ends with `prompt-following: color C shape S`.
 demo: setup
-	$(PY) -m demo.run
+	$(PY) -m demo.run $(DEMO_ARGS)
 
 # The GPU check (bench/gpu_check.sh, README "GPU check"): the wheels a GPU machine without network lacks, into .whl/,
 # and the whole check rehearsed on this CPU at tiny sizes (log and tables in bench/results/gpu-run/).
