@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import sd_data
-from sd_common import arg_parser
+from sd_common import UserError, arg_parser, check_writable, require_positive, run_main
 from demo import shapes
 from SD_Model import LOSS_WEIGHTINGS
 
@@ -132,9 +132,12 @@ def save_demo_clip(out, seed):
 
 
 def main(args):
-    if min([args.steps, *(args.score_steps or [])]) < 1:     # before minutes of data and training
-        raise SystemExit("make demo: --steps and --score_steps must be at least 1")
-    d = folders(args.root, args.prediction_type)
+    # before minutes of data and training
+    require_positive(args, "images", "resolution", "vae_steps", "nproc", "n", "steps",
+                     *(["score_steps"] if args.score_steps else []))
+    if args.seed < 0 or args.max_steps < 0:
+        raise UserError(f"--seed and --max_steps must be 0 or more, got {args.seed} and {args.max_steps}")
+    d = folders(check_writable(args.root, "--root"), args.prediction_type)
     steps = dict(script_steps(args, d))
     timings, start = [], time.time()
     sizes = bucketed_sizes(args.resolution)[0] if args.bucketed else args.resolution
@@ -210,4 +213,4 @@ if __name__ == "__main__":
                         help="stop the UNet after this many optimizer steps (0: the phase's epochs; a smoke run)")
     args = parser.parse_args()
     args.root = args.root or ("data/demo_bucketed" if args.bucketed else "data/demo")
-    main(args)
+    run_main(main, args)

@@ -216,3 +216,16 @@ def test_demo_vae_refuses_a_nonsense_count_before_reading_anything(tmp_path, fla
     setattr(args, flag, value)
     with pytest.raises(UserError, match=message):
         train_vae.main(args)
+
+
+@pytest.mark.parametrize("flag,value,message", [("images", 0, "--images must be at least 1, got 0"),
+                                                ("nproc", -1, "--nproc must be at least 1, got -1"),
+                                                ("score_steps", [10, 0], r"--score_steps must be at least 1, got \[10, 0\]"),
+                                                ("seed", -1, "--seed and --max_steps must be 0 or more")])
+def test_demo_refuses_a_nonsense_count_before_any_work(tmp_path, flag, value, message):
+    args = argparse.Namespace(images=3000, resolution=64, vae_steps=1500, nproc=2, n=4, steps=25, score_steps=None,
+                              seed=0, max_steps=0, root=str(tmp_path / "demo"))
+    setattr(args, flag, value)
+    with pytest.raises(UserError, match=message):
+        run.main(args)
+    assert not (tmp_path / "demo").exists()
