@@ -188,8 +188,8 @@ def pick_dtype(device, name=None, gpu="fp16"):
 
 
 def require_positive(args, *names):
-    """One line, before any work, for a size or count flag below 1."""
+    """One line, before any work, for a size or count flag below 1 (None: a flag not given, nothing to check)."""
     for name in names:
         values = getattr(args, name)
-        if min(values if isinstance(values, list) else [values]) < 1:
+        if values is not None and min(values if isinstance(values, list) else [values]) < 1:
             raise UserError(f"--{name} must be at least 1, got {values}")

@@ -133,8 +133,7 @@ def save_demo_clip(out, seed):
 
 def main(args):
     # before minutes of data and training
-    require_positive(args, "images", "resolution", "vae_steps", "nproc", "n", "steps",
-                     *(["score_steps"] if args.score_steps else []))
+    require_positive(args, "images", "resolution", "vae_steps", "nproc", "n", "steps", "score_steps")
     if args.seed < 0 or args.max_steps < 0:
         raise UserError(f"--seed and --max_steps must be 0 or more, got {args.seed} and {args.max_steps}")
     d = folders(check_writable(args.root, "--root"), args.prediction_type)
