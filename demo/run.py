@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import sd_data
 from sd_common import UserError, arg_parser, check_writable, require_positive, run_main
 from demo import shapes
-from SD_Model import LOSS_WEIGHTINGS
+from SD_Model import FLOW_SAMPLERS, LOSS_WEIGHTINGS, SAMPLERS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_VAE_FACTOR = 4                          # demo/train_vae.py's default: 3 levels, 4x downsampling
@@ -62,6 +62,7 @@ def script_steps(args, d):
     set. Images are `res` px square, or with --bucketed `res` px on their shorter side, encoded and trained at the
     base `base`; the grid and the score are drawn at each image size."""
     py, res, seed = sys.executable, str(args.resolution), str(args.seed)
+    sampler = args.sampler or ("flow_euler" if args.prediction_type == "flow" else "dpmpp_2m")
     objective = ["--prediction_type", args.prediction_type] + \
         (["--loss_weighting", args.loss_weighting] if args.loss_weighting else [])
     sizes, base = bucketed_sizes(args.resolution) if args.bucketed else ([(args.resolution,) * 2], args.resolution)
@@ -95,10 +96,12 @@ def script_steps(args, d):
                                              "--out_dir", d.run, *objective]),
     ] + [(f"sample the prompt grid {name}".strip(),
           [py, "SD_ImageGen.py", "--ckpt", ckpt, "--prompts", d.samples / "prompts.txt", "--n", str(args.n), "--grid",
-           "--steps", str(args.steps), "--guidance_scale", str(args.guidance_scale), "--seed", seed, "--device", "cpu",
+           "--sampler", sampler, "--steps", str(args.steps), "--guidance_scale", str(args.guidance_scale),
+           "--seed", seed, "--device", "cpu",
            *size, "--out", d.samples / f"grid{'_' * bool(name)}{name}.png"]) for name, size in named
     ] + [(f"evaluate.py: prompt-following score{' ' * bool(name)}{name}, {n} steps",
-          [py, "evaluate.py", "--ckpt", ckpt, "--shapes", "--shapes_seeds", str(args.n), "--steps", str(n),
+          [py, "evaluate.py", "--ckpt", ckpt, "--shapes", "--shapes_seeds", str(args.n), "--sampler", sampler,
+           "--steps", str(n),
            "--guidance_scales", str(args.guidance_scale), "--seed", seed, "--device", "cpu", *size,
            "--out", d.eval / name / f"steps_{n}"]) for name, size in named for n in args.score_steps or [args.steps]]
 
@@ -136,6 +139,9 @@ def main(args):
     require_positive(args, "images", "resolution", "vae_steps", "nproc", "n", "steps", "score_steps")
     if args.seed < 0 or args.max_steps < 0:
         raise UserError(f"--seed and --max_steps must be 0 or more, got {args.seed} and {args.max_steps}")
+    if args.sampler and (args.sampler in FLOW_SAMPLERS) != (args.prediction_type == "flow"):
+        raise UserError(f"--sampler {args.sampler} cannot sample a model trained with --prediction_type "
+                        f"{args.prediction_type}; leave --sampler out for the default")
     d = folders(check_writable(args.root, "--root"), args.prediction_type)
     steps = dict(script_steps(args, d))
     timings, start = [], time.time()
@@ -198,11 +204,16 @@ if __name__ == "__main__":
     parser.add_argument("--vae_steps", type=int, default=1500, help="optimizer steps of the demo VAE")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
     parser.add_argument("--n", type=int, default=4, help="seeds per prompt in the grid and the score")
-    parser.add_argument("--steps", type=int, default=25, help="sampling steps of the grid and the score")
+    parser.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                        help="sampler of the grid and the score, as SD_ImageGen.py --sampler (default: dpmpp_2m, "
+                             "flow_euler for --prediction_type flow)")
+    parser.add_argument("--steps", type=int, default=15,
+                        help="sampling steps of the grid and the score (DPM-Solver++(2M) 15 scored as DDIM 25)")
     parser.add_argument("--score_steps", type=int, nargs="+", default=None,
                         help="score once per step count instead (eval/steps_N each): how many steps each objective "
                              "needs")
-    parser.add_argument("--guidance_scale", type=float, default=5.0, help="classifier-free guidance scale for the score")
+    parser.add_argument("--guidance_scale", type=float, default=3.0,
+                        help="classifier-free guidance scale of the grid and the score (5 drew the squares rounder)")
     parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "flow"],
                         help="the UNet's objective (SD_Train.py --prediction_type); not eps: run, samples and eval "
                              "go to run_<type>/ ... on the same data")

@@ -132,7 +132,7 @@ def test_bucketed_demo_commands_and_phase_agree():
     assert phase["buckets"] is True and phase["resolution"] == 80
     args = argparse.Namespace(resolution=SIZE, vae_steps=1, nproc=1, n=1, steps=1, guidance_scale=1.0, seed=0,
                               prediction_type="epsilon", loss_weighting=None, score_steps=None, bucketed=True,
-                              max_steps=0)
+                              max_steps=0, sampler=None)
     steps = {t: [str(a) for a in argv] for t, argv in run.script_steps(args, run.folders("data/demo_bucketed"))}
     assert "--buckets" in steps["03 download images (img2dataset)"] and "--buckets" in steps["encode latents"]
     train = steps["train the UNet (torchrun, gloo)"]
@@ -143,6 +143,7 @@ def test_bucketed_demo_commands_and_phase_agree():
     score = steps["evaluate.py: prompt-following score 64x96, 1 steps"]
     assert score[score.index("--width") + 1:score.index("--width") + 4] == ["64", "--height", "96"]
     assert score[score.index("--out") + 1] == "data/demo_bucketed/eval/64x96/steps_1"
+    assert score[score.index("--sampler") + 1] == "dpmpp_2m"
     phase_data = phase["datasets"][0]
     assert [phase_data["latents"], phase_data["captions"], phase["text_encoder"]] == \
         [train[train.index("--datasets") + 1].split(":")[0], train[train.index("--datasets") + 1].split(":")[1],
@@ -155,7 +156,7 @@ def test_metadata_passes_02_as_the_demo_runs_it(tmp_path):
     assert sorted(p.name for p in d.www.iterdir()) == [f"{i:06d}.png" for i in range(40)]
     args = argparse.Namespace(resolution=SIZE, vae_steps=1, nproc=1, n=1, steps=1, guidance_scale=1.0, seed=0,
                               prediction_type="flow", loss_weighting="none", score_steps=[2, 8], bucketed=False,
-                              max_steps=0)
+                              max_steps=0, sampler=None)
     steps = dict(run.script_steps(args, d))
     argv = [str(a) for a in steps["02 filter metadata"]]
     out = subprocess.run(argv, cwd=run.REPO, capture_output=True, text=True, check=True).stdout
@@ -169,6 +170,8 @@ def test_metadata_passes_02_as_the_demo_runs_it(tmp_path):
     train = " ".join(map(str, steps["train the UNet (torchrun, gloo)"]))
     assert train.endswith(f"--out_dir {d.run} --prediction_type flow --loss_weighting none")
     assert [t for t in steps if t.startswith("evaluate.py")][-1] == "evaluate.py: prompt-following score, 8 steps"
+    score = steps["evaluate.py: prompt-following score, 8 steps"]
+    assert score[score.index("--sampler") + 1] == "flow_euler"                 # dpmpp_2m cannot sample a flow model
 
 
 @pytest.mark.slow
@@ -221,10 +224,13 @@ def test_demo_vae_refuses_a_nonsense_count_before_reading_anything(tmp_path, fla
 @pytest.mark.parametrize("flag,value,message", [("images", 0, "--images must be at least 1, got 0"),
                                                 ("nproc", -1, "--nproc must be at least 1, got -1"),
                                                 ("score_steps", [10, 0], r"--score_steps must be at least 1, got \[10, 0\]"),
-                                                ("seed", -1, "--seed and --max_steps must be 0 or more")])
+                                                ("seed", -1, "--seed and --max_steps must be 0 or more"),
+                                                ("sampler", "flow_euler", "--sampler flow_euler cannot sample a model "
+                                                                          "trained with --prediction_type epsilon")])
 def test_demo_refuses_a_nonsense_count_before_any_work(tmp_path, flag, value, message):
-    args = argparse.Namespace(images=3000, resolution=64, vae_steps=1500, nproc=2, n=4, steps=25, score_steps=None,
-                              seed=0, max_steps=0, root=str(tmp_path / "demo"))
+    args = argparse.Namespace(images=3000, resolution=64, vae_steps=1500, nproc=2, n=4, steps=15, score_steps=None,
+                              seed=0, max_steps=0, sampler=None, prediction_type="epsilon",
+                              root=str(tmp_path / "demo"))
     setattr(args, flag, value)
     with pytest.raises(UserError, match=message):
         run.main(args)
