@@ -212,8 +212,9 @@ if __name__ == "__main__":
     parser.add_argument("--score_steps", type=int, nargs="+", default=None,
                         help="score once per step count instead (eval/steps_N each): how many steps each objective "
                              "needs")
-    parser.add_argument("--guidance_scale", type=float, default=3.0,
-                        help="classifier-free guidance scale of the grid and the score (5 drew the squares rounder)")
+    parser.add_argument("--guidance_scale", type=float, default=2.0,
+                        help="classifier-free guidance scale of the grid and the score (3 and more drew the squares "
+                             "rounder)")
     parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "flow"],
                         help="the UNet's objective (SD_Train.py --prediction_type); not eps: run, samples and eval "
                              "go to run_<type>/ ... on the same data")
