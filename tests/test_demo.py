@@ -228,7 +228,7 @@ def test_demo_vae_refuses_a_nonsense_count_before_reading_anything(tmp_path, fla
                                                 ("sampler", "flow_euler", "--sampler flow_euler cannot sample a model "
                                                                           "trained with --prediction_type epsilon")])
 def test_demo_refuses_a_nonsense_count_before_any_work(tmp_path, flag, value, message):
-    args = argparse.Namespace(images=3000, resolution=64, vae_steps=1500, nproc=2, n=4, steps=15, score_steps=None,
+    args = argparse.Namespace(images=3000, resolution=64, vae_steps=750, nproc=2, n=4, steps=15, score_steps=None,
                               seed=0, max_steps=0, sampler=None, prediction_type="epsilon",
                               root=str(tmp_path / "demo"))
     setattr(args, flag, value)
