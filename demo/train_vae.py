@@ -3,9 +3,9 @@
 No pretrained VAE is reachable offline, so the demo trains its own: a 3-level diffusers AutoencoderKL (4x
 downsampling: 64 px images -> 4 x 16 x 16 latents) with an MSE reconstruction loss and a small KL term (the
 LDM recipe without its perceptual and GAN losses, which flat shapes do not need; MSE rather than L1 because L1's
-constant-size gradient left the shapes' colors wrong for hundreds more steps). 750 steps of 16 images: on seeds 0-2 every
-palette color comes back (the demo's classifier reads the color of 300 reconstructions right: 1.00 each; PSNR 25.7-27.9 dB),
-where 1500 steps of 8, as long, merged blue and cyan for seed 1 (0.88). Its scaling factor is set to
+constant-size gradient left the shapes' colors wrong for hundreds more steps). 750 steps of 16 images: on seeds 0-2
+every palette color comes back (the demo's classifier reads the color of 300 reconstructions right: 1.00 each; PSNR
+25.7-27.9 dB), where 1500 steps of 8, as long, merged blue and cyan for seed 1 (0.88). Its scaling factor is set to
 1 / std of the latents, as SD's 0.18215 was measured, so encode_latents.py, SD_Train.py and SD_ImageGen.py load
 it with `--vae DIR` exactly as they load sd-vae-ft-mse.
 
