@@ -30,8 +30,8 @@ test-fast: setup
 	$(TEST) -m "not slow" tests
 
 # The whole pipeline, offline, on generated colored shapes: 7-12 minutes on 2 CPU cores with the install, everything
-# under data/demo/ (a re-run reuses finished steps; delete data/demo/ to start over). Ends with `prompt-following: color C shape S`.
-# Another seed: make demo DEMO_ARGS="--seed 1 --root data/demo_s1".
+# under data/demo/ (a re-run reuses finished steps; delete data/demo/ to start over).
+# Ends with `prompt-following: color C shape S`. Another seed: make demo DEMO_ARGS="--seed 1 --root data/demo_s1".
 demo: setup
 	$(PY) -m demo.run $(DEMO_ARGS)
 
