@@ -902,9 +902,14 @@ def default_sampler(schedule):
     return "flow_euler" if schedule.flow else "ddim"
 
 
+def sampler_fits(sampler, flow):
+    """A DDPM-family sampler cannot run a flow model, nor a flow sampler an eps / v one."""
+    return (sampler in FLOW_SAMPLERS) == flow
+
+
 def check_sampler_fits(sampler, schedule):
-    """A DDPM-family sampler cannot run a flow model, nor a flow sampler an eps / v one: one line, not noise."""
-    if (sampler in FLOW_SAMPLERS) != schedule.flow:
+    """sampler_fits for a loaded model: one line, not noise."""
+    if not sampler_fits(sampler, schedule.flow):
         fits = sorted(FLOW_SAMPLERS) if schedule.flow else sorted(set(SAMPLERS) - set(FLOW_SAMPLERS))
         raise UserError(f"sampler '{sampler}' does not fit this {schedule.prediction_type} model; use one of {fits}")
 

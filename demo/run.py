@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import sd_data
 from sd_common import UserError, arg_parser, check_writable, require_positive, run_main
 from demo import shapes
-from SD_Model import FLOW_SAMPLERS, LOSS_WEIGHTINGS, SAMPLERS
+from SD_Model import LOSS_WEIGHTINGS, SAMPLERS, sampler_fits
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_VAE_FACTOR = 4                          # demo/train_vae.py's default: 3 levels, 4x downsampling
@@ -139,7 +139,7 @@ def main(args):
     require_positive(args, "images", "resolution", "vae_steps", "nproc", "n", "steps", "score_steps")
     if args.seed < 0 or args.max_steps < 0:
         raise UserError(f"--seed and --max_steps must be 0 or more, got {args.seed} and {args.max_steps}")
-    if args.sampler and (args.sampler in FLOW_SAMPLERS) != (args.prediction_type == "flow"):
+    if args.sampler and not sampler_fits(args.sampler, args.prediction_type == "flow"):
         raise UserError(f"--sampler {args.sampler} cannot sample a model trained with --prediction_type "
                         f"{args.prediction_type}; leave --sampler out for the default")
     d = folders(check_writable(args.root, "--root"), args.prediction_type)
