@@ -134,7 +134,8 @@ def list_files(folder, suffixes, what):
     """Sorted files in `folder` ending with one of `suffixes`; a clear error when there are none."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"{what} folder '{folder}' does not exist")
+        raise UserError(f"{what} folder '{folder}' " + ("is a file; pass the folder that holds it" if folder.exists()
+                                                        else "does not exist"))
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(tuple(suffixes)))
     if not files:
         raise UserError(f"no {'/'.join(suffixes)} files in {what} folder '{folder}'")

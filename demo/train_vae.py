@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import sd_data
-from sd_common import UserError, arg_parser, atomic_folder, require_positive, run_main
+from sd_common import UserError, arg_parser, atomic_folder, check_writable, require_positive, run_main
 
 
 def load_images(tars, resolution, min_size):
@@ -76,6 +76,7 @@ def main(args):
     if (out / "config.json").exists():
         print(f"VAE already trained: {out} (delete the folder to train again)")
         return
+    check_writable(out.parent, "--out")                  # the folder is written whole at the end: fail now, not then
     torch.manual_seed(args.seed)
     images, skipped = load_images(sd_data.list_files(args.tars, [".tar"], "tar"), args.resolution, args.min_image_size)
     probe = images[:args.stat_images]                                    # fixed, for the scaling factor and PSNR

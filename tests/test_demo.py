@@ -211,13 +211,23 @@ def test_demo_vae_trains_and_loads_like_sd_vae(tmp_path):
 
 @pytest.mark.parametrize("flag,value,message", [("steps", -1, "--steps must be at least 1, got -1"),
                                                 ("batch_size", 0, "--batch_size must be at least 1, got 0"),
-                                                ("warmup_steps", -2, "--warmup_steps must be 0 or more, got -2")])
+                                                ("warmup_steps", -2, "--warmup_steps must be 0 or more, got -2"),
+                                                ("out", "/proc/no_such/vae", "--out '/proc/no_such' is not writable")])
 def test_demo_vae_refuses_a_nonsense_count_before_reading_anything(tmp_path, flag, value, message):
     from demo import train_vae
     args = argparse.Namespace(steps=600, batch_size=8, warmup_steps=50, stat_images=512, log_every=25, resolution=64,
                               out=str(tmp_path / "vae"), tars=str(tmp_path / "no_such_tars"))
     setattr(args, flag, value)
     with pytest.raises(UserError, match=message):
+        train_vae.main(args)
+
+
+def test_demo_vae_names_a_file_passed_as_the_tar_folder(tmp_path):
+    from demo import train_vae
+    (tmp_path / "00000.tar").write_bytes(b"")
+    args = argparse.Namespace(steps=600, batch_size=8, warmup_steps=50, stat_images=512, log_every=25, resolution=64,
+                              seed=0, out=str(tmp_path / "vae"), tars=str(tmp_path / "00000.tar"))
+    with pytest.raises(UserError, match="tar folder '.*00000.tar' is a file; pass the folder that holds it"):
         train_vae.main(args)
 
 
