@@ -259,10 +259,17 @@ def test_flags_override_phases_with_type_checks(tmp_path):
 #                 Pure pieces against formulas and references                   #
 #################################################################################
 
-def test_adamw_is_fused_on_cuda_and_foreach_elsewhere():
-    opt = SD_Train.build_optimizer([torch.nn.Parameter(torch.zeros(3))], {"lr": 1e-3, "weight_decay": 0.01})
-    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+def test_adamw_is_fused_on_cuda_and_cpu_and_foreach_elsewhere():
+    hp = {"lr": 1e-3, "weight_decay": 0.01}
+    cpu, meta = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, device="meta"))
+    cpu.grad, meta.grad = torch.ones(3), torch.ones(3, device="meta")
+    opt = SD_Train.build_optimizer([cpu], hp)
+    assert opt.defaults["fused"] is True
     opt.step()                                       # the device has a kernel for what was chosen
+    assert torch.all(cpu < 0)
+    opt = SD_Train.build_optimizer([meta], hp)       # a device without the fused kernel
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    opt.step()
 
 
 def test_lr_schedule_matches_the_formula():
