@@ -39,12 +39,14 @@ def load_images(tars, resolution, min_size):
 
 
 def build_vae(channels, layers, groups):
-    """An AutoencoderKL with one level per entry of `channels`; each level but the last halves the size."""
+    """An AutoencoderKL with one level per entry of `channels`; each level but the last halves the size. No
+    attention in the middle blocks: with it, seed 1's VAE drew a ring at the top left of blue, cyan and purple shapes
+    on gray (PSNR 25.7 dB, and the UNet learned the ring); without it none, 29.8 dB, in 68 s instead of ~100."""
     from diffusers import AutoencoderKL
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(channels),
                          down_block_types=("DownEncoderBlock2D",) * len(channels),
                          up_block_types=("UpDecoderBlock2D",) * len(channels),
-                         layers_per_block=layers, norm_num_groups=groups)
+                         layers_per_block=layers, norm_num_groups=groups, mid_block_add_attention=False)
 
 
 def lr_at(step, steps, warmup):
