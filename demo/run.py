@@ -201,7 +201,7 @@ if __name__ == "__main__":
                              "(init, order, noise) and the sampling noise of the grid and the score")
     parser.add_argument("--resolution", type=int, default=64,
                         help="image side in pixels (with --bucketed: the shorter side of 3:2 and 2:3 images)")
-    parser.add_argument("--vae_steps", type=int, default=750, help="optimizer steps of the demo VAE")
+    parser.add_argument("--vae_steps", type=int, default=1000, help="optimizer steps of the demo VAE")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
     parser.add_argument("--n", type=int, default=4, help="seeds per prompt in the grid and the score")
     parser.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
