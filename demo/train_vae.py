@@ -96,8 +96,8 @@ def main(args):
     start, window = time.time(), []
     bar = tqdm(range(args.steps), desc="train VAE", unit="step")
     for step in bar:
+        # (N, H, W, 3) images permuted to NCHW: already channels_last in memory, as the VAE's weights
         x = sd_data.images_to_tensor(images[torch.randint(len(images), (args.batch_size,), generator=g)])
-        x = x.contiguous(memory_format=torch.channels_last)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=g)).sample
         mse = (recon - x).pow(2).mean()
